@@ -1,0 +1,33 @@
+"""Small shared helpers for the Triton ops (dispatch, block sizes)."""
+import os
+
+import torch
+
+# Triton's interpreter runs kernels on the CPU; it must be chosen before triton is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MAX_FUSED_SIZE = 65536  # largest row a single program handles in one block
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` should go through the Triton kernel rather than the PyTorch path."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def row_block(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for a kernel that keeps one row of ``n_cols`` in registers."""
+    block = next_power_of_2(n_cols)
+    if block > MAX_FUSED_SIZE:
+        raise ValueError(f"row of {n_cols} elements is larger than the fused maximum {MAX_FUSED_SIZE}")
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
