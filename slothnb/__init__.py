@@ -4,8 +4,16 @@ The public names are imported lazily so that ``import slothnb`` stays cheap and
 changes nothing in transformers (models are patched per instance, never globally).
 """
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# pyproject installs the top-level kernels/ folder as slothnb.kernels. A source checkout
+# run without installing (the GPU machine runs the tree it is sent) gets the same mapping:
+# the repository root joins this package's search path, so "slothnb.kernels" is kernels/.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_root, "kernels", "_utils.py")) and _root not in __path__:
+    __path__.append(_root)
 
 _EXPORTS = {
     "FastLanguageModel": "slothnb.fast_language_model",

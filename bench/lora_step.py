@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""slothnb's side of the LoRA / QLoRA step benchmark (issue: performance).
+
+Same work and method as the peers' harness (`../shared/peers/bench_lora.py`), so that
+the four systems' numbers can sit in one table from one GPU run:
+
+- the same random-initialised checkpoints (`peers/make_models.py`: 1b, 8b, qwen7b, gemma9b);
+- batch x seq random token ids (uniform over the vocabulary, torch.Generator seed 0), no padding;
+- forward with labels=input_ids under torch.autocast(bf16), backward, torch AdamW lr 1e-4, zero_grad;
+- LoRA r16 / alpha16 / dropout 0 on q, k, v, o, gate, up, down;
+- WARMUP untimed steps, then the median of STEPS synchronised steps;
+- peak allocated / reserved over the steps, counters reset after load, LoRA wrap and optimizer.
+
+It writes one JSON line per case in the peers' record format ("kind": "bench"), so the
+peers' `summarize.py` prints slothnb beside them.
+
+    python bench/lora_step.py --model 8b --quant nf4 --seq 2048 --batch 2 --out results.jsonl
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+GiB = 1024 ** 3
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL_DIRS = {"1b": "rand-llama-1b", "8b": "rand-llama-8b", "qwen7b": "rand-qwen2.5-7b",
+              "gemma9b": "rand-gemma2-9b", "tiny": "rand-llama-tiny"}
+
+
+def matmul_params(cfg):
+    """N in 6*N*tokens: decoder Linear weights + lm_head (as the peers count it)."""
+    d, nh, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or d // nh
+    per_layer = d * nh * hd + 2 * d * nkv * hd + nh * hd * d + 3 * d * cfg.intermediate_size
+    return cfg.num_hidden_layers * per_layer + cfg.vocab_size * d
+
+
+def mem_now(torch):
+    free, total = torch.cuda.mem_get_info()
+    return {"alloc_gib": round(torch.cuda.memory_allocated() / GiB, 3),
+            "reserved_gib": round(torch.cuda.memory_reserved() / GiB, 3),
+            "device_used_gib": round((total - free) / GiB, 3)}
+
+
+def run(args, rec):
+    import torch
+    from slothnb import FastLanguageModel
+
+    rec["import_s"] = round(time.time() - rec["_t0"], 1)
+    t = time.time()
+    model, _ = FastLanguageModel.from_pretrained(args.model_path, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=args.quant == "nf4")
+    torch.cuda.synchronize()
+    rec["load_s"] = round(time.time() - t, 1)
+    rec["mem_after_load"] = mem_now(torch)
+    cfg = model.config
+    rec["model_type"], rec["n_matmul_params"] = cfg.model_type, matmul_params(cfg)
+    model = FastLanguageModel.get_peft_model(model, r=args.rank, lora_alpha=args.alpha, lora_dropout=0,
+                                             target_modules=TARGETS, bias="none", random_state=3407,
+                                             use_gradient_checkpointing=args.grad_ckpt)
+    FastLanguageModel.for_training(model)
+    rec["mem_after_lora"] = mem_now(torch)
+    rec["attn_implementation"] = getattr(cfg, "_attn_implementation", None)
+
+    n = args.warmup + args.steps
+    data = torch.randint(0, cfg.vocab_size, (n, args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    rec["trainable_params"] = sum(p.numel() for p in params)
+    rec["trainable_dtypes"] = sorted({str(p.dtype) for p in params})
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    rec["mem_before_train"] = mem_now(torch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(n):
+        x = data[i].cuda()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(round(float(loss.detach().float()), 4))
+    timed = times[args.warmup:]
+    med = statistics.median(timed)
+    tokens = args.batch * args.seq
+    rec.update(first_step_s=round(times[0], 3), step_s_median=round(med, 4),
+               step_times_s=[round(x, 4) for x in times], tokens_per_step=tokens,
+               tokens_per_s=round(tokens / med, 1), losses=losses,
+               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3),
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
+               mem_after_train=mem_now(torch))
+    rec["model_tflops_6N"] = round(6 * rec["n_matmul_params"] * rec["tokens_per_s"] / 1e12, 1)
+    if args.peak_tflops:
+        rec["peak_tflops"] = args.peak_tflops
+        rec["mfu_6N"] = round(rec["model_tflops_6N"] / args.peak_tflops, 4)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODEL_DIRS), required=True)
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--grad-ckpt", default=os.environ.get("SLOTHNB_GC", "slothnb"),
+                    help="use_gradient_checkpointing: slothnb | true | false")
+    ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.grad_ckpt in ("true", "false"):
+        args.grad_ckpt = args.grad_ckpt == "true"
+    args.model_path = os.path.join(args.model_root, MODEL_DIRS[args.model])
+    rec = {"kind": "bench", "system": "slothnb", "model": args.model, "quant": args.quant, "seq": args.seq,
+           "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "lora_r": args.rank,
+           "lora_alpha": args.alpha, "lr": args.lr, "autocast_bf16": True, "optimizer": "torch.optim.AdamW",
+           "grad_ckpt": str(args.grad_ckpt), "model_path": args.model_path, "_t0": time.time()}
+    try:
+        import torch
+        rec["gpu"] = torch.cuda.get_device_name(0)
+        run(args, rec)
+        rec["status"] = "ok"
+    except Exception as e:  # one line per case, failures included
+        rec["status"] = "oom" if "out of memory" in str(e).lower() else "error"
+        rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+        rec["traceback"] = traceback.format_exc()[-4000:]
+    rec["wall_s"] = round(time.time() - rec.pop("_t0"), 1)
+    try:
+        import importlib.metadata as md
+        rec["versions"] = {n: md.version(n) for n in ("torch", "triton", "transformers", "peft", "bitsandbytes")}
+    except Exception:
+        pass
+    line = json.dumps(rec)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    return 0 if rec["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

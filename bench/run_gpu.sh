@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One entry point for the GPU machine (it has no internet: everything comes as wheels).
+#
+# On the development machine, once per session, from the repository root:
+#   bash bench/prepare_gpu.sh        # .whl/ (peers' wheels + gguf, pytest, slothnb) and peers/ (git-ignored)
+# On the GPU machine (device tool, carry [".whl", "peers"]):
+#   bash bench/run_gpu.sh STEP...
+# STEP is one of
+#   info                          GPU, versions, matmul ceiling (peers/device_info.py)
+#   model:NAME                    build a random-initialised checkpoint (peers/make_models.py)
+#   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
+#   kernels                       bench/kernels.py (all ops) -> $OUT/kernels.json
+#   slothnb:MODEL:QUANT:SEQ:BATCH bench/lora_step.py, one process per case
+#   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
+#   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
+# Results: $OUT/results.jsonl (peers' format), summarised at the end.
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+export OUT="${OUT:-$REPO/bench-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export UNSLOTH_DISABLE_STATISTICS=1 ANCHOR_MODEL_ROOT="${ANCHOR_MODEL_ROOT:-/tmp/anchor_models}"
+SITE=/tmp/site
+if [ ! -f "$SITE/.installed" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    > "$OUT/install.log" 2>&1 && touch "$SITE/.installed" || { echo "wheel install failed"; tail "$OUT/install.log"; }
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+PEAK=$(python3 -c "
+import json,sys
+v=''
+try:
+    for l in open('$OUT/results.jsonl'):
+        r=json.loads(l)
+        if r.get('kind')=='device_info': v=r['matmul']['tflops_median']
+except Exception: pass
+print(v)")
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case "$step" in
+    tests*)
+      extra="${step#tests}"; extra="${extra#:}"
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
+    kernels)
+      python3 bench/kernels.py 2>&1 | tail -60 ;;
+    slothnb:*)
+      IFS=: read -r _ model quant seq batch <<<"$step"
+      timeout -k 10 300 python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
+        ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" | cut -c1-400 ;;
+    *)
+      DEADLINE=${DEADLINE:-560} bash peers/run_anchors.sh "$step" 2>&1 | grep -v '^#' | tail -3
+      PEAK=${PEAK:-$(python3 -c "
+import json
+for l in open('$OUT/results.jsonl'):
+    r=json.loads(l)
+    if r.get('kind')=='device_info': print(r['matmul']['tflops_median'])" 2>/dev/null | tail -1)} ;;
+  esac
+done
+python3 peers/summarize.py "$OUT/results.jsonl" 2>/dev/null || true
