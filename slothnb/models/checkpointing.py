@@ -1,0 +1,326 @@
+"""Gradient checkpointing: off, standard, or "slothnb" (recompute + inputs offloaded to pinned CPU memory).
+
+Transformers 5.x decoder layers are ``GradientCheckpointingLayer``s: when ``layer.gradient_checkpointing``
+and ``layer.training`` they call ``layer._gradient_checkpointing_func(partial(forward, **kwargs), *args)``.
+Standard checkpointing keeps every layer's input hidden states on the GPU (``layers x tokens x hidden``
+bytes, the term that dominates at long sequence). ``"slothnb"`` installs ``offloaded_checkpoint`` per layer
+instance instead: the forward runs without saving activations and copies the layer's input to pinned
+CPU memory on a side stream; the backward brings it back, recomputes the layer with grad on (same RNG
+state, same autocast) and backprops through it. GPU activation memory then stays ~one layer's worth.
+
+``checkpoint_policy`` decides how many layers need checkpointing at all for a given activation budget:
+layers that fit keep their activations (no recompute cost), the rest are offload-checkpointed.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from slothnb.errors import ConfigError
+
+CHECKPOINTING_MODES = (False, True, "slothnb")
+_ALIASES = {"unsloth": "slothnb", "offload": "slothnb"}
+
+
+def normalize_mode(mode):
+    """False / True / "slothnb" from what a user may pass (None, "unsloth", ...); ConfigError otherwise."""
+    if mode is None:
+        return False
+    if isinstance(mode, str):
+        mode = _ALIASES.get(mode.lower(), mode.lower())
+        if mode in ("true", "false"):
+            return mode == "true"
+    if mode is True or mode is False or mode == "slothnb":
+        return mode
+    raise ConfigError(
+        f"use_gradient_checkpointing={mode!r} is not a checkpointing mode: use False (fastest, most memory), "
+        'True (standard recompute) or "slothnb" (recompute + activations offloaded to CPU, least GPU memory).'
+    )
+
+
+# ---------------------------------------------------------------------------------------------- offload
+class _PinnedPool:
+    """Reuses pinned host buffers across steps: cudaHostAlloc is slow, and a step needs one per layer."""
+
+    max_keys = 8  # distinct (shape, dtype) kept; varying sequence lengths would otherwise pile up buffers
+
+    def __init__(self):
+        self._free = defaultdict(list)
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        if self._free[key]:
+            return self._free[key].pop()
+        if len(self._free) > self.max_keys:
+            self._free.clear()
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free[(tuple(buf.shape), buf.dtype)].append(buf)
+
+
+_POOL = _PinnedPool()
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+class _Offloaded:
+    """A CUDA tensor's copy in pinned CPU memory, made asynchronously on a side stream."""
+
+    def __init__(self, x: torch.Tensor):
+        self.device = x.device
+        self.buf = _POOL.take(x.shape, x.dtype)
+        stream = _side_stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully computed before we read it
+        with torch.cuda.stream(stream):
+            self.buf.copy_(x, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+        x.record_stream(stream)  # the allocator must not hand x's memory out before the copy ends
+
+    def restore(self) -> torch.Tensor:
+        torch.cuda.current_stream(self.device).wait_event(self.done)
+        x = self.buf.to(self.device, non_blocking=True)
+        _POOL.give(self.buf)  # reused only by a later forward, whose copy is ordered after this one
+        self.buf = None
+        return x
+
+
+# ------------------------------------------------------------------------------------ autograd function
+def _rng_devices(tensors) -> list[int]:
+    return sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
+                   for t in tensors if t.is_cuda})
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    return [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+
+
+class _Call:
+    """What forward and backward share about one checkpointed call: how to run it and its pytrees."""
+
+    def __init__(self, function, leaves, spec, tensor_slots, offload_mask, preserve_rng):
+        self.function, self.leaves, self.spec = function, leaves, spec
+        self.tensor_slots, self.offload_mask, self.preserve_rng = tensor_slots, offload_mask, preserve_rng
+        self.out_leaves = self.out_spec = self.out_slots = None
+
+    def run(self, tensors):
+        leaves = list(self.leaves)
+        for slot, t in zip(self.tensor_slots, tensors):
+            leaves[slot] = t
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.function(*args, **kwargs)
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """Recompute-in-backward with the offloadable inputs held in pinned CPU memory between the passes."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, anchor, *tensors):
+        ctx.call = call
+        ctx.autocast = _autocast_state()
+        ctx.rng_devices = _rng_devices(tensors)
+        if call.preserve_rng:
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.rng_devices]
+        with torch.no_grad():
+            out = call.run(tensors)
+        out_leaves, call.out_spec = tree_flatten(out)
+        call.out_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
+        call.out_leaves = [None if isinstance(v, torch.Tensor) else v for v in out_leaves]
+        outs = tuple(out_leaves[i] for i in call.out_slots)
+
+        kept, ctx.offloaded = [], [None] * len(tensors)
+        for i, (t, off) in enumerate(zip(tensors, call.offload_mask)):
+            if off and t.is_cuda:
+                ctx.offloaded[i] = _Offloaded(t)
+                kept.append(None)
+            else:  # CPU tensors (nothing to gain) and shared inputs (cos/sin, masks) stay where they are
+                kept.append(t)
+        ctx.save_for_backward(*kept)
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        call = ctx.call
+        saved = ctx.saved_tensors
+        inputs = []
+        for i, t in enumerate(saved):
+            x = ctx.offloaded[i].restore() if ctx.offloaded[i] is not None else t
+            x = x.detach()
+            x.requires_grad_(ctx.needs_input_grad[i + 2] and x.is_floating_point())
+            inputs.append(x)
+        with contextlib.ExitStack() as stack:
+            if call.preserve_rng:
+                stack.enter_context(torch.random.fork_rng(devices=ctx.rng_devices))
+                torch.set_rng_state(ctx.cpu_rng)
+                for d, state in zip(ctx.rng_devices, ctx.cuda_rng):
+                    torch.cuda.set_rng_state(state, d)
+            stack.enter_context(torch.enable_grad())
+            for device_type, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            out = call.run(inputs)
+        out_leaves, _ = tree_flatten(out)
+        outs = [out_leaves[i] for i in call.out_slots]
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grads = [x.grad if x.requires_grad else None for x in inputs]
+        return (None, None, *grads)
+
+
+def _owner_module(function):
+    """The nn.Module a checkpointed callable runs, if recognisable (partial(forward, self) or a bound method)."""
+    while isinstance(function, functools.partial):
+        if function.args and isinstance(function.args[0], nn.Module):
+            return function.args[0]
+        function = function.func
+    owner = getattr(function, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state=True, **kwargs):
+    """Drop-in for ``torch.utils.checkpoint.checkpoint`` as a layer's ``_gradient_checkpointing_func``.
+
+    Positional tensor inputs (the hidden states) are offloaded to pinned CPU memory; keyword tensors
+    (``position_embeddings`` cos/sin, masks) are shared by every layer and stay put. Tensors inside a
+    ``functools.partial``'s keywords become autograd inputs too, so their gradients are not lost.
+    """
+    del use_reentrant  # accepted for signature compatibility; this function is always "reentrant-style"
+    if not torch.is_grad_enabled():
+        return function(*args, **kwargs)
+    bound_kwargs = {}
+    if isinstance(function, functools.partial) and function.keywords:
+        bound_kwargs = dict(function.keywords)
+        function = functools.partial(function.func, *function.args)
+    leaves, spec = tree_flatten((args, {**bound_kwargs, **kwargs}))
+    n_arg_leaves = len(tree_flatten(args)[0])
+    slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    tensors = [leaves[i] for i in slots]
+    offload = [i < n_arg_leaves and leaves[i].is_floating_point() for i in slots]
+    call = _Call(function, leaves, spec, slots, offload, preserve_rng_state)
+
+    anchor = None
+    if not any(t.requires_grad for t in tensors):
+        # No input needs grad, yet trainable weights inside the layer (LoRA) do: an anchor that requires
+        # grad makes autograd record this node so its backward runs (what enable_input_require_grads does).
+        owner = _owner_module(function)
+        if owner is None or any(p.requires_grad for p in owner.parameters()):
+            anchor = torch.empty(0, requires_grad=True)
+    outs = OffloadedCheckpoint.apply(call, anchor, *tensors)
+    out_leaves = list(call.out_leaves)
+    for slot, o in zip(call.out_slots, outs):
+        out_leaves[slot] = o
+    return tree_unflatten(out_leaves, call.out_spec)
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's checkpointable decoder layers, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def layer_activation_bytes(config, tokens: int, dtype_bytes: int = 2) -> int:
+    """Rough bytes one decoder layer saves for backward without checkpointing.
+
+    Counted for a Llama-style block with SDPA: norm inputs/outputs, q/k/v, attention output, o_proj
+    input (~7 x hidden + 2 x kv), gate/up/act/product (~4 x intermediate). An estimate for budgeting,
+    not a measurement.
+    """
+    text = getattr(config, "text_config", None) or config
+    hidden = text.hidden_size
+    inter = getattr(text, "intermediate_size", None) or 4 * hidden
+    heads = text.num_attention_heads
+    kv = hidden * getattr(text, "num_key_value_heads", heads) // heads
+    return int(tokens * (7 * hidden + 2 * kv + 4 * inter) * dtype_bytes)
+
+
+def checkpoint_policy(model: nn.Module, budget_gib: float | None = None, batch_size: int = 1,
+                      seq_len: int | None = None, dtype_bytes: int = 2) -> list[int]:
+    """Indices of the decoder layers to checkpoint so activations fit ``budget_gib``.
+
+    ``None`` checkpoints every layer. Otherwise: each layer kept un-checkpointed costs
+    ``layer_activation_bytes``; the recompute of one checkpointed layer needs one layer's worth too.
+    The last layers (the first ones the backward reaches) keep their activations, the rest are
+    checkpointed. A budget smaller than one layer checkpoints everything.
+    """
+    n = len(decoder_layers(model))
+    if budget_gib is None:
+        return list(range(n))
+    if budget_gib < 0:
+        raise ConfigError(f"checkpoint budget_gib={budget_gib} must be >= 0 (GiB of activation memory).")
+    if seq_len is None:
+        seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
+    per_layer = layer_activation_bytes(model.config, batch_size * seq_len, dtype_bytes)
+    budget = budget_gib * 1024**3
+    keep = n if budget >= n * per_layer else max(0, math.floor(budget / per_layer) - 1)
+    return list(range(n - keep))
+
+
+def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | None = None,
+                                 budget_gib: float | None = None, batch_size: int = 1,
+                                 seq_len: int | None = None) -> list[int]:
+    """Switch ``model`` (a transformers PreTrainedModel, or a peft model around one) to ``mode``.
+
+    ``layers`` (or a ``budget_gib`` through ``checkpoint_policy``) restricts checkpointing to those decoder
+    layer indices. Returns the indices checkpointed. Note: a HF ``Trainer`` run with
+    ``gradient_checkpointing=True`` re-enables standard checkpointing and would undo "slothnb"; train with
+    ``gradient_checkpointing=False`` in its arguments.
+    """
+    mode = normalize_mode(mode)
+    hf = _hf_model(model)
+    if mode is False:
+        if is_checkpointing(hf):
+            disable = getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable
+            disable()
+        hf._slothnb_checkpointing = False
+        return []
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(hf).__name__} does not support gradient checkpointing: "
+                          "pass use_gradient_checkpointing=False.")
+    enable = getattr(hf, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.2x
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    all_layers = decoder_layers(hf)
+    if layers is None:
+        layers = checkpoint_policy(hf, budget_gib, batch_size, seq_len)
+    chosen = set(layers)
+    if bad := chosen - set(range(len(all_layers))):
+        raise ConfigError(f"checkpoint layers {sorted(bad)} do not exist: the model has {len(all_layers)} "
+                          f"decoder layers (0..{len(all_layers) - 1}).")
+    for i, layer in enumerate(all_layers):
+        layer.gradient_checkpointing = i in chosen
+        if mode == "slothnb":
+            layer._gradient_checkpointing_func = offloaded_checkpoint
+    hf._slothnb_checkpointing = mode
+    return sorted(chosen)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether checkpointing is on (``is_activation_checkpointing`` from transformers 5.2x, else the old name)."""
+    hf = _hf_model(model)
+    flag = getattr(type(hf), "is_activation_checkpointing", None)
+    return bool(hf.is_activation_checkpointing if flag is not None else getattr(hf, "is_gradient_checkpointing", False))
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (PeftModel -> LoraModel -> PreTrainedModel)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

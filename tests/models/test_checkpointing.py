@@ -1,0 +1,186 @@
+"""Checkpointing modes give the gradients of no checkpointing; "slothnb" really runs its own function."""
+import pytest
+import torch
+from torch import nn
+
+from slothnb.errors import ConfigError
+from slothnb.models import checkpointing as ckpt
+from slothnb.models.checkpointing import apply_gradient_checkpointing, checkpoint_policy, offloaded_checkpoint
+from tiny_models import tiny_model
+
+
+def _model(layers=3, dropout=0.0):
+    m = tiny_model("llama", seed=0, num_hidden_layers=layers, attention_dropout=dropout)
+    return m.train()
+
+
+def _loss_and_grads(model, seed=123):
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout masks for every mode, if RNG is preserved in the recompute
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("mode", [True, "slothnb"])
+def test_modes_match_no_checkpointing(mode, dropout, monkeypatch):
+    model = _model(dropout=dropout)
+    ref_loss, ref_grads = _loss_and_grads(model)
+    runs = []
+    real_run = ckpt._Call.run
+    monkeypatch.setattr(ckpt._Call, "run", lambda self, t: runs.append(1) or real_run(self, t))
+
+    chosen = apply_gradient_checkpointing(model, mode)
+    assert chosen == [0, 1, 2] and ckpt.is_checkpointing(model)
+    loss, grads = _loss_and_grads(model)
+
+    assert len(runs) == (6 if mode == "slothnb" else 0)  # a forward and a recompute per layer
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    if dropout:  # the test would be vacuous if dropout did nothing: another seed changes the loss
+        other, _ = _loss_and_grads(model, seed=7)
+        assert not torch.allclose(other, loss)
+
+
+def test_false_turns_checkpointing_off():
+    model = _model()
+    apply_gradient_checkpointing(model, "slothnb")
+    assert apply_gradient_checkpointing(model, False) == []
+    assert not ckpt.is_checkpointing(model)
+    assert not any(layer.gradient_checkpointing for layer in ckpt.decoder_layers(model))
+
+
+def test_frozen_input_still_reaches_trainable_weights():
+    """No input requires grad (frozen embeddings, no input-grad hook), yet LoRA-like weights must get grads."""
+    model = _model()
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp.down_proj" in name)
+    _, ref = _loss_and_grads(model)
+    apply_gradient_checkpointing(model, "slothnb")
+    for h in getattr(model, "_require_grads_hooks", []):
+        h.remove()
+    _, got = _loss_and_grads(model)
+    assert len(got) == 3
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+class _TupleLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, *, bias, scale, tag=None):
+        y = self.lin(x) * scale + bias
+        return y, None, torch.tensor([len(tag)]), {"sq": y.pow(2)}
+
+
+def test_tuple_outputs_non_tensor_kwargs_and_kwarg_grads():
+    import functools
+
+    torch.manual_seed(0)
+    layer = _TupleLayer()
+    x = torch.randn(3, 8, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)  # a keyword tensor that needs grad: must not be lost
+
+    def run(fn):
+        for t in (x, bias, *layer.parameters()):
+            t.grad = None
+        out = fn()
+        (out[0].sum() + out[3]["sq"].sum()).backward()
+        return out, [t.grad.clone() for t in (x, bias, *layer.parameters())]
+
+    ref_out, ref_g = run(lambda: layer(x, bias=bias, scale=2.0, tag="ab"))
+    fn = functools.partial(layer.forward, bias=bias, tag="ab")
+    got_out, got_g = run(lambda: offloaded_checkpoint(fn, x, scale=2.0))
+    assert got_out[1] is None and got_out[2].tolist() == [2] and not got_out[2].requires_grad
+    torch.testing.assert_close(got_out[0], ref_out[0])
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b)
+
+
+def test_without_grad_it_just_calls():
+    layer = _TupleLayer()
+    with torch.no_grad():
+        out = offloaded_checkpoint(layer, torch.randn(2, 8), bias=torch.zeros(8), scale=1.0, tag="")
+    assert out[0].grad_fn is None
+
+
+def test_policy_and_layer_selection():
+    model = _model(layers=4)
+    assert checkpoint_policy(model) == [0, 1, 2, 3]
+    per_layer = ckpt.layer_activation_bytes(model.config, tokens=128)
+    gib = 1024**3
+    assert checkpoint_policy(model, budget_gib=0, seq_len=128) == [0, 1, 2, 3]
+    assert checkpoint_policy(model, budget_gib=4 * per_layer / gib, seq_len=128) == []
+    # 3 layers' worth: one is the recompute working space, two layers keep activations
+    assert checkpoint_policy(model, budget_gib=3 * per_layer / gib, seq_len=128) == [0, 1]
+    assert checkpoint_policy(model, budget_gib=3 * per_layer / gib, batch_size=2, seq_len=128) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="budget_gib"):
+        checkpoint_policy(model, budget_gib=-1)
+
+    assert apply_gradient_checkpointing(model, "slothnb", layers=[1, 3]) == [1, 3]
+    flags = [layer.gradient_checkpointing for layer in ckpt.decoder_layers(model)]
+    assert flags == [False, True, False, True]
+    with pytest.raises(ConfigError, match="4 decoder layers"):
+        apply_gradient_checkpointing(model, True, layers=[4])
+
+
+def test_partial_checkpointing_matches_reference():
+    model = _model(layers=4)
+    ref_loss, ref = _loss_and_grads(model)
+    apply_gradient_checkpointing(model, "slothnb", layers=[0, 2])
+    loss, got = _loss_and_grads(model)
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["fast", 2, "yes"])
+def test_unknown_mode_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="use_gradient_checkpointing"):
+        apply_gradient_checkpointing(_model(layers=1), bad)
+
+
+def test_mode_aliases():
+    assert ckpt.normalize_mode("unsloth") == "slothnb"
+    assert ckpt.normalize_mode(None) is False
+    assert ckpt.normalize_mode("True") is True
+
+
+@pytest.mark.gpu
+def test_offloaded_peak_is_lower_than_standard_on_gpu():
+    """24 layers x 8192 tokens x 1024 hidden in bf16: standard checkpointing keeps ~384 MiB of layer
+    inputs on the GPU, "slothnb" keeps them in pinned CPU memory."""
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama", hidden_size=1024, intermediate_size=1024, num_hidden_layers=24,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("layernorm" in name)  # tiny trainable set: activations dominate the peak
+    ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
+
+    def peak(mode):
+        apply_gradient_checkpointing(model, mode)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+        return torch.cuda.max_memory_allocated() - base, grads
+
+    standard, g_std = peak(True)
+    offloaded, g_off = peak("slothnb")
+    saved_inputs = 24 * 8192 * 1024 * 2
+    assert offloaded < standard - saved_inputs // 2, (standard / 2**20, offloaded / 2**20)
+    for a, b in zip(g_off, g_std):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
