@@ -1,0 +1,283 @@
+"""The patched forwards shared by every decoder architecture, bound per instance by ``patch_layers``.
+
+Each forward looks its sub-modules up at call time (``self.q_proj`` ...), so peft wrapping the
+projections after patching (``get_peft_model``) is picked up: fusable LoRA layers go through the
+fused kernels, anything else (plain linears, 8-bit, DoRA, dropout > 0) is called as a module.
+HF's base-model forward is kept: it builds the causal / sliding / packed masks and rotary cos/sin.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from slothnb.models import lora_fusion
+from slothnb.models.arch import _ops
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What differs between the supported decoders (everything else is Llama)."""
+
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    fused_qkv: bool = False  # Phi-3: one qkv_proj
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate first
+    softcaps: bool = False  # Gemma-2: attention and final-logit soft-capping
+
+
+# ----------------------------------------------------------------------------- norms
+def rms_norm_forward(self, hidden_states):
+    return _ops.rms_norm(hidden_states, self.weight, self._slothnb_eps, self._slothnb_offset)
+
+
+# ----------------------------------------------------------------------------- MLP
+_ACTIVATIONS = {  # transformers activation class name -> fused gated activation
+    "SiLUActivation": "swiglu", "SiLU": "swiglu",
+    "GELUActivation": "geglu", "GELUTanh": "geglu_tanh", "PytorchGELUTanh": "geglu_tanh",
+    "NewGELUActivation": "geglu_tanh",
+}
+
+
+def _gated(activation, gate, up):
+    if activation == "swiglu":
+        return _ops.swiglu(gate, up)
+    return _ops.geglu(gate, up, approximate="tanh" if activation == "geglu_tanh" else "none")
+
+
+def mlp_forward(self, x):
+    act_module = getattr(self, "act_fn", None) or self.activation_fn
+    activation = _ACTIVATIONS.get(type(act_module).__name__)
+    if getattr(act_module, "use_gelu_python", False) or getattr(act_module, "use_gelu_tanh_python", False):
+        activation = None
+    if self._slothnb_spec.fused_gate_up:
+        return _fused_gate_up_mlp(self, x, act_module, activation)
+    if activation is not None and _ops.lora_mlp is not None:
+        parts = [lora_fusion.lora_weights(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+        if all(p is not None for p in parts):
+            return _ops.lora_mlp(x, parts[0][0], parts[1][0], parts[2][0], activation=activation)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    hidden = _gated(activation, gate, up) if activation else act_module(gate) * up
+    return self.down_proj(hidden)
+
+
+def _fused_gate_up_mlp(self, x, act_module, activation):
+    """Phi-3: ``gate, up = gate_up_proj(x).chunk(2)``; fused when the LoRA rows split exactly."""
+    inter = self.down_proj.in_features
+    if activation is not None and _ops.lora_mlp is not None:
+        pieces = lora_fusion.split_lora_rows(self.gate_up_proj, [inter, inter])
+        down = lora_fusion.lora_weights(self.down_proj)
+        if pieces is not None and down is not None:
+            return _ops.lora_mlp(x, pieces[0], pieces[1], down[0], activation=activation)
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    hidden = _gated(activation, gate, up) if activation else up * act_module(gate)
+    return self.down_proj(hidden)
+
+
+# ----------------------------------------------------------------------------- attention
+def _project_qkv(self, x):
+    """q, k, v as ``[B, S, features]``, through ``lora_qkv`` when all three are fusable."""
+    spec = self._slothnb_spec
+    if spec.fused_qkv:
+        q_size = self.config.num_attention_heads * self.head_dim
+        kv_size = self.config.num_key_value_heads * self.head_dim
+        sizes = [q_size, kv_size, kv_size]
+        if _ops.lora_qkv is not None:
+            pieces = lora_fusion.split_lora_rows(self.qkv_proj, sizes)
+            if pieces is not None:
+                return _ops.lora_qkv(x, *pieces)
+        return self.qkv_proj(x).split(sizes, dim=-1)
+    if _ops.lora_qkv is not None:
+        parts = [lora_fusion.lora_weights(m, allow_bias=True) for m in (self.q_proj, self.k_proj, self.v_proj)]
+        if all(p is not None for p in parts):
+            outs = _ops.lora_qkv(x, parts[0][0], parts[1][0], parts[2][0])
+            return [o if p[1] is None else o + p[1] for o, p in zip(outs, parts)]
+    return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def _project_out(self, x):
+    if _ops.lora_linear is not None:
+        part = lora_fusion.lora_weights(self.o_proj, allow_bias=True)
+        if part is not None:
+            out = _ops.lora_linear(x, part[0])
+            return out if part[1] is None else out + part[1]
+    return self.o_proj(x)
+
+
+def _repeat_kv(x, n_rep):
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _softcapped_attention(self, q, k, v, mask, softcap, dropout):
+    """Gemma-2's eager attention: tanh soft-capping of the scores cannot go through SDPA."""
+    k, v = _repeat_kv(k, self.num_key_value_groups), _repeat_kv(v, self.num_key_value_groups)
+    scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and self.is_causal and q.shape[2] > 1:
+        q_len, kv_len = q.shape[2], k.shape[2]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask[..., : k.shape[2]]
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=self.training)
+    return torch.matmul(probs, v)
+
+
+def _sdpa(self, q, k, v, mask, dropout):
+    """SDPA with HF's conventions: is_causal (flash / mem-efficient) when no mask is materialised."""
+    q_len = q.shape[2]
+    is_causal = q_len > 1 and mask is None and getattr(self, "is_causal", True)
+    if is_causal and k.shape[2] > q_len:  # prefill into an empty static cache (HF does the same)
+        k, v = k[:, :, :q_len], v[:, :, :q_len]
+    extra = {}
+    if self.num_key_value_groups > 1:
+        if mask is None:
+            extra["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, self.num_key_value_groups), _repeat_kv(v, self.num_key_value_groups)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask[..., : k.shape[2]]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, is_causal=is_causal, **extra
+    )
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                      past_key_values=None, **kwargs):
+    if self.config._attn_implementation not in ("sdpa", "eager") or kwargs.get("output_attentions"):
+        # flash / flex masks and attention-weight outputs: transformers' own forward
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+    bsz, q_len = hidden_states.shape[:2]
+    q, k, v = _project_qkv(self, hidden_states)
+    q = q.view(bsz, q_len, -1, self.head_dim)
+    k = k.view(bsz, q_len, -1, self.head_dim)
+    v = v.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+    if self._slothnb_spec.qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = _ops.rope(q, k, cos, sin)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    dropout = self.attention_dropout if self.training else 0.0
+    softcap = getattr(self, "attn_logit_softcapping", None) if self._slothnb_spec.softcaps else None
+    if softcap is not None:
+        out = _softcapped_attention(self, q, k, v, attention_mask, softcap, dropout)
+    else:
+        out = _sdpa(self, q, k, v, attention_mask, dropout)
+    out = out.transpose(1, 2).reshape(bsz, q_len, -1)
+    return _project_out(self, out), None
+
+
+# ----------------------------------------------------------------------------- causal LM
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers < 5.2x slices inline
+
+    def slice_logits_to_keep(hidden_states, logits_to_keep):
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+
+_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                      inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """transformers' ``*ForCausalLM.forward`` with the loss from the fused linear cross-entropy.
+
+    With labels in training mode the full ``[B, S, V]`` logits are never built and ``logits`` is
+    None (set ``model._slothnb_return_logits = True`` to get them anyway); in eval mode, or without
+    labels, logits are returned as usual.
+    """
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)
+    hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+    softcap = getattr(self.config, "final_logit_softcapping", None) if self._slothnb_spec.softcaps else None
+    want_logits = labels is None or not self.training or getattr(self, "_slothnb_return_logits", False)
+    logits = None
+    if want_logits:
+        logits = self.lm_head(hidden)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+    loss = None
+    if labels is not None:
+        loss = _causal_lm_loss(self, hidden, logits, labels, **loss_kwargs)
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return out if return_dict else out.to_tuple()
+
+
+def _causal_lm_loss(self, hidden, logits, labels, num_items_in_batch=None, shift_labels=None, ignore_index=-100):
+    """HF's ForCausalLMLoss (shift by one, -100 ignored, sum / num_items_in_batch when given)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(hidden.device)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(hidden.device)
+    ce = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+    if logits is not None:  # already built (softcap applied): plain cross-entropy on them
+        return _ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels, **ce)
+    softcap = getattr(self.config, "final_logit_softcapping", None) if self._slothnb_spec.softcaps else None
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    head = lora_fusion.linear_weight(self.lm_head)
+    if head is None:  # lm_head with LoRA on it: build the logits, then the chunked cross-entropy
+        return _ops.cross_entropy(self.lm_head(flat), shift_labels, softcap=softcap, **ce)
+    weight, bias = head
+    return _ops.fused_linear_cross_entropy(flat, weight, shift_labels, bias=bias, softcap=softcap, **ce)
+
+
+# ----------------------------------------------------------------------------- binding
+def bind(module, fn, spec):
+    """Replace ``module.forward`` on this instance only (the class is untouched)."""
+    module.forward = types.MethodType(fn, module)
+    module._slothnb_spec = spec
+    module._slothnb_patched = True
+
+
+def bind_norm(module, spec):
+    eps = module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps
+    module._slothnb_eps = float(eps)
+    module._slothnb_offset = spec.norm_offset
+    bind(module, rms_norm_forward, spec)
+
+
+def patch_layers(causal_lm, spec: ArchSpec) -> None:
+    """Bind the kernel forwards on every norm, attention and MLP of ``causal_lm`` and on itself."""
+    base = causal_lm.model
+    for layer in base.layers:
+        for name in spec.layer_norms:
+            bind_norm(getattr(layer, name), spec)
+        attn = layer.self_attn
+        if spec.qk_norm:
+            bind_norm(attn.q_norm, spec)
+            bind_norm(attn.k_norm, spec)
+        bind(attn, attention_forward, spec)
+        bind(layer.mlp, mlp_forward, spec)
+    bind_norm(base.norm, spec)
+    bind(causal_lm, causal_lm_forward, spec)
+
+
+def unpatch(model) -> None:
+    """Drop every instance-level forward that ``patch_layers`` bound."""
+    for module in model.modules():
+        if module.__dict__.get("_slothnb_patched"):
+            module.__dict__.pop("forward", None)
+            for attr in ("_slothnb_patched", "_slothnb_spec", "_slothnb_eps", "_slothnb_offset"):
+                module.__dict__.pop(attr, None)

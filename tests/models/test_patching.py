@@ -1,0 +1,240 @@
+"""patch_model: patched models give transformers' numbers (logits, loss, LoRA gradients, generate).
+
+Every architecture is built tiny and random (fp32, CPU; the kernels run in Triton's interpreter),
+patched on a deep copy, and compared against the untouched original (tolerances ~1e-5).
+"""
+import copy
+import logging
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from slothnb.models.patching import is_patched, patch_model, unpatch_model
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "llama-eager": lambda: transformers.LlamaConfig(**SMALL, attn_implementation="eager"),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=5),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
+    "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=16, hidden_act="gelu_pytorch_tanh"),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **SMALL, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "phi3": lambda: transformers.Phi3Config(**SMALL),
+}
+ARCHS = list(CONFIGS)
+LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def build(arch, seed=0, **overrides):
+    config = CONFIGS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # weights big enough that every term moves the logits
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.2 + (0.0 if arch.startswith("gemma") else 1.0))
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def pair(arch, **overrides):
+    ref = build(arch, **overrides)
+    patched = copy.deepcopy(ref)
+    assert patch_model(patched)
+    return ref, patched
+
+
+def batch(seq=12, pad_left=True, train_pad_rows=True):
+    """ids, mask, labels for 2 rows, row 0 padded. With left padding, the last pad position predicts
+    the first real token: HF trains that fully-masked query row, and its gradient is whatever the
+    attention kernel makes of a row with nothing to attend to (eager: uniform, SDPA: zeros, SDPA with
+    a float mask: its own). ``train_pad_rows=False`` leaves that label out, as a sane collator does."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if pad_left:
+        mask[0, :3] = 0
+    else:
+        mask[0, -4:] = 0
+    ids[mask == 0] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, :2] = -100  # prompt tokens not trained
+    if pad_left and not train_pad_rows:
+        labels[0, 3] = -100
+    return ids, mask, labels
+
+
+def add_lora(model, arch, **extra):
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                     target_modules=LORA_TARGETS.get(arch, ALL_SEVEN), **extra)
+    torch.manual_seed(3)
+    return get_peft_model(model, cfg)
+
+
+def trained_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_logits_and_loss_match(arch):
+    ref, patched = pair(arch)
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+        got = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()  # padded query rows are garbage in both; compare the real tokens
+    torch.testing.assert_close(got.logits[keep], want.logits[keep], **TOL)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_gradients_match_with_padding(arch):
+    ref, patched = pair(arch)
+    ref, patched = add_lora(ref, arch), add_lora(patched, arch)  # peft wraps after patching
+    ref.train(), patched.train()
+    # eager masks are additive floats: SDPA's backward through fully masked rows is not eager's
+    ids, mask, labels = batch(pad_left=arch != "qwen3", train_pad_rows=arch != "llama-eager")
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    assert got.logits is None, "training with labels must not build the [B, S, V] logits"
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    want.loss.backward(), got.loss.backward()
+    g_ref, g_got = trained_grads(ref), trained_grads(patched)
+    assert g_ref.keys() == g_got.keys() and len(g_ref) == 2 * 2 * len(LORA_TARGETS.get(arch, ALL_SEVEN))
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_sequences_and_num_items_in_batch(arch):
+    ref, patched = pair(arch)
+    ref = add_lora(ref, arch)
+    patched = add_lora(patched, arch)
+    ref.train(), patched.train()
+    ids = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(2))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5]])  # three packed documents
+    labels = ids.clone()
+    labels[0, [0, 5, 8]] = -100
+    n = torch.tensor(37)  # items of the whole accumulated batch, not of this micro-batch
+    want = ref(input_ids=ids, position_ids=position_ids, labels=labels, num_items_in_batch=n)
+    got = patched(input_ids=ids, position_ids=position_ids, labels=labels, num_items_in_batch=n)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    want.loss.backward(), got.loss.backward()
+    g_ref, g_got = trained_grads(ref), trained_grads(patched)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embed_tokens_and_lm_head_trained(arch):
+    ref, patched = pair(arch, tie_word_embeddings=False)
+    ref = add_lora(ref, arch, modules_to_save=["embed_tokens", "lm_head"])
+    patched = add_lora(patched, arch, modules_to_save=["embed_tokens", "lm_head"])
+    ref.train(), patched.train()
+    ids, mask, labels = batch(pad_left=False)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    want.loss.backward(), got.loss.backward()
+    g_ref, g_got = trained_grads(ref), trained_grads(patched)
+    assert any("lm_head" in n for n in g_ref) and any("embed_tokens" in n for n in g_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
+def test_lora_on_lm_head_takes_the_generic_loss(arch):
+    targets = LORA_TARGETS.get(arch, ALL_SEVEN) + ["lm_head"]
+    ref, patched = pair(arch, tie_word_embeddings=False)
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=targets)
+    torch.manual_seed(3)
+    ref = get_peft_model(ref, LoraConfig(**cfg))
+    torch.manual_seed(3)
+    patched = get_peft_model(patched, LoraConfig(**cfg))
+    ref.train(), patched.train()
+    ids, mask, labels = batch()
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    want.loss.backward(), got.loss.backward()
+    g_ref, g_got = trained_grads(ref), trained_grads(patched)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_lora_dropout_takes_the_generic_path_and_still_matches():
+    ref, patched = pair("llama")
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False, target_modules=ALL_SEVEN)
+    torch.manual_seed(3)
+    ref = get_peft_model(ref, cfg)
+    torch.manual_seed(3)
+    patched = get_peft_model(patched, copy.deepcopy(cfg))
+    ref.train(), patched.train()
+    ids, mask, labels = batch()
+    torch.manual_seed(5)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.manual_seed(5)
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_is_identical(arch):
+    ref, patched = pair(arch)
+    ids, mask, _ = batch(seq=6)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+    got = patched.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
+
+
+def test_patching_is_per_instance_and_reversible(caplog):
+    ref, patched = pair("llama")
+    other = copy.deepcopy(ref)
+    assert is_patched(patched) and not is_patched(other)
+    cls = type(patched.model.layers[0].self_attn)
+    assert "forward" not in cls.__dict__ or cls.forward is not patched.model.layers[0].self_attn.forward
+    assert "forward" not in other.model.layers[0].self_attn.__dict__
+    assert "forward" not in other.__dict__
+    ids, mask, labels = batch()
+    ref.train(), other.train()
+    assert other(input_ids=ids, attention_mask=mask, labels=labels).logits is not None  # HF's forward
+    unpatch_model(patched)
+    assert not is_patched(patched) and "forward" not in patched.model.layers[0].mlp.__dict__
+    patched.train()
+    assert patched(input_ids=ids, attention_mask=mask, labels=labels).logits is not None
+
+
+def test_return_logits_flag_and_tuple_output():
+    ref, patched = pair("llama")
+    patched.train()
+    ids, mask, labels = batch()
+    patched._slothnb_return_logits = True
+    out = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.logits, ref.train()(input_ids=ids, attention_mask=mask).logits, **TOL)
+    loss, logits = patched(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)[:2]
+    torch.testing.assert_close(loss, out.loss, **TOL)
+
+
+def test_unsupported_architecture_stays_unpatched_with_a_warning(caplog):
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    with caplog.at_level(logging.WARNING, logger="slothnb.models.patching"):
+        assert patch_model(model) is False
+    assert "gpt2" in caplog.text and "unpatched" in caplog.text
+    assert not any("forward" in m.__dict__ for m in model.modules())
