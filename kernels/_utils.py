@@ -31,3 +31,25 @@ def row_block(n_cols: int) -> tuple[int, int]:
     elif block >= 2048:
         num_warps = 8
     return block, num_warps
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, last_dim]`` tensor whose columns are unit-stride (a view when possible).
+
+    Row kernels take a row stride, so a slice like ``x[..., :H]`` of a wider buffer needs no copy;
+    only a tensor whose last dimension is itself strided is copied.
+    """
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def reduce_programs(device: torch.device, n_rows: int) -> int:
+    """How many programs a row loop with a per-program partial reduction (e.g. a norm's dW) should use:
+    one per SM on a GPU (every SM busy, few partial rows to sum), a handful in the CPU interpreter."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    return max(1, min(n_rows, sms))

@@ -1,0 +1,141 @@
+"""RMSNorm (Llama and Gemma forms) as one Triton row kernel forward and one backward.
+
+Llama: ``w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``: the normalised row is rounded to the
+input dtype *before* the weight multiply, and the result has ``promote(x, w)`` dtype (HF's
+LlamaRMSNorm). Gemma (``offset=1.0``): ``(xhat * (1 + w.float())).to(x.dtype)``, the multiply in
+fp32 and one rounding at the end (HF's GemmaRMSNorm). Statistics are always fp32.
+
+Only the per-row ``rstd`` (4 bytes a row) is saved for backward; ``xhat`` is recomputed from x.
+The weight gradient is reduced as in Liger-Kernel: each program walks a run of rows, accumulates
+its partial dW in fp32 registers, and the few partial rows are summed afterwards.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from slothnb.errors import ConfigError
+
+from ._utils import as_rows, reduce_programs, row_block, use_triton
+
+
+@triton.jit
+def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
+                  GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x_in = tl.load(X + row * x_stride + cols, mask=mask, other=0.0)
+    x = x_in.to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+    xhat = x * rstd
+    if GEMMA:
+        y = xhat * (w + offset)
+    else:
+        y = xhat.to(x_in.dtype).to(tl.float32) * w
+    tl.store(Y + row * y_stride + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride, n_rows, n_cols,
+                  offset, rows_per_program, GEMMA: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for row in range(row_start, row_end):
+        x_in = tl.load(X + row * x_stride + cols, mask=mask, other=0.0)
+        dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        xhat = x_in.to(tl.float32) * rstd
+        if COMPUTE_DW:
+            if GEMMA:
+                dw += dy * xhat
+            else:  # Llama multiplies the weight by the *rounded* xhat
+                dw += dy * xhat.to(x_in.dtype).to(tl.float32)
+        dxhat = dy * w
+        dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / n_cols))
+        tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    if COMPUTE_DW:
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ConfigError(
+            f"norm weight has shape {tuple(weight.shape)} but the input's last dimension is {x.shape[-1]}: "
+            "pass the weight of the norm that matches this hidden size")
+    if x.device != weight.device:
+        raise ConfigError(f"input is on {x.device} but the norm weight is on {weight.device}: move both to one device")
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dtype:
+    return x.dtype if offset != 0.0 else torch.promote_types(x.dtype, weight.dtype)
+
+
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
+    """Triton forward on ``[rows, n]`` (unit column stride): returns ``(y [rows, n], rstd [rows] fp32)``."""
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x2, weight, offset), device=x2.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    if n_rows:
+        block, warps = row_block(n_cols)
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
+                                 GEMMA=offset != 0.0, BLOCK=block, num_warps=warps)
+    return y, rstd
+
+
+def rms_norm_backward(dy2, x2, weight, rstd, offset: float, compute_dw: bool = True):
+    """Triton backward: returns ``(dx [rows, n] in x's dtype, dw in weight's dtype or None)``."""
+    n_rows, n_cols = x2.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    n_prog = reduce_programs(x2.device, n_rows)
+    part = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
+    if n_rows:
+        block, warps = row_block(n_cols)
+        _rms_norm_bwd[(n_prog,)](dy2, x2, weight, rstd, dx, part, dy2.stride(0), x2.stride(0), dx.stride(0),
+                                 n_rows, n_cols, offset, triton.cdiv(n_rows, n_prog), GEMMA=offset != 0.0,
+                                 COMPUTE_DW=compute_dw, BLOCK=block, num_warps=warps)
+    if not compute_dw:
+        return dx, None
+    dw = part.sum(0) if n_rows else torch.zeros(n_cols, dtype=torch.float32, device=x2.device)
+    return dx, dw.to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        x2 = as_rows(x)
+        y, rstd = rms_norm_forward(x2, weight, eps, offset)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.offset = offset
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(as_rows(dy), x2, weight, rstd, ctx.offset, ctx.needs_input_grad[1])
+        return dx.view(dy.shape), dw, None, None
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0):
+    """HF's LlamaRMSNorm (``offset=0``) / GemmaRMSNorm (``offset=1``) in plain PyTorch (float64-able)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0.0:
+        return weight * xhat.to(x.dtype)
+    return (xhat * (offset + weight.to(compute))).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm over the last dimension; ``offset=1.0`` is Gemma's ``(1 + w)`` form computed in fp32."""
+    _check(x, weight)
+    if use_triton(x):
+        return RMSNormFunction.apply(x, weight, float(eps), float(offset))
+    return rms_norm_reference(x, weight, eps, offset)
