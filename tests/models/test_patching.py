@@ -12,35 +12,28 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from slothnb.models.patching import is_patched, patch_model, unpatch_model
+from tiny_models import VOCAB_SIZE, tiny_model
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
-             bos_token_id=1, eos_token_id=2)
-
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(**SMALL),
-    "llama-eager": lambda: transformers.LlamaConfig(**SMALL, attn_implementation="eager"),
-    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=5),
-    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
-    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
-    "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=16, hidden_act="gelu_pytorch_tanh"),
-    "gemma2": lambda: transformers.Gemma2Config(
-        **SMALL, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
-        attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
-    "phi3": lambda: transformers.Phi3Config(**SMALL),
+# Overrides on tiny_models' configs that make every feature bite at seq <= 14: sliding windows
+# shorter than the sequence, soft-caps small enough to change the numbers.
+OVERRIDES = {
+    "llama": {}, "llama-eager": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "phi3": {},
+    "mistral": dict(sliding_window=5),
+    "gemma2": dict(sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0),
 }
-ARCHS = list(CONFIGS)
+ARCHS = list(OVERRIDES)
 LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAD = 3  # tiny_tokenizer's <|pad|>
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def build(arch, seed=0, **overrides):
-    config = CONFIGS[arch]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    model = tiny_model(arch.removesuffix("-eager"), seed=seed, **OVERRIDES[arch], **overrides)
+    if arch.endswith("-eager"):
+        model.set_attn_implementation("eager")
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # weights big enough that every term moves the logits
         for name, p in model.named_parameters():
             if p.ndim == 2:
@@ -65,13 +58,13 @@ def batch(seq=12, pad_left=True, train_pad_rows=True):
     attention kernel makes of a row with nothing to attend to (eager: uniform, SDPA: zeros, SDPA with
     a float mask: its own). ``train_pad_rows=False`` leaves that label out, as a sane collator does."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 128, (2, seq), generator=g)
+    ids = torch.randint(8, VOCAB_SIZE, (2, seq), generator=g)
     mask = torch.ones_like(ids)
     if pad_left:
         mask[0, :3] = 0
     else:
         mask[0, -4:] = 0
-    ids[mask == 0] = 0
+    ids[mask == 0] = PAD
     labels = ids.masked_fill(mask == 0, -100)
     labels[1, :2] = -100  # prompt tokens not trained
     if pad_left and not train_pad_rows:
@@ -126,7 +119,7 @@ def test_packed_sequences_and_num_items_in_batch(arch):
     ref = add_lora(ref, arch)
     patched = add_lora(patched, arch)
     ref.train(), patched.train()
-    ids = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(8, VOCAB_SIZE, (1, 14), generator=torch.Generator().manual_seed(2))
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5]])  # three packed documents
     labels = ids.clone()
     labels[0, [0, 5, 8]] = -100
@@ -197,7 +190,7 @@ def test_lora_dropout_takes_the_generic_path_and_still_matches():
 def test_greedy_generate_is_identical(arch):
     ref, patched = pair(arch)
     ids, mask, _ = batch(seq=6)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
     want = ref.generate(input_ids=ids, attention_mask=mask, **kw)
     got = patched.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(got, want)
