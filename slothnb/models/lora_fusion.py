@@ -26,7 +26,7 @@ def _is_4bit(base: nn.Module) -> bool:
     return type(base).__name__ == "Linear4bit" and hasattr(base.weight, "quant_state")
 
 
-def _single_adapter(module) -> str | None:
+def fusable_adapter(module) -> str | None:
     """The one active adapter name of a plain, unmerged, enabled LoRA linear, else None."""
     if LoraLayer is None or not isinstance(module, LoraLayer):
         return None
@@ -56,7 +56,7 @@ def lora_parts(module, allow_bias: bool = False):
     """
     if LoraWeights is None:
         return None
-    name = _single_adapter(module)
+    name = fusable_adapter(module)
     if name is None:
         return None
     base = module.get_base_layer()
@@ -117,4 +117,4 @@ def linear_weight(module):
     return None
 
 
-__all__ = ["lora_weights", "lora_parts", "split_lora_rows", "linear_weight"]
+__all__ = ["fusable_adapter", "lora_weights", "lora_parts", "split_lora_rows", "linear_weight"]

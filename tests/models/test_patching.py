@@ -231,3 +231,58 @@ def test_unsupported_architecture_stays_unpatched_with_a_warning(caplog):
         assert patch_model(model) is False
     assert "gpt2" in caplog.text and "unpatched" in caplog.text
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def _q_proj(model):
+    return model.get_base_model().model.layers[0].self_attn.q_proj
+
+
+@pytest.mark.parametrize("extra, fusable", [
+    (dict(), True),
+    (dict(lora_dropout=0.1), False),
+    (dict(use_dora=True), False),
+])
+def test_fusable_adapter_only_for_plain_lora(extra, fusable):
+    from slothnb.models.lora_fusion import fusable_adapter, linear_weight
+
+    kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_SEVEN)
+    kw.update(extra)
+    model = get_peft_model(build("llama"), LoraConfig(**kw))
+    q = _q_proj(model)
+    assert (fusable_adapter(q) == "default") is fusable
+    assert fusable_adapter(model.get_base_model().lm_head) is None  # not a LoRA layer
+    assert linear_weight(model.get_base_model().lm_head)[0] is model.get_base_model().lm_head.weight
+    if fusable:
+        with model.disable_adapter():
+            assert fusable_adapter(q) is None
+        q.merge()
+        assert fusable_adapter(q) is None
+
+
+def test_fused_lora_kernels_are_used_when_fusable(monkeypatch):
+    pytest.importorskip("slothnb.kernels.lora")
+    from slothnb.models.arch import _ops
+
+    calls = []
+    for name in ("lora_qkv", "lora_linear", "lora_mlp"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    ref, patched = pair("llama")
+    patched = add_lora(patched, "llama")
+    ids, mask, labels = batch()
+    patched(input_ids=ids, attention_mask=mask, labels=labels)
+    assert sorted(set(calls)) == ["lora_linear", "lora_mlp", "lora_qkv"] and len(calls) == 6
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ref, patched = pair("qwen3")
+    ref, patched = add_lora(ref, "qwen3"), add_lora(patched, "qwen3")
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref.train(), patched.train()
+    ids, mask, labels = batch(pad_left=False)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
+    want.backward(), got.backward()
+    g_ref, g_got = trained_grads(ref), trained_grads(patched)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
