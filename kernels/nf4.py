@@ -1,0 +1,153 @@
+"""Dequantise bitsandbytes 4-bit NF4 weights (double-quantised absmax included) in one launch.
+
+Layout, as bitsandbytes 0.4x-0.50 stores it (``bitsandbytes.functional.quantize_4bit``):
+
+- ``packed``: the row-major flattened weight, two 4-bit codes per byte, the element with the even
+  flat index in the HIGH nibble (``out[0::2] = byte >> 4``, ``out[1::2] = byte & 0xF``). The storage
+  dtype may be anything (``quant_storage``); it is reinterpreted as uint8.
+- ``quant_state.code``: the 16-entry NF4 table (fp32); ``quant_state.blocksize`` flat elements share
+  one scale ``absmax[i // blocksize]``; value = ``code[nibble] * absmax`` in fp32, then cast.
+- double quantisation (``quant_state.nested``): ``absmax`` is itself uint8 codes of
+  ``absmax - offset`` quantised blockwise (``state2.blocksize``, 256) with the 8-bit dynamic table
+  ``state2.code`` and fp32 scales ``state2.absmax``, so
+  ``absmax[b] = state2.code[q[b]] * state2.absmax[b // 256] + offset`` (two fp32 roundings: the
+  multiply, then the add; the kernel disables FMA contraction to match bitsandbytes bit for bit).
+
+The Triton kernel reads each byte once per output pair and decodes both absmax levels in
+registers, so nothing but the output is written. ``dequantize_nf4`` is what the fused LoRA ops call
+in forward AND backward (the dequantised copy is never kept between them).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import use_triton
+from ..errors import ConfigError
+
+BYTES_PER_PROGRAM = 1024  # 2048 outputs per program
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit
+def _round_fp32_for_bf16(x):
+    """Round fp32 to the nearest-even bf16 value (still fp32): Triton's interpreter truncates on the
+    fp32 -> bf16 cast where the GPU rounds, so the kernel rounds itself and both agree bit for bit."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
+    BYTES: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    byte_idx = pid * BYTES + tl.arange(0, BYTES)
+    side = tl.arange(0, 2)  # 0: high nibble (even element), 1: low nibble (odd element)
+    out_idx = 2 * byte_idx[:, None] + side[None, :]
+    mask = out_idx < n
+
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx * 2 < n, other=0).to(tl.int32)
+    nibble = (byte[:, None] >> (4 - 4 * side[None, :])) & 0xF
+    value = tl.load(code_ptr + nibble)
+
+    block = out_idx // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    value = value * scale
+    if BF16:
+        value = _round_fp32_for_bf16(value)
+    tl.store(out_ptr + out_idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _resolve(packed, quant_state):
+    """(packed bytes, quant_state), accepting a ``bnb.nn.Params4bit`` that carries its own state."""
+    if quant_state is None:
+        quant_state = getattr(packed, "quant_state", None)
+    if quant_state is None:
+        raise ConfigError(
+            "dequantize_nf4 needs the bitsandbytes QuantState of the weight: pass `quant_state=` "
+            "or a bitsandbytes Params4bit (which carries `.quant_state`)."
+        )
+    if getattr(quant_state, "quant_type", None) != "nf4":
+        raise ConfigError(
+            f"dequantize_nf4 only decodes NF4 weights, got quant_type={quant_state.quant_type!r}; "
+            "load the model with bnb_4bit_quant_type='nf4'."
+        )
+    data = packed.data if isinstance(packed, torch.nn.Parameter) else packed
+    data = data.detach().contiguous()
+    if data.dtype != torch.uint8:
+        data = data.view(torch.uint8)
+    n = 1
+    for s in quant_state.shape:
+        n *= int(s)
+    if data.numel() * 2 < n:
+        raise ConfigError(
+            f"packed weight holds {data.numel() * 2} 4-bit codes but quant_state.shape "
+            f"{tuple(quant_state.shape)} needs {n}: the weight and its quant_state do not belong together."
+        )
+    return data.reshape(-1), quant_state, n
+
+
+def _absmax_fp32(quant_state) -> torch.Tensor:
+    """Per-block fp32 scales, decoding the nested (double-quantised) level like bitsandbytes."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    s2 = quant_state.state2
+    scales = s2.code.float()[quant_state.absmax.long()]
+    outer = s2.absmax.float().repeat_interleave(s2.blocksize)[: scales.numel()]
+    return scales * outer + quant_state.offset.float()
+
+
+def dequantize_nf4_reference(packed, quant_state=None, dtype=None) -> torch.Tensor:
+    """Plain-PyTorch dequantisation, the same fp32 arithmetic as bitsandbytes (the CPU path)."""
+    data, quant_state, n = _resolve(packed, quant_state)
+    dtype = dtype or quant_state.dtype
+    codes = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n].long()
+    values = quant_state.code.float().to(data.device)[codes]
+    scales = _absmax_fp32(quant_state).to(data.device).repeat_interleave(quant_state.blocksize)[:n]
+    return (values * scales).to(dtype).reshape(quant_state.shape)
+
+
+def dequantize_nf4(packed, quant_state=None, dtype=None) -> torch.Tensor:
+    """The dense weight (``quant_state.shape``) in ``dtype`` (default: the dtype it was quantised from).
+
+    ``packed``: the packed uint8 (or other ``quant_storage``) tensor, or a ``bnb.nn.Params4bit``.
+    """
+    data, quant_state, n = _resolve(packed, quant_state)
+    dtype = dtype or quant_state.dtype
+    if dtype not in OUT_DTYPES:
+        raise ConfigError(f"dequantize_nf4 writes one of {OUT_DTYPES}, not {dtype}.")
+    if not use_triton(data):
+        return dequantize_nf4_reference(data, quant_state, dtype)
+    out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=data.device)
+    if n == 0:
+        return out
+    device = data.device
+    code = quant_state.code.to(device=device, dtype=torch.float32)
+    if quant_state.nested:
+        s2 = quant_state.state2
+        absmax, absmax2 = quant_state.absmax.to(device), s2.absmax.to(device=device, dtype=torch.float32)
+        code2 = s2.code.to(device=device, dtype=torch.float32)
+        offset = quant_state.offset.to(device=device, dtype=torch.float32).reshape(1)
+        blocksize2 = int(s2.blocksize)
+    else:
+        absmax = quant_state.absmax.to(device=device, dtype=torch.float32)
+        absmax2 = code2 = offset = absmax  # unused placeholders
+        blocksize2 = 1
+    grid = (triton.cdiv(triton.cdiv(n, 2), BYTES_PER_PROGRAM),)
+    _dequantize_nf4_kernel[grid](
+        data, absmax, code, absmax2, code2, offset, out, n,
+        BLOCKSIZE=int(quant_state.blocksize), BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
+        BF16=dtype == torch.bfloat16, BYTES=BYTES_PER_PROGRAM, num_warps=4, enable_fp_fusion=False,
+    )
+    return out
+
+
+__all__ = ["dequantize_nf4", "dequantize_nf4_reference"]
