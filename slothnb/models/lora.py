@@ -28,6 +28,7 @@ from slothnb.errors import ConfigError, HardwareError
 from slothnb.models.checkpointing import apply_gradient_checkpointing, normalize_mode
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_TARGETS = ("qkv_proj", "gate_up_proj")  # Phi-3 style fused projections, used when the defaults are asked
 FULLY_TRAINED = ("embed_tokens", "lm_head")  # target names trained as whole modules, not with adapters
 BIAS_CHOICES = ("none", "all", "lora_only")
 _LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
@@ -76,6 +77,9 @@ def _split_targets(model, target_modules, modules_to_save):
     if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
         raise ConfigError(f"target_modules is empty: pass names such as {list(DEFAULT_TARGETS)} or 'all-linear'.")
     save = list(modules_to_save or [])
+    if not isinstance(target_modules, str) and tuple(target_modules) == DEFAULT_TARGETS:
+        # the defaults mean "every attention and MLP projection": take the ones this architecture has
+        target_modules = [t for t in DEFAULT_TARGETS + FUSED_TARGETS if _has_module(model, t)] or target_modules
     if isinstance(target_modules, str):
         targets = target_modules
     else:

@@ -9,8 +9,8 @@ from slothnb.models.checkpointing import apply_gradient_checkpointing, checkpoin
 from tiny_models import tiny_model
 
 
-def _model(layers=3, dropout=0.0):
-    m = tiny_model("llama", seed=0, num_hidden_layers=layers, attention_dropout=dropout)
+def _model(layers=3, dropout=0.0, arch="llama"):
+    m = tiny_model(arch, seed=0, num_hidden_layers=layers, attention_dropout=dropout)
     return m.train()
 
 
@@ -44,6 +44,17 @@ def test_modes_match_no_checkpointing(mode, dropout, monkeypatch):
     if dropout:  # the test would be vacuous if dropout did nothing: another seed changes the loss
         other, _ = _loss_and_grads(model, seed=7)
         assert not torch.allclose(other, loss)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi3", "qwen3"])
+def test_slothnb_matches_on_other_architectures(arch):
+    model = _model(layers=2, arch=arch)
+    ref_loss, ref = _loss_and_grads(model)
+    apply_gradient_checkpointing(model, "slothnb")
+    loss, got = _loss_and_grads(model)
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_false_turns_checkpointing_off():
