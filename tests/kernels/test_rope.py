@@ -1,0 +1,157 @@
+"""RoPE kernel vs HF's apply_rotary_pos_emb formula in float64: forward (in place), backward,
+the cache-gather variant with restarting (packed) positions, strided views, every head_dim.
+
+Tolerances: fp32 (CPU interpreter) 1e-5 abs / 1e-5 rel; bf16 2e-2/1e-2 and fp16 2e-3/2e-3 on GPU
+(the kernel rounds once, from fp32, to the storage dtype).
+"""
+import pytest
+import torch
+
+import slothnb.kernels.rope as rope_mod
+from slothnb.errors import ConfigError
+from slothnb.kernels.rope import apply_rope, apply_rope_from_cache, apply_rope_reference
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def hf_tables(max_pos, dim, base=10000.0, device="cpu"):
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def _qk(B, Hq, Hk, S, D, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Made as [B, S, H, D] and transposed, like HF attention: non-contiguous [B, H, S, D] views.
+    q = torch.randn(B, S, Hq, D, generator=g, dtype=torch.float64).to(device)
+    k = torch.randn(B, S, Hk, D, generator=g, dtype=torch.float64).to(device)
+    return q, k
+
+
+def _run_and_compare(q64, k64, cos, sin, dtype=torch.float32, position_ids=None):
+    """q64/k64 [B, S, H, D] float64 masters; cos/sin [Bc, S, D] or caches when position_ids is given."""
+    ql, kl = q64.to(dtype).requires_grad_(), k64.to(dtype).requires_grad_()
+    q, k = (ql * 1).transpose(1, 2), (kl * 1).transpose(1, 2)  # non-leaf, strided views
+    cos_d, sin_d = cos.to(dtype), sin.to(dtype)
+    if position_ids is None:
+        qo, ko = apply_rope(q, k, cos_d, sin_d)
+        cos_g, sin_g = cos_d.double(), sin_d.double()
+    else:
+        qo, ko = apply_rope_from_cache(q, k, cos_d, sin_d, position_ids)
+        cos_g, sin_g = cos_d.double()[position_ids], sin_d.double()[position_ids]
+    assert qo.data_ptr() == q.data_ptr() and ko.data_ptr() == k.data_ptr()  # rotated in place
+    torch.testing.assert_close(qo, q, atol=0, rtol=0)
+    rq, rk = ql.detach().double().requires_grad_(), kl.detach().double().requires_grad_()
+    ref_q, ref_k = apply_rope_reference(rq.transpose(1, 2), rk.transpose(1, 2), cos_g, sin_g)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(qo.double(), ref_q, atol=atol, rtol=rtol)
+    torch.testing.assert_close(ko.double(), ref_k, atol=atol, rtol=rtol)
+    g = torch.Generator().manual_seed(3)
+    gq = torch.randn(ref_q.shape, generator=g, dtype=torch.float64).to(qo.device)
+    gk = torch.randn(ref_k.shape, generator=g, dtype=torch.float64).to(qo.device)
+    torch.autograd.backward([qo, ko], [gq.to(dtype), gk.to(dtype)])
+    torch.autograd.backward([ref_q, ref_k], [gq.to(dtype).double(), gk.to(dtype).double()])
+    torch.testing.assert_close(ql.grad.double(), rq.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(kl.grad.double(), rk.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_rope_matches_hf_every_head_dim(head_dim, device):
+    q, k = _qk(2, 4, 2, 3, head_dim, device)
+    cos, sin = hf_tables(3, head_dim, device=device)
+    _run_and_compare(q, k, cos[None], sin[None])
+
+
+def test_rope_per_batch_tables_and_general_cos_sin(device):
+    q, k = _qk(2, 3, 1, 4, 64, device, seed=1)
+    g = torch.Generator().manual_seed(9)
+    # Halves deliberately unequal: checks the exact vector-Jacobian product, not just "rotate by -sin".
+    cos = torch.randn(2, 4, 64, generator=g, dtype=torch.float64).to(device)
+    sin = torch.randn(2, 4, 64, generator=g, dtype=torch.float64).to(device)
+    _run_and_compare(q, k, cos, sin)
+
+
+def test_rope_one_token(device):
+    q, k = _qk(1, 2, 1, 1, 128, device, seed=2)
+    cos, sin = hf_tables(9, 128, device=device)
+    _run_and_compare(q, k, cos[None, 8:9], sin[None, 8:9])
+
+
+@pytest.mark.parametrize("batch_pos", [1, 2])
+def test_rope_from_cache_packed_positions(batch_pos, device):
+    q, k = _qk(2, 4, 2, 5, 96, device, seed=4)
+    cos, sin = hf_tables(16, 96, device=device)
+    pos = torch.tensor([[0, 1, 2, 0, 1], [7, 8, 0, 1, 2]], device=device)[:batch_pos]
+    _run_and_compare(q, k, cos, sin, position_ids=pos)
+
+
+def test_rope_strided_last_dim_is_still_in_place(device):
+    q_big = torch.randn(1, 2, 3, 128, dtype=torch.float32, device=device)
+    k_big = torch.randn(1, 1, 3, 128, dtype=torch.float32, device=device)
+    q, k = q_big[..., ::2], k_big[..., ::2]  # head_dim 64 with stride 2
+    cos, sin = hf_tables(3, 64, device=device)
+    want_q, want_k = apply_rope_reference(q.double(), k.double(), cos[None], sin[None])
+    with torch.no_grad():
+        qo, ko = apply_rope(q, k, cos[None].float(), sin[None].float())
+    torch.testing.assert_close(q_big[..., ::2].double(), want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_big[..., ::2].double(), want_k, atol=1e-5, rtol=1e-5)
+    assert qo is q and ko is k
+
+
+def test_rope_pytorch_fallback_is_the_same_op(monkeypatch, device):
+    q, k = _qk(2, 2, 1, 3, 80, device, seed=5)
+    cos, sin = hf_tables(8, 80, device=device)
+    pos = torch.tensor([[5, 6, 7], [0, 1, 2]], device=device)
+    monkeypatch.setattr(rope_mod, "use_triton", lambda t: False)
+    _run_and_compare(q, k, cos[None, :3], sin[None, :3])
+    _run_and_compare(q, k, cos, sin, position_ids=pos)
+
+
+def test_rope_bad_inputs_raise(device):
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    cos, sin = hf_tables(4, 8)
+    with pytest.raises(ConfigError, match="cos/sin"):
+        apply_rope(q, k, cos[None, :2].float(), sin[None, :2].float())
+    with pytest.raises(ConfigError, match="odd"):
+        apply_rope(torch.randn(1, 2, 3, 7), torch.randn(1, 1, 3, 7), cos[:3, :7], sin[:3, :7])
+    with pytest.raises(ConfigError, match="cache has 4 rows"):
+        apply_rope_from_cache(q, k, cos.float(), sin.float(), torch.tensor([[0, 1, 4]]))
+    with pytest.raises(ConfigError, match="same tensor"):
+        apply_rope(q, q, cos[None, :3].float(), sin[None, :3].float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_rope_gpu(dtype, head_dim):
+    S = 2048 if head_dim == 128 else 256
+    q, k = _qk(2, 32, 8, S, head_dim, "cuda", seed=6)
+    cos, sin = hf_tables(4096, head_dim, device="cuda")
+    _run_and_compare(q, k, cos[None, :S], sin[None, :S], dtype=dtype)
+    pos = torch.cat([torch.arange(S // 2), torch.arange(S - S // 2) + 100]).cuda()[None].repeat(2, 1)
+    _run_and_compare(q, k, cos, sin, dtype=dtype, position_ids=pos)
+
+
+def test_rope_matches_transformers_apply_rotary_pos_emb_fp32(device):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k = _qk(2, 4, 2, 6, 128, device, seed=7)
+    q, k = q.float().transpose(1, 2).contiguous(), k.float().transpose(1, 2).contiguous()
+    cos, sin = hf_tables(6, 128, device=device)
+    cos, sin = cos[None].float(), sin[None].float()
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    with torch.no_grad():
+        got_q, got_k = apply_rope(q.clone(), k.clone(), cos, sin)
+    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_refuses_to_corrupt_a_saved_input(device):
+    ql = torch.randn(1, 3, 2, 64, device=device, requires_grad=True)
+    q, k = (ql * 1).transpose(1, 2), torch.randn(1, 1, 3, 64, device=device)
+    saved = q * q  # mul saves q for its backward
+    cos, sin = hf_tables(3, 64, device=device)
+    qo, _ = apply_rope(q, k, cos[None].float(), sin[None].float())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (saved.sum() + qo.sum()).backward()
