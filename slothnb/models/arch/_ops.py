@@ -93,11 +93,18 @@ def rope_reference(q, k, cos, sin):
 
 
 def rope(q, k, cos, sin):
-    """Rotate q ``[B, Hq, S, D]`` and k ``[B, Hk, S, D]``; the kernel works in place on its own copies."""
+    """Rotate q ``[B, Hq, S, D]`` and k ``[B, Hk, S, D]`` with the in-place kernel.
+
+    Autograd forbids an in-place Function with two outputs on views (q/k are transposed views of the
+    projections): when gradients flow, the kernel rotates fresh contiguous copies instead (the same
+    memory as an out-of-place RoPE, and the layout SDPA likes best). Without autograd (generate,
+    eval) it rotates the views in place.
+    """
     if _apply_rope is None or cos.shape[-1] != q.shape[-1]:
         return rope_reference(q, k, cos, sin)
-    out = _apply_rope(q, k, cos, sin)
-    return (q, k) if out is None else out
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        q, k = q.clone(memory_format=torch.contiguous_format), k.clone(memory_format=torch.contiguous_format)
+    return _apply_rope(q, k, cos, sin)
 
 
 __all__ = ["rms_norm", "rope", "rope_reference", "swiglu", "geglu", "cross_entropy",
