@@ -98,6 +98,10 @@ class _Offloaded:
         return x
 
 
+def _worth_offloading(t: torch.Tensor) -> bool:
+    return t.is_cuda  # a CPU tensor is already where the copy would go
+
+
 # ------------------------------------------------------------------------------------ autograd function
 def _rng_devices(tensors) -> list[int]:
     return sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
@@ -144,7 +148,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
         kept, ctx.offloaded = [], [None] * len(tensors)
         for i, (t, off) in enumerate(zip(tensors, call.offload_mask)):
-            if off and t.is_cuda:
+            if off and _worth_offloading(t):
                 ctx.offloaded[i] = _Offloaded(t)
                 kept.append(None)
             else:  # CPU tensors (nothing to gain) and shared inputs (cos/sin, masks) stay where they are

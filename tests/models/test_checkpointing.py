@@ -57,6 +57,31 @@ def test_slothnb_matches_on_other_architectures(arch):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_only_the_hidden_states_are_offloaded(monkeypatch):
+    """With offloading forced on CPU: one offload per layer, of the [B, S, H] hidden states only
+    (cos/sin and masks stay shared), restored once each in backward, gradients unchanged."""
+    model = _model()
+    _, ref = _loss_and_grads(model)
+    stored, restored = [], []
+
+    class FakeOffload:
+        def __init__(self, x):
+            self.copy = x.detach().clone()
+            stored.append(tuple(x.shape))
+
+        def restore(self):
+            restored.append(1)
+            return self.copy
+
+    monkeypatch.setattr(ckpt, "_worth_offloading", lambda t: True)
+    monkeypatch.setattr(ckpt, "_Offloaded", FakeOffload)
+    apply_gradient_checkpointing(model, "slothnb")
+    _, got = _loss_and_grads(model)
+    assert stored == [(2, 24, 64)] * 3 and len(restored) == 3
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
 def test_false_turns_checkpointing_off():
     model = _model()
     apply_gradient_checkpointing(model, "slothnb")
@@ -195,3 +220,16 @@ def test_offloaded_peak_is_lower_than_standard_on_gpu():
     assert offloaded < standard - saved_inputs // 2, (standard / 2**20, offloaded / 2**20)
     for a, b in zip(g_off, g_std):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_offload_round_trip_on_gpu():
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    expected = x.clone()
+    off = ckpt._Offloaded(x)
+    assert off.buf.is_pinned() and off.buf.device.type == "cpu"
+    del x  # the GPU copy may now be reused; the pinned copy must still be intact
+    torch.empty(4, 256, 512, device="cuda", dtype=torch.bfloat16).fill_(7)
+    back = off.restore()
+    torch.cuda.synchronize()
+    assert back.is_cuda and torch.equal(back, expected)
