@@ -103,9 +103,17 @@ def test_ignored_tokens_cost_no_matmul(monkeypatch):
                         real(logits, *a, **k))
     hidden, weight, b, labels = make(12, 8, 97, ignored=range(0, 12, 2))
     got = run(fused_linear_cross_entropy, hidden, weight, b, labels, chunk_size=2)
-    assert sum(rows_seen) == 6
+    assert sum(rows_seen) == 6 and max(rows_seen) <= 2  # only the 6 kept tokens, never more than a chunk
     ref = run(fused_linear_cross_entropy_reference, hidden, weight, b, labels, dtype=torch.float64)
     assert_all_close(got, ref)
+
+
+def test_default_chunk_keeps_logits_under_budget():
+    for n, v, size in [(8192, 128256, 2), (16384, 256000, 2), (3, 32003, 4), (100000, 49152, 2)]:
+        rows = flce_mod.default_chunk_rows(n, v, size)
+        assert 1 <= rows <= n and rows * v * size <= flce_mod.CHUNK_BYTES
+        chunks = -(-n // rows)
+        assert chunks * rows - n < chunks  # balanced: no tiny last chunk
 
 
 def test_all_ignored_gives_zero_loss_and_grads():
