@@ -202,6 +202,9 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state
     Positional tensor inputs (the hidden states) are offloaded to pinned CPU memory; keyword tensors
     (``position_embeddings`` cos/sin, masks) are shared by every layer and stay put. Tensors inside a
     ``functools.partial``'s keywords become autograd inputs too, so their gradients are not lost.
+    Like torch's reentrant checkpoint, the backward accumulates weight gradients with
+    ``torch.autograd.backward``: train with ``loss.backward()`` (as the HF Trainer does), not
+    ``torch.autograd.grad``, and backward once per forward (no ``retain_graph`` replays).
     """
     del use_reentrant  # accepted for signature compatibility; this function is always "reentrant-style"
     if not torch.is_grad_enabled():
