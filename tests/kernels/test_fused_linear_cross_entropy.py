@@ -146,6 +146,18 @@ def test_bf16_inputs_and_fp32_weight_grad_accumulation():
         torch.testing.assert_close(g.double(), r, rtol=3e-2, atol=3e-2 * r.abs().max().item())
 
 
+def test_fp16_tiny_normaliser_and_large_grad_output_do_not_underflow():
+    # dlogits / 1e6 would flush to zero in fp16; the normaliser and grad_output (a GradScaler's
+    # 1e6 here) are applied together in fp32 in backward, so the gradients survive.
+    hidden, weight, b, labels = make(8, 16, 97, ignored=())
+    h = hidden.half().requires_grad_()
+    (fused_linear_cross_entropy(h, weight.half(), labels, num_items_in_batch=10**6) * 1e6).backward()
+    ref_h = hidden.half().double().requires_grad_()
+    (fused_linear_cross_entropy_reference(ref_h, weight.half().double(), labels, num_items_in_batch=10**6)
+     * 1e6).backward()
+    assert h.grad.dtype == torch.float16 and h.grad.abs().max() > 0
+    torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=2e-2, atol=2e-2 * ref_h.grad.abs().max().item())
+
 def test_cpu_autocast_with_fp32_weights():
     hidden, weight, b, labels = make(6, 16, 97)
     with torch.autocast("cpu", dtype=torch.bfloat16):
