@@ -9,6 +9,26 @@ Every functional face dispatches: Triton on CUDA tensors (or on CPU tensors
 when ``TRITON_INTERPRET=1``, which is how the CPU test-suite runs them), and an
 exact PyTorch path otherwise, so CPU training works without the interpreter.
 """
-from ._utils import use_triton, INTERPRET
+if __name__ == "kernels":
+    # Imported as a top-level "kernels": only possible when a source checkout's root is on
+    # sys.path (python -m from the repository root). That name belongs to Hugging Face's
+    # kernels library, which transformers and bitsandbytes probe for: step aside for it, or
+    # fail exactly like a package that is not installed.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or ".") != _root])
+    del sys.modules["kernels"]
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _real
+    _spec.loader.exec_module(_real)
+else:
+    from ._utils import use_triton, INTERPRET
 
 __all__ = ["use_triton", "INTERPRET"]
