@@ -11,7 +11,6 @@ if ! ls .whl/unsloth-*.whl >/dev/null 2>&1; then bash ../shared/peers/fetch_whee
 PLAT=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64)
 $PY -m pip download -q --no-deps --only-binary=:all: "${PLAT[@]}" -d .whl \
   gguf==0.19.0 pytest==9.0.3 pluggy iniconfig pyyaml psutil nvidia-ml-py
-rm -f .whl/slothnb-*.whl
-$PY -m pip wheel -q --no-deps --no-build-isolation . -w .whl
+rm -f .whl/slothnb-*.whl   # slothnb itself runs from the sent tree (PYTHONPATH), never a stale wheel
 rm -rf peers && cp -r ../shared/peers peers
 du -sh .whl peers

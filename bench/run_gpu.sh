@@ -26,7 +26,7 @@ if [ ! -f "$SITE/.installed" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     > "$OUT/install.log" 2>&1 && touch "$SITE/.installed" || { echo "wheel install failed"; tail "$OUT/install.log"; }
 fi
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 PEAK=$(python3 -c "
 import json,sys
 v=''
