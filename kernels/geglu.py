@@ -22,9 +22,10 @@ from slothnb.errors import ConfigError
 from ._utils import use_triton
 from .swiglu import check_glu_inputs, glu_backward, glu_forward, may_overwrite
 
-SQRT_2_OVER_PI = 0.7978845608028654
-INV_SQRT_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+# constexpr: compiled Triton kernels may only read globals annotated so (the interpreter is laxer).
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 APPROXIMATIONS = ("none", "tanh")
 
 
