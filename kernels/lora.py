@@ -1,0 +1,249 @@
+"""Fused LoRA projections over a frozen 16-bit or NF4 base: one autograd node per layer part.
+
+A LoRA linear is ``y = x W^T + s (x A^T) B^T`` with W frozen and A ``[r, in]``, B ``[out, r]``
+trainable. Written as a peft module it is ~5 autograd nodes that together keep x, x A^T and (for
+QLoRA) a dequantised copy of W alive until backward. Here each of the three shapes a decoder layer
+needs is one ``torch.autograd.Function`` with a hand-written backward:
+
+- ``lora_linear(x, p)``: saves x and the tiny ``x A^T`` ``[N, r]``; the gradients are
+  ``dB = s dY^T (x A^T)``, ``dA = s (dY B)^T x``, ``dx = dY W + s (dY B) A``. No ``dW``: the base is
+  frozen (a weight that requires grad is refused rather than silently left without a gradient).
+- ``lora_qkv(x, q, k, v)``: the three attention projections share x; one node, dx summed.
+- ``lora_mlp(x, gate, up, down, activation)``: ``down(act(gate(x)) * up(x))``. Saves x, the gate
+  pre-activation G and the up output U (2 x ``[N, intermediate]``) rather than recomputing them in
+  backward (two more ``[N, in] x [in, I]`` matmuls, ~50% more MLP backward FLOPs, the trade Unsloth
+  also makes). ``h = act(G) * U`` is not kept: the activation backward recomputes it while writing
+  ``dG``/``dU`` over G and U, so the backward allocates only ``dH``.
+
+NF4 bases are dequantised (``nf4.dequantize_nf4``, one Triton launch) right before each matmul
+that needs W, in forward and again in backward, and dropped immediately: only the packed 4-bit
+weight is held between the passes.
+
+Dtypes: the matmuls run in the compute dtype, the autocast dtype when autocast is on (as a
+peft+autocast model would), else x's dtype. A and B may be fp32 master weights: they are cast for
+the matmuls and their gradients come back in their own dtype, as does x's.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .nf4 import dequantize_nf4
+from ..errors import ConfigError
+from .lora_activations import ACTIVATIONS, gated_backward, gated_forward
+
+
+@dataclass
+class LoraWeights:
+    """One LoRA linear: frozen ``weight`` ``[out, in]`` (16-bit, or packed NF4 with its bitsandbytes
+    ``quant_state``), trainable ``A`` ``[r, in]`` and ``B`` ``[out, r]``, and ``scale`` (alpha / r)."""
+
+    weight: torch.Tensor
+    quant_state: Optional[object]
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def out_features(self) -> int:
+        return int(self.quant_state.shape[0] if self.quant_state is not None else self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.quant_state.shape[1] if self.quant_state is not None else self.weight.shape[1])
+
+
+def _check(p: LoraWeights, in_features: int, name: str) -> None:
+    if not isinstance(p, LoraWeights):
+        raise ConfigError(f"{name} must be a LoraWeights bundle, got {type(p).__name__}.")
+    if p.quant_state is None and p.weight.dim() != 2:
+        raise ConfigError(f"{name}.weight must be [out, in] (or packed NF4 with quant_state), got {tuple(p.weight.shape)}.")
+    if p.weight.requires_grad and torch.is_grad_enabled():
+        raise ConfigError(
+            f"{name}.weight requires grad, but the fused LoRA ops treat the base weight as frozen and "
+            "would give it no gradient: freeze it (weight.requires_grad_(False)) or run the plain module."
+        )
+    out_f, in_f = p.out_features, p.in_features
+    r = p.A.shape[0]
+    if in_f != in_features or tuple(p.A.shape) != (r, in_f) or tuple(p.B.shape) != (out_f, r):
+        raise ConfigError(
+            f"{name}: shapes do not chain: x has {in_features} features, weight is [{out_f}, {in_f}], "
+            f"A {tuple(p.A.shape)} (want [r, {in_f}]), B {tuple(p.B.shape)} (want [{out_f}, r])."
+        )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _base(weight, quant_state, dtype) -> torch.Tensor:
+    """The dense base weight in ``dtype``: a fresh NF4 dequantisation, or the 16-bit weight itself."""
+    if quant_state is not None:
+        return dequantize_nf4(weight, quant_state, dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _forward(X, weight, quant_state, A, B, scale):
+    """(x A^T, x W^T + s (x A^T) B^T) for 2-D X, everything in X's dtype."""
+    dt = X.dtype
+    xa = X @ A.to(dt).t()
+    y = X @ _base(weight, quant_state, dt).t()
+    y.addmm_(xa, B.to(dt).t(), alpha=scale)
+    return xa, y
+
+
+def _backward(dY, X, xa, weight, quant_state, A, B, scale, dX=None, need_dx=True):
+    """(dX, dA, dB) of one LoRA linear; dX is accumulated into ``dX`` when given."""
+    dt = dY.dtype
+    dB = (dY.t() @ xa).mul_(scale).to(B.dtype)
+    dyb = dY @ B.to(dt)
+    dA = (dyb.t() @ X).mul_(scale).to(A.dtype)
+    if need_dx:
+        W = _base(weight, quant_state, dt)
+        if dX is None:
+            dX = dY @ W
+        else:
+            dX.addmm_(dY, W)
+        del W
+        dX.addmm_(dyb, A.to(dt), alpha=scale)
+    return dX, dA, dB
+
+
+def _rows(x, dt):
+    return x.reshape(-1, x.shape[-1]).to(dt)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, weight, quant_state, scale):
+        dt = _compute_dtype(x)
+        X = _rows(x, dt)
+        xa, y = _forward(X, weight, quant_state, A, B, scale)
+        ctx.save_for_backward(X, xa, A, B)
+        ctx.base = (weight, quant_state, scale)
+        ctx.x_meta = (x.shape, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        X, xa, A, B = ctx.saved_tensors
+        weight, quant_state, scale = ctx.base
+        dY = _rows(dy, X.dtype)
+        dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, need_dx=ctx.needs_input_grad[0])
+        dx = None if dX is None else dX.view(ctx.x_meta[0]).to(ctx.x_meta[1])
+        return dx, dA, dB, None, None, None
+
+
+class LoraQKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, *flat):
+        dt = _compute_dtype(x)
+        X = _rows(x, dt)
+        parts = [flat[i:i + 5] for i in range(0, 15, 5)]  # (A, B, weight, quant_state, scale) x 3
+        outs, saved = [], [X]
+        for A, B, weight, quant_state, scale in parts:
+            xa, y = _forward(X, weight, quant_state, A, B, scale)
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            saved += [xa, A, B]
+        ctx.save_for_backward(*saved)
+        ctx.bases = [(w, qs, s) for _, _, w, qs, s in parts]
+        ctx.x_meta = (x.shape, x.dtype)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        X, *rest = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        dX, grads = None, []
+        for i, dy in enumerate(dys):
+            xa, A, B = rest[3 * i:3 * i + 3]
+            weight, quant_state, scale = ctx.bases[i]
+            dY = _rows(dy, X.dtype)
+            dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, dX=dX, need_dx=need_dx)
+            grads += [dA, dB, None, None, None]
+        dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
+        return (dx, *grads)
+
+
+class LoraMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, activation, *flat):
+        dt = _compute_dtype(x)
+        X = _rows(x, dt)
+        (Ag, Bg, Wg, qg, sg), (Au, Bu, Wu, qu, su), (Ad, Bd, Wd, qd, sd) = [flat[i:i + 5] for i in range(0, 15, 5)]
+        xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
+        xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
+        H = gated_forward(activation, G, U)
+        ha, y = _forward(H, Wd, qd, Ad, Bd, sd)
+        del H
+        ctx.save_for_backward(X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd)
+        ctx.bases = [(Wg, qg, sg), (Wu, qu, su), (Wd, qd, sd)]
+        ctx.activation = activation
+        ctx.x_meta = (x.shape, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
+        (Wg, qg, sg), (Wu, qu, su), (Wd, qd, sd) = ctx.bases
+        dt = X.dtype
+        dY = _rows(dy, dt)
+        # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
+        dB_d = (dY.t() @ ha).mul_(sd).to(Bd.dtype)
+        dyb = dY @ Bd.to(dt)
+        dH = dY @ _base(Wd, qd, dt)
+        dH.addmm_(dyb, Ad.to(dt), alpha=sd)
+        del dY, ha
+        H, dG, dU = gated_backward(ctx.activation, dH, G, U)
+        del dH, G, U
+        dA_d = (dyb.t() @ H).mul_(sd).to(Ad.dtype)
+        del H, dyb
+        need_dx = ctx.needs_input_grad[0]
+        dX, dA_g, dB_g = _backward(dG, X, xa_g, Wg, qg, Ag, Bg, sg, need_dx=need_dx)
+        del dG
+        dX, dA_u, dB_u = _backward(dU, X, xa_u, Wu, qu, Au, Bu, su, dX=dX, need_dx=need_dx)
+        dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
+        return (dx, None, dA_g, dB_g, None, None, None, dA_u, dB_u, None, None, None, dA_d, dB_d, None, None, None)
+
+
+def _flat(p: LoraWeights):
+    return (p.A, p.B, p.weight, p.quant_state, float(p.scale))
+
+
+def lora_linear(x: torch.Tensor, p: LoraWeights) -> torch.Tensor:
+    """``x W^T + scale (x A^T) B^T`` for x ``[..., in]``: one autograd node, grads for x, A, B."""
+    _check(p, x.shape[-1], "p")
+    return LoraLinearFunction.apply(x, *_flat(p))
+
+
+def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights):
+    """(Q, K, V) = the three LoRA projections of the same x, as one autograd node."""
+    for name, p in (("q", q), ("k", k), ("v", v)):
+        _check(p, x.shape[-1], name)
+    return LoraQKVFunction.apply(x, *_flat(q), *_flat(k), *_flat(v))
+
+
+def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
+             activation: str = "swiglu") -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with LoRA on all three; activation: swiglu | geglu | geglu_tanh."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"lora_mlp activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    _check(gate, x.shape[-1], "gate")
+    _check(up, x.shape[-1], "up")
+    if up.out_features != gate.out_features:
+        raise ConfigError(f"gate and up must have the same width, got {gate.out_features} and {up.out_features}.")
+    _check(down, gate.out_features, "down")
+    return LoraMLPFunction.apply(x, activation, *_flat(gate), *_flat(up), *_flat(down))
+
+
+def lora_linear_reference(x, p: LoraWeights, dequantized_weight=None):
+    """Plain autograd composition (what peft computes) in x's dtype, for tests and benchmarks."""
+    W = dequantized_weight if dequantized_weight is not None else _base(p.weight, p.quant_state, x.dtype)
+    return x @ W.to(x.dtype).t() + p.scale * (x @ p.A.to(x.dtype).t()) @ p.B.to(x.dtype).t()
+
+
+__all__ = ["LoraWeights", "lora_linear", "lora_qkv", "lora_mlp", "lora_linear_reference",
+           "LoraLinearFunction", "LoraQKVFunction", "LoraMLPFunction"]
