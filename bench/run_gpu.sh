@@ -41,9 +41,9 @@ for step in "$@"; do
   case "$step" in
     tests*)
       extra="${step#tests}"; extra="${extra#:}"
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
+      timeout -k 5 "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
     kernels)
-      python3 bench/kernels.py 2>&1 | tail -60 ;;
+      timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.md" | tail -60 ;;
     slothnb:*)
       IFS=: read -r _ model quant seq batch <<<"$step"
       timeout -k 10 300 python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
