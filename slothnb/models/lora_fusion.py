@@ -66,6 +66,8 @@ def lora_parts(module, allow_bias: bool = False):
         quant_state = base.weight.quant_state
     else:
         return None
+    if base.weight.requires_grad:  # the fused kernels treat W as frozen (no dW)
+        return None
     bias = base.bias
     if bias is not None and not allow_bias:
         return None
