@@ -99,3 +99,32 @@ def test_real_shapes_bf16_generate(name):
     out_hf, out_p = hf.generate(input_ids=ids, **kw), patched.generate(input_ids=ids, **kw)
     # bf16 ties can flip a token late; the first generated tokens must agree
     assert torch.equal(out_hf[:, : ids.shape[1] + 2], out_p[:, : ids.shape[1] + 2])
+
+
+def test_qlora_nf4_patched_matches_transformers(tmp_path):
+    """QLoRA: the fused kernels read the packed NF4 weights (double-quantised absmax) themselves."""
+    pytest.importorskip("bitsandbytes")
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
+                                      num_key_value_heads=4, num_hidden_layers=2, vocab_size=1024, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    runs = []
+    for patched in (False, True):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
+                                                                  dtype=torch.bfloat16, device_map={"": 0})
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                 init_lora_weights=False))
+        if patched:
+            assert patch_model(model)
+        model.train()
+        ids, mask, labels = batch(seq=128)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        runs.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_hf, g_hf), (loss_p, g_p) = runs
+    assert abs(loss_p.item() - loss_hf.item()) < 1e-2 * abs(loss_hf.item())
+    for n in g_hf:
+        assert rel_err(g_p[n], g_hf[n]) < 5e-2, n
