@@ -1,0 +1,110 @@
+"""dequantize_nf4 against bitsandbytes' own dequantize_4bit, bit for bit.
+
+On CPU the kernel runs in Triton's interpreter. Weights whose rows are a whole number of
+quantisation blocks (every real model) are compared with bitsandbytes' CPU dequantisation; for
+rows that split a block, bitsandbytes' CPU C kernel decodes per row and disagrees with its own
+quantiser, so those are checked against our PyTorch path and against the original weight.
+"""
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+from slothnb.errors import ConfigError  # noqa: E402
+from slothnb.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference  # noqa: E402
+
+NF4_MAX_HALF_GAP = (1.0 - 0.6961928009986877) / 2  # widest gap of the NF4 table (-1 .. -0.696), halved
+
+
+def quantized(shape, dtype=torch.bfloat16, nested=True, blocksize=64, device="cpu", seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=gen) * 0.05).to(dtype).to(device)
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested, blocksize=blocksize, **kw)
+    return w, packed, state
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("nested", [True, False])
+def test_matches_bitsandbytes_bit_for_bit(dtype, nested):
+    _, packed, state = quantized((96, 128), dtype, nested)
+    expected = bnbf.dequantize_4bit(packed, state)
+    out = dequantize_nf4(packed, state)
+    assert out.dtype == dtype and out.shape == (96, 128)
+    assert torch.equal(out, expected)
+    assert torch.equal(dequantize_nf4_reference(packed, state), expected)
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_other_blocksizes_and_nested_blocks(blocksize):
+    # 40 x 512 / 32 = 640 absmax values: more than one nested block of 256, the last one partial
+    _, packed, state = quantized((40, 512), torch.bfloat16, True, blocksize)
+    assert torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
+
+
+def test_odd_element_count():
+    _, packed, state = quantized((33, 65), torch.float16, True, 128)
+    assert torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
+
+
+def test_rows_that_split_blocks_decode_the_flat_layout():
+    w, packed, state = quantized((24, 160), torch.float32, True, 64)
+    out = dequantize_nf4(packed, state)
+    assert torch.equal(out, dequantize_nf4_reference(packed, state))
+    blocks = w.reshape(-1, 64).abs().amax(dim=1, keepdim=True)  # 24*160 is a multiple of 64
+    err = (out - w).reshape(-1, 64).abs()
+    # half the widest code gap, plus the 8-bit error of the double-quantised absmax (< 1%)
+    assert (err <= blocks * (NF4_MAX_HALF_GAP + 0.01)).all()
+    assert (err.amax(dim=1, keepdim=True) > blocks * 0.05).any()  # and it is a 4-bit code, not a copy
+
+
+def test_other_output_dtypes_are_the_fp32_values_rounded():
+    _, packed, state = quantized((64, 128), torch.bfloat16, True)
+    fp32 = dequantize_nf4(packed, state, torch.float32)
+    assert torch.equal(dequantize_nf4(packed, state, torch.float64), fp32.double())
+    assert torch.equal(dequantize_nf4(packed, state, torch.float16), fp32.half())
+    assert torch.equal(dequantize_nf4(packed, state, torch.bfloat16), fp32.bfloat16())  # round to nearest even
+
+
+def test_accepts_params4bit_and_other_quant_storage():
+    w = (torch.randn(64, 128) * 0.05).to(torch.bfloat16)
+    param = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+    assert torch.equal(dequantize_nf4(param), bnbf.dequantize_4bit(param.data, param.quant_state))
+    _, packed, state = quantized((64, 128), torch.bfloat16, True, quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    assert torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
+
+
+def test_bad_input_is_refused():
+    w = torch.randn(64, 128)
+    packed, fp4_state = bnbf.quantize_4bit(w, quant_type="fp4")
+    with pytest.raises(ConfigError, match="nf4"):
+        dequantize_nf4(packed, fp4_state)
+    with pytest.raises(ConfigError, match="quant_state"):
+        dequantize_nf4(packed)
+    _, packed, state = quantized((64, 128))
+    with pytest.raises(ConfigError, match="do not belong together"):
+        dequantize_nf4(packed[: packed.shape[0] // 2], state)
+    with pytest.raises(ConfigError, match="writes one of"):
+        dequantize_nf4(packed, state, torch.int8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("nested", [True, False])
+def test_gpu_matches_bitsandbytes_at_llama_8b_mlp_shape(dtype, nested):
+    _, packed, state = quantized((14336, 4096), dtype, nested, device="cuda")
+    expected = bnbf.dequantize_4bit(packed, state)
+    out = dequantize_nf4(packed, state)
+    assert out.is_cuda and torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_params4bit_from_linear4bit():
+    layer = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit((torch.randn(1024, 4096) * 0.02).to(torch.bfloat16), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True)
+    layer = layer.cuda()
+    expected = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(dequantize_nf4(layer.weight), expected)
