@@ -287,3 +287,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     g_ref, g_got = trained_grads(ref), trained_grads(patched)
     for name in g_ref:
         torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_patch_after_get_peft_model_and_twice():
+    ref = add_lora(build("mistral"), "mistral")
+    patched = copy.deepcopy(ref)
+    assert patch_model(patched) and patch_model(patched) and is_patched(patched)
+    ref.train(), patched.train()
+    ids, mask, labels = batch(pad_left=False)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, want, **TOL)
+    want.backward(), got.backward()
+    g_ref, g_got = trained_grads(ref), trained_grads(patched)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
