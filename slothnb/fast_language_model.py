@@ -88,9 +88,10 @@ class FastLanguageModel:
         hf = _hf_model(model)
         is_checkpointing = _optional("slothnb.models.checkpointing", "is_checkpointing")
         apply_checkpointing = _optional("slothnb.models.checkpointing", "apply_gradient_checkpointing")
-        if apply_checkpointing is not None and is_checkpointing(hf):
-            hf._slothnb_saved_checkpointing = getattr(hf, "_slothnb_checkpointing", True) or True
-            apply_checkpointing(model, False)
+        if apply_checkpointing is not None:
+            if is_checkpointing(hf):
+                hf._slothnb_saved_checkpointing = getattr(hf, "_slothnb_checkpointing", True) or True
+                apply_checkpointing(model, False)
         elif getattr(hf, "is_gradient_checkpointing", False):
             hf._slothnb_saved_checkpointing = True
             hf.gradient_checkpointing_disable()
