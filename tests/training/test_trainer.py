@@ -72,3 +72,30 @@ def test_exact_gradient_accumulation(tmp_path, model_loss):
     name = next(n for n in one if "lora_B" in n)
     naive = dict(model.named_parameters())[name].grad
     assert not torch.allclose(naive, one[name], rtol=1e-3, atol=0)
+
+
+def _loss_of_single_batch(tmp_path, model_loss=False, **kw):
+    model, tok = lora_model(seed=2)
+    if model_loss:
+        model.get_base_model().__dict__["_slothnb_patched"] = True
+    data = text_dataset(4)
+    kw.setdefault("max_length", 128)
+    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, per_device_train_batch_size=4, **kw),
+                           train_dataset=data, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    with torch.no_grad():
+        return trainer.compute_loss(model, batch).item(), batch
+
+
+@pytest.mark.parametrize("model_loss", [True, False], ids=["model-loss", "trl-fused"])
+@pytest.mark.parametrize("kw", [{"packing": True}, {"padding_free": True, "max_length": None}],
+                         ids=["packing", "padding-free"])
+def test_packed_loss_equals_unpacked(tmp_path, kw, model_loss):
+    plain, plain_batch = _loss_of_single_batch(tmp_path / "a", model_loss)
+    packed, batch = _loss_of_single_batch(tmp_path / "b", model_loss, **kw)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one padding-free row
+    pos = batch["position_ids"][0]
+    assert int((pos == 0).sum()) == 4  # positions restart for each of the 4 sequences
+    assert plain_batch["input_ids"].shape[0] == 4
+    assert packed == pytest.approx(plain, rel=1e-5)

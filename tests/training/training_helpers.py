@@ -21,9 +21,9 @@ TEXTS = [
 ]
 
 
-def lora_model(seed=0, tok=None, modules_to_save=None, r=4):
+def lora_model(seed=0, tok=None, modules_to_save=None, r=4, **config_overrides):
     tok = tok or tiny_tokenizer()
-    model = tiny_model("llama", seed=seed, tokenizer=tok)
+    model = tiny_model("llama", seed=seed, tokenizer=tok, **config_overrides)
     config = peft.LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
                              modules_to_save=modules_to_save, task_type="CAUSAL_LM")
     torch.manual_seed(seed)
@@ -36,8 +36,8 @@ def lora_model(seed=0, tok=None, modules_to_save=None, r=4):
     return model, tok
 
 
-def text_dataset(n=8):
-    return datasets.Dataset.from_dict({"text": [TEXTS[i % len(TEXTS)] for i in range(n)]})
+def text_dataset(n=8, chars=None):
+    return datasets.Dataset.from_dict({"text": [TEXTS[i % len(TEXTS)][:chars] for i in range(n)]})
 
 
 def chat_dataset(n=6):
