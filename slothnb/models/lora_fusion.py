@@ -8,13 +8,9 @@ Everything else answers ``None`` and the caller runs the module itself (the gene
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-try:  # the kernel face; until it exists nothing is fusable and every call takes the generic path
-    from slothnb.kernels.lora import LoraWeights
-except ImportError:  # pragma: no cover - only while the kernel file is being written
-    LoraWeights = None
+from slothnb.kernels.lora import LoraWeights
 
 try:
     from peft.tuners.lora import LoraLayer
@@ -54,8 +50,6 @@ def lora_parts(module, allow_bias: bool = False):
     ``allow_bias``: the caller adds the base layer's bias after the fused op (exact for q/k/v/o,
     not for gate/up, whose bias sits inside the activation).
     """
-    if LoraWeights is None:
-        return None
     name = fusable_adapter(module)
     if name is None:
         return None

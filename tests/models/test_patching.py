@@ -220,7 +220,10 @@ def test_return_logits_flag_and_tuple_output():
     ids, mask, labels = batch()
     patched._slothnb_return_logits = True
     out = patched(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.logits, ref.train()(input_ids=ids, attention_mask=mask).logits, **TOL)
+    want = ref.train()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out.logits, want, **TOL)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, want, **TOL)  # the caller's logits survive the backward
     loss, logits = patched(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)[:2]
     torch.testing.assert_close(loss, out.loss, **TOL)
 
@@ -261,7 +264,6 @@ def test_fusable_adapter_only_for_plain_lora(extra, fusable):
 
 
 def test_fused_lora_kernels_are_used_when_fusable(monkeypatch):
-    pytest.importorskip("slothnb.kernels.lora")
     from slothnb.models.arch import _ops
 
     calls = []

@@ -56,7 +56,7 @@ def mlp_forward(self, x):
         activation = None
     if self._slothnb_spec.fused_gate_up:
         return _fused_gate_up_mlp(self, x, act_module, activation)
-    if activation is not None and _ops.lora_mlp is not None:
+    if activation is not None:
         parts = [lora_fusion.lora_weights(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(p is not None for p in parts):
             return _ops.lora_mlp(x, parts[0][0], parts[1][0], parts[2][0], activation=activation)
@@ -68,7 +68,7 @@ def mlp_forward(self, x):
 def _fused_gate_up_mlp(self, x, act_module, activation):
     """Phi-3: ``gate, up = gate_up_proj(x).chunk(2)``; fused when the LoRA rows split exactly."""
     inter = self.down_proj.in_features
-    if activation is not None and _ops.lora_mlp is not None:
+    if activation is not None:
         pieces = lora_fusion.split_lora_rows(self.gate_up_proj, [inter, inter])
         down = lora_fusion.lora_weights(self.down_proj)
         if pieces is not None and down is not None:
@@ -86,25 +86,22 @@ def _project_qkv(self, x):
         q_size = self.config.num_attention_heads * self.head_dim
         kv_size = self.config.num_key_value_heads * self.head_dim
         sizes = [q_size, kv_size, kv_size]
-        if _ops.lora_qkv is not None:
-            pieces = lora_fusion.split_lora_rows(self.qkv_proj, sizes)
-            if pieces is not None:
-                return _ops.lora_qkv(x, *pieces)
+        pieces = lora_fusion.split_lora_rows(self.qkv_proj, sizes)
+        if pieces is not None:
+            return _ops.lora_qkv(x, *pieces)
         return self.qkv_proj(x).split(sizes, dim=-1)
-    if _ops.lora_qkv is not None:
-        parts = [lora_fusion.lora_weights(m, allow_bias=True) for m in (self.q_proj, self.k_proj, self.v_proj)]
-        if all(p is not None for p in parts):
-            outs = _ops.lora_qkv(x, parts[0][0], parts[1][0], parts[2][0])
-            return [o if p[1] is None else o + p[1] for o, p in zip(outs, parts)]
+    parts = [lora_fusion.lora_weights(m, allow_bias=True) for m in (self.q_proj, self.k_proj, self.v_proj)]
+    if all(p is not None for p in parts):
+        outs = _ops.lora_qkv(x, parts[0][0], parts[1][0], parts[2][0])
+        return [o if p[1] is None else o + p[1] for o, p in zip(outs, parts)]
     return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 def _project_out(self, x):
-    if _ops.lora_linear is not None:
-        part = lora_fusion.lora_weights(self.o_proj, allow_bias=True)
-        if part is not None:
-            out = _ops.lora_linear(x, part[0])
-            return out if part[1] is None else out + part[1]
+    part = lora_fusion.lora_weights(self.o_proj, allow_bias=True)
+    if part is not None:
+        out = _ops.lora_linear(x, part[0])
+        return out if part[1] is None else out + part[1]
     return self.o_proj(x)
 
 
@@ -232,8 +229,8 @@ def _causal_lm_loss(self, hidden, logits, labels, num_items_in_batch=None, shift
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     ce = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
-    if logits is not None:  # already built (softcap applied): plain cross-entropy on them
-        return _ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels, **ce)
+    if logits is not None:  # already built (softcap applied) and handed to the caller: not overwritten
+        return _ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels, inplace_backward=False, **ce)
     softcap = getattr(self.config, "final_logit_softcapping", None) if self._slothnb_spec.softcaps else None
     flat = hidden.reshape(-1, hidden.shape[-1])
     head = lora_fusion.linear_weight(self.lm_head)
