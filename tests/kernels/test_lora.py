@@ -1,0 +1,255 @@
+"""Fused LoRA ops against a float64 plain-autograd composition (what peft computes).
+
+Every check compares outputs and the gradients of x, A and B. NF4 bases use bitsandbytes' own
+dequantised weight (in float64) as the reference W, so the NF4 path is checked end to end. Errors
+are measured relative to the largest reference magnitude; tolerances per compute dtype below.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+from slothnb.errors import ConfigError  # noqa: E402
+from slothnb.kernels.lora import LoraWeights, lora_linear, lora_mlp, lora_qkv  # noqa: E402
+
+TOL = {torch.float64: 1e-12, torch.float32: 3e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+ACT_REF = {"swiglu": F.silu, "geglu": F.gelu, "geglu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def pair(out_f, in_f, base="16bit", dtype=torch.float64, ab_dtype=None, r=8, scale=2.0, seed=0, device="cpu"):
+    """(LoraWeights for the fused op, float64 reference leaves with the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5
+    A = torch.randn(r, in_f, generator=gen) * in_f ** -0.5
+    B = torch.randn(out_f, r, generator=gen) * 0.2  # non-zero, so A gets a gradient
+    if base == "nf4":
+        weight, state = bnbf.quantize_4bit(w.to(device), quant_type="nf4",  # fp32 state: exact reference W
+                                           compress_statistics=True, blocksize=64)
+        dense = bnbf.dequantize_4bit(weight, state).double()
+    else:
+        weight, state = w.to(dtype).to(device), None
+        dense = weight.double()
+    ab = ab_dtype or dtype
+    p = LoraWeights(weight, state, A.to(device, ab).requires_grad_(), B.to(device, ab).requires_grad_(), scale)
+    ref = SimpleNamespace(W=dense, A=p.A.detach().double().requires_grad_(), B=p.B.detach().double().requires_grad_(),
+                          scale=scale)
+    return p, ref
+
+
+def ref_proj(x, q):
+    return x @ q.W.t() + q.scale * (x @ q.A.t()) @ q.B.t()
+
+
+def make_x(case, in_f, dtype, device="cpu", seed=1):
+    """(x in dtype, the same values in float64): two separate leaves of the requested layout."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = {"2d": (7, in_f), "3d": (2, 3, in_f), "one_token": (1, 1, in_f), "noncontig": (3, 2, 2 * in_f),
+             "batch": (2, 256, in_f)}[case]
+    raw = torch.randn(shape, generator=gen).to(device)
+
+    def leaf(t):
+        t = t.clone()
+        if case == "noncontig":  # every other feature of a wider buffer, batch-major view
+            t = t[..., ::2].transpose(0, 1)
+            assert not t.is_contiguous()
+        return t.requires_grad_()
+
+    return leaf(raw.to(dtype)), leaf(raw.double())
+
+
+def close(ours, ref, tol, what):
+    assert ours.shape == ref.shape, what
+    err = (ours.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * scale + 1e-30, f"{what}: max error {err:.3e} vs max |ref| {scale:.3e} (tol {tol})"
+
+
+def compare(outs, refs, leaves, ref_leaves, dtype, seed=2):
+    """Backprop the same random cotangent through both, then compare outputs and leaf gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    dys = [torch.randn(r.shape, generator=gen).to(r.device, torch.float64) for r in refs]
+    tol = TOL[dtype]
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        assert o.dtype == dtype
+        close(o, r, tol, f"output {i}")
+    torch.autograd.backward(list(outs), [d.to(o.dtype) for d, o in zip(dys, outs)])
+    torch.autograd.backward(list(refs), dys)
+    for i, (leaf, ref_leaf) in enumerate(zip(leaves, ref_leaves)):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"grad {i}"
+        close(leaf.grad, ref_leaf.grad, tol, f"grad {i} of shape {tuple(leaf.shape)}")
+
+
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+@pytest.mark.parametrize("case", ["2d", "3d", "one_token", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lora_linear(base, case, dtype):
+    p, ref = pair(96, 64, base, dtype)
+    x, x64 = make_x(case, 64, dtype)
+    y = lora_linear(x, p)
+    assert y.shape == (*x.shape[:-1], 96) and type(y.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    compare([y], [ref_proj(x64, ref)], [x, p.A, p.B], [x64, ref.A, ref.B], dtype)
+
+
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_lora_qkv_gqa_shapes(base, dtype):
+    (q, rq), (k, rk), (v, rv) = (pair(o, 64, base, dtype, seed=s) for o, s in ((128, 0), (64, 1), (64, 2)))
+    x, x64 = make_x("3d", 64, dtype)
+    outs = lora_qkv(x, q, k, v)
+    assert [o.shape[-1] for o in outs] == [128, 64, 64]
+    assert outs[0].grad_fn is outs[2].grad_fn  # one autograd node
+    refs = [ref_proj(x64, r) for r in (rq, rk, rv)]
+    compare(outs, refs, [x, q.A, q.B, k.A, k.B, v.A, v.B], [x64, rq.A, rq.B, rk.A, rk.B, rv.A, rv.B], dtype)
+
+
+def mlp_case(base, dtype, activation, case="3d", ab_dtype=None, hidden=64, inter=128):
+    (g, rg), (u, ru), (d, rd) = (pair(o, i, base, dtype, ab_dtype, seed=s)
+                                 for o, i, s in ((inter, hidden, 0), (inter, hidden, 1), (hidden, inter, 2)))
+    x, x64 = make_x(case, hidden, dtype)
+    y = lora_mlp(x, g, u, d, activation=activation)
+    ref = ref_proj(ACT_REF[activation](ref_proj(x64, rg)) * ref_proj(x64, ru), rd)
+    leaves = [x, g.A, g.B, u.A, u.B, d.A, d.B]
+    return y, ref, leaves, [x64, rg.A, rg.B, ru.A, ru.B, rd.A, rd.B]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh"])
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_lora_mlp(activation, base, dtype):
+    y, ref, leaves, ref_leaves = mlp_case(base, dtype, activation)
+    assert type(y.grad_fn).__name__ == "LoraMLPFunctionBackward"
+    compare([y], [ref], leaves, ref_leaves, dtype)
+
+
+@pytest.mark.parametrize("case", ["2d", "one_token", "noncontig"])
+def test_lora_mlp_input_layouts(case):
+    y, ref, leaves, ref_leaves = mlp_case("nf4", torch.float32, "swiglu", case)
+    compare([y], [ref], leaves, ref_leaves, torch.float32)
+
+
+def test_fp32_adapters_on_bf16_activations_keep_their_dtype():
+    y, ref, leaves, ref_leaves = mlp_case("nf4", torch.bfloat16, "swiglu", ab_dtype=torch.float32)
+    assert [t.dtype for t in leaves] == [torch.bfloat16] + [torch.float32] * 6
+    compare([y], [ref], leaves, ref_leaves, torch.bfloat16)  # checks every grad's dtype == its leaf's
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    p, ref = pair(96, 64, "16bit", torch.bfloat16, ab_dtype=torch.float32)
+    x, x64 = make_x("3d", 64, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, p)
+    assert y.dtype == torch.bfloat16
+    y.backward(torch.ones_like(y))
+    ref_proj(x64, ref).backward(torch.ones(y.shape, dtype=torch.float64))
+    assert x.grad.dtype == torch.float32 and p.A.grad.dtype == torch.float32
+    for ours, r in ((y, ref_proj(x64, ref)), (x.grad, x64.grad), (p.A.grad, ref.A.grad), (p.B.grad, ref.B.grad)):
+        close(ours, r, TOL[torch.bfloat16], "autocast")
+
+
+def test_input_without_grad_still_trains_the_adapters():
+    (q, rq), (k, rk), (v, rv) = (pair(64, 64, "nf4", seed=s) for s in range(3))
+    x, x64 = make_x("2d", 64, torch.float64)
+    x.requires_grad_(False)
+    x64.requires_grad_(False)
+    outs = lora_qkv(x, q, k, v)
+    compare(outs, [ref_proj(x64, r) for r in (rq, rk, rv)], [q.A, k.B, v.A], [rq.A, rk.B, rv.A], torch.float64)
+
+
+def test_nothing_dense_is_kept_between_forward_and_backward():
+    y, *_ = mlp_case("nf4", torch.float32, "swiglu", case="2d")  # 7 tokens, hidden 64, inter 128
+    saved = y.grad_fn.saved_tensors
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes.count((7, 128)) == 2 and (7, 64) in shapes  # G, U and x
+    assert all(t.numel() < 128 * 64 for t in saved)  # never a [128, 64] dequantised weight
+    p, _ = pair(96, 64, "nf4", torch.float32)
+    x, _ = make_x("2d", 64, torch.float32)
+    assert [tuple(t.shape) for t in lora_linear(x, p).grad_fn.saved_tensors] == [(7, 64), (7, 8), (8, 64), (96, 8)]
+
+
+def test_second_backward_through_overwritten_buffers_fails_loudly():
+    y, *_ = mlp_case("16bit", torch.float32, "swiglu")  # fused in-place activation backward
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
+def test_bad_input_is_refused():
+    p, _ = pair(96, 64)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="shapes do not chain"):
+        lora_linear(torch.randn(3, 32, dtype=torch.float64), p)
+    frozen_not = LoraWeights(p.weight.clone().requires_grad_(), None, p.A, p.B, 1.0)
+    with pytest.raises(ConfigError, match="frozen"):
+        lora_linear(x, frozen_not)
+    g, _ = pair(128, 64)
+    u, _ = pair(96, 64)
+    d, _ = pair(64, 128)
+    with pytest.raises(ConfigError, match="same width"):
+        lora_mlp(x, g, u, d)
+    with pytest.raises(ConfigError, match="activation"):
+        lora_mlp(x, g, g, d, activation="relu")
+
+
+# ----------------------------------------------------------------------------- GPU, Llama-8B shapes
+def _gpu_check(run, dtype):
+    """Our error vs float64 must be no worse than a plain same-dtype composition's (peft's numerics)."""
+    outs, refs, leaves, ref_leaves, plain_outs, plain_leaves = run()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dys = [torch.randn(r.shape, generator=gen, device="cuda", dtype=torch.float64) for r in refs]
+    torch.autograd.backward(list(outs), [d.to(dtype) for d in dys])
+    torch.autograd.backward(list(refs), dys)
+    torch.autograd.backward(list(plain_outs), [d.to(dtype) for d in dys])
+    pairs = list(zip(outs, plain_outs, refs)) + [(a.grad, b.grad, c.grad) for a, b, c in zip(leaves, plain_leaves, ref_leaves)]
+    for i, (ours, plain, ref) in enumerate(pairs):
+        err = (ours.double() - ref).abs().max().item()
+        err_plain = (plain.double() - ref).abs().max().item()
+        assert err <= 2 * err_plain + 1e-6 * ref.abs().max().item(), f"tensor {i}: {err:.3e} vs plain {err_plain:.3e}"
+
+
+def _plain(x, p):
+    W = bnbf.dequantize_4bit(p.weight, p.quant_state).to(x.dtype) if p.quant_state is not None else p.weight
+    return x @ W.t() + p.scale * (x @ p.A.t()) @ p.B.t()
+
+
+def _leaf_copy(p):
+    return LoraWeights(p.weight, p.quant_state, p.A.detach().clone().requires_grad_(),
+                       p.B.detach().clone().requires_grad_(), p.scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_lora_mlp_llama_8b(base, dtype):
+    def run():
+        (g, rg), (u, ru), (d, rd) = (pair(o, i, base, dtype, r=16, seed=s, device="cuda")
+                                     for o, i, s in ((14336, 4096, 0), (14336, 4096, 1), (4096, 14336, 2)))
+        x, x64 = make_x("batch", 4096, dtype, device="cuda")
+        y = lora_mlp(x, g, u, d)
+        ref = ref_proj(F.silu(ref_proj(x64, rg)) * ref_proj(x64, ru), rd)
+        xp, gp, up, dp = x.detach().clone().requires_grad_(), _leaf_copy(g), _leaf_copy(u), _leaf_copy(d)
+        plain = _plain(F.silu(_plain(xp, gp)) * _plain(xp, up), dp)
+        return ([y], [ref], [x, g.A, g.B, u.A, u.B, d.A, d.B], [x64, rg.A, rg.B, ru.A, ru.B, rd.A, rd.B],
+                [plain], [xp, gp.A, gp.B, up.A, up.B, dp.A, dp.B])
+    _gpu_check(run, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+def test_gpu_lora_qkv_llama_8b(base):
+    dtype = torch.bfloat16
+
+    def run():
+        parts = [pair(o, 4096, base, dtype, r=16, seed=s, device="cuda") for o, s in ((4096, 0), (1024, 1), (1024, 2))]
+        x, x64 = make_x("batch", 4096, dtype, device="cuda")
+        outs = lora_qkv(x, *[p for p, _ in parts])
+        refs = [ref_proj(x64, r) for _, r in parts]
+        xp = x.detach().clone().requires_grad_()
+        copies = [_leaf_copy(p) for p, _ in parts]
+        plain = [_plain(xp, c) for c in copies]
+        leaves = [x] + [t for p, _ in parts for t in (p.A, p.B)]
+        ref_leaves = [x64] + [t for _, r in parts for t in (r.A, r.B)]
+        return outs, refs, leaves, ref_leaves, plain, [xp] + [t for c in copies for t in (c.A, c.B)]
+    _gpu_check(run, dtype)
