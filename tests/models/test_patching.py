@@ -19,19 +19,21 @@ from tiny_models import VOCAB_SIZE, tiny_model
 OVERRIDES = {
     "llama": {}, "llama-eager": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "phi3": {},
     "mistral": dict(sliding_window=5),
+    "phi3-partial": dict(partial_rotary_factor=0.5),  # Phi-4-mini style: RoPE on part of each head
     "gemma2": dict(sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                    final_logit_softcapping=3.0),
 }
 ARCHS = list(OVERRIDES)
-MODELS = [a for a in ARCHS if a != "llama-eager"]  # eager masks matter only where gradients flow
-LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+MODELS = [a for a in ARCHS if "-" not in a]  # the variants matter where gradients flow
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+LORA_TARGETS = {"phi3": PHI3_TARGETS, "phi3-partial": PHI3_TARGETS}
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD = 3  # tiny_tokenizer's <|pad|>
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def build(arch, seed=0, **overrides):
-    model = tiny_model(arch.removesuffix("-eager"), seed=seed, **OVERRIDES[arch], **overrides)
+    model = tiny_model(arch.split("-")[0], seed=seed, **OVERRIDES[arch], **overrides)
     if arch.endswith("-eager"):
         model.set_attn_implementation("eager")
     torch.manual_seed(seed)
