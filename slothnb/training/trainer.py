@@ -49,6 +49,8 @@ class SlothTrainingArguments(SFTConfig):
             from slothnb.errors import ConfigError
 
             raise ConfigError(f"embedding_learning_rate={self.embedding_learning_rate} must be >= 0.")
+        if self.bf16 is None:  # trl defaults to bf16, which fails on CPU and pre-Ampere GPUs: only where it works
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
 
 
