@@ -70,22 +70,22 @@ def gated_forward(activation: str, g: torch.Tensor, u: torch.Tensor) -> torch.Te
 
 def gated_backward(activation: str, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """(h, dg, du) for ``h = act(g) * u``. On the fused path they are dh, g, u themselves, overwritten
-    (all three must be contiguous scratch of the caller); g's and u's autograd versions are bumped so
-    a retained graph that reuses them fails loudly instead of reading gradients as activations."""
+    (scratch of the caller; a non-contiguous one is copied first); g's and u's autograd versions are
+    bumped so a retained graph that reuses them fails loudly instead of reading gradients."""
     if not _fused(g):
         act, dact = _act_and_grad_torch(activation, g)
         u32, dh32 = u.to(act.dtype), dh.to(act.dtype)
         return (act * u32).to(g.dtype), (dh32 * u32 * dact).to(g.dtype), (dh32 * act).to(g.dtype)
-    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous() and dh.shape == g.shape == u.shape
+    dh, g_buf, u_buf = dh.contiguous(), g.contiguous(), u.contiguous()  # no-ops for the caller's buffers
     n_cols = g.shape[-1]
     n_rows = g.numel() // max(n_cols, 1)
     if g.numel():
         block = min(BLOCK, next_power_of_2(n_cols))
         grid = (n_rows, triton.cdiv(n_cols, block))
-        _gated_backward_inplace[grid](dh, g, u, n_cols, ACT=ACTIVATIONS.index(activation), BLOCK=block)
+        _gated_backward_inplace[grid](dh, g_buf, u_buf, n_cols, ACT=ACTIVATIONS.index(activation), BLOCK=block)
     for t in (g, u):
         torch.autograd.graph.increment_version(t)
-    return dh, g, u
+    return dh, g_buf, u_buf
 
 
 __all__ = ["ACTIVATIONS", "gated_forward", "gated_backward"]
