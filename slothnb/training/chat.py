@@ -75,7 +75,7 @@ def apply_chat_template(
     for f in fields:
         if f not in dataset.column_names:
             raise DatasetError(f"The dataset has no '{f}' field; its fields are {dataset.column_names}.")
-    bos = getattr(tokenizer, "bos_token", None)
+    bos, eos = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None)
 
     def render(row):
         messages = (
@@ -88,6 +88,8 @@ def apply_chat_template(
         text = _render(tokenizer, messages)
         if bos and text.startswith(bos):  # the trainer's tokenizer adds BOS itself
             text = text[len(bos) :]
+        if eos and text.rstrip().endswith(eos):  # else trl appends a second EOS after the trailing newline
+            text = text.rstrip()
         return {text_field: text}
 
     return dataset.map(render, remove_columns=[c for c in dataset.column_names if c != text_field])
