@@ -22,12 +22,15 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or ".") != _root])
-    del sys.modules["kernels"]
-    if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _real
-    _spec.loader.exec_module(_real)
+    if _spec is not None:
+        _real = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _real
+        _spec.loader.exec_module(_real)
+    else:
+        # Not installed: look like what transformers takes for a stray namespace folder (no
+        # __file__, no __version__) and export nothing, so probes answer "not available".
+        del globals()["__file__"]
+        __path__ = []
 else:
     from ._utils import use_triton, INTERPRET
 
