@@ -42,7 +42,9 @@ def set_chat_template(tokenizer, template: str) -> None:
     elif "{%" in template or "{{" in template:
         tokenizer.chat_template = template
     else:
-        raise ConfigError(f"Unknown chat template {template!r}; named ones are {sorted(CHAT_TEMPLATES)} (or pass Jinja).")
+        raise ConfigError(
+            f"Unknown chat template {template!r}; named ones are {sorted(CHAT_TEMPLATES)} (or pass a Jinja string)."
+        )
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
@@ -192,7 +194,9 @@ def train_on_responses_only(trainer_or_dataset, instruction_part=None, response_
                 f"train_on_responses_only needs a tokenized dataset (an 'input_ids' field); its fields are "
                 f"{dataset.column_names}. Build the trainer first and pass the trainer."
             )
-        return dataset.map(lambda row: {"labels": response_only_labels(row["input_ids"], instruction_ids, response_ids)})
+        return dataset.map(
+            lambda row: {"labels": response_only_labels(row["input_ids"], instruction_ids, response_ids)}
+        )
 
     if trainer is None:
         return mask(trainer_or_dataset)

@@ -31,7 +31,9 @@ def _read_documents(files_or_dataset, text_field: str) -> list[str]:
         elif path.is_file():
             paths.append(path)
         else:
-            raise DatasetError(f"Text file {path} does not exist. Pass existing files, a folder of *.txt, or a Dataset.")
+            raise DatasetError(
+                f"Text file {path} does not exist. Pass existing files, a folder of *.txt, or a Dataset."
+            )
     return [t for t in (p.read_text(encoding="utf-8", errors="replace") for p in paths) if t.strip()]
 
 

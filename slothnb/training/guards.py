@@ -14,6 +14,7 @@ import os
 import tempfile
 import warnings
 
+import datasets
 import torch
 
 from slothnb.errors import ConfigError, DatasetError, TrainingStopped
@@ -30,8 +31,8 @@ def count_trainable_labels(dataset, max_rows: int = MAX_CHECKED_ROWS) -> tuple[i
     A label is trainable when it is not -100 and is not at position 0 (causal LMs predict
     label i from tokens < i, so the first label is never a target).
     """
-    if dataset is None or "labels" not in (getattr(dataset, "column_names", None) or []):
-        return 0, 0, 0
+    if not isinstance(dataset, datasets.Dataset) or "labels" not in dataset.column_names:
+        return 0, 0, 0  # nothing to count up front (streaming) or no labels yet
     n = min(len(dataset), max_rows)
     rows_without, tokens = 0, 0
     for labels in dataset.select(range(n))["labels"]:

@@ -40,7 +40,8 @@ class SlothTrainingArguments(SFTConfig):
         metadata={"help": "Learning rate of embed_tokens/lm_head (continued pre-training: 2-10x below learning_rate)."},
     )
     guard_loss: bool = field(
-        default=True, metadata={"help": "Stop with TrainingStopped on a NaN/inf loss or a step whose loss is exactly 0."}
+        default=True,
+        metadata={"help": "Stop with TrainingStopped on a NaN/inf loss or a step whose loss is exactly 0."},
     )
 
     def __post_init__(self):
@@ -58,6 +59,18 @@ def is_slothnb_patched(model) -> bool:
     """Whether the CausalLM under any peft wrapper carries slothnb's kernel-patched forward."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(base, "_slothnb_patched", False) or getattr(model, "_slothnb_patched", False))
+
+
+def _leave_checkpointing_to_slothnb(model, args) -> None:
+    """A model whose checkpointing slothnb's LoRA layer set up keeps it: HF's Trainer (trl defaults to
+    gradient_checkpointing=True) would re-enable standard checkpointing and undo the offloaded one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "_slothnb_checkpointing" not in getattr(base, "__dict__", {}):
+        return
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if getattr(args, name, None):
+            setattr(args, name, False)
+            logger.info("slothnb manages gradient checkpointing for this model; %s=False for the Trainer", name)
 
 
 def embedding_parameter_names(model) -> set[str]:
@@ -91,6 +104,7 @@ class SlothTrainer(SFTTrainer):
             check_dataset(train_dataset, text_field, formatting, "train")
             for name, ds in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]):
                 check_dataset(ds, text_field, formatting, name)
+            _leave_checkpointing_to_slothnb(model, args)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self.use_model_loss = is_slothnb_patched(self.model)

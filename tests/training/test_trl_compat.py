@@ -44,14 +44,16 @@ def test_sloth_trainer_uses_the_patched_model_loss(tmp_path):
     """A patched model's own (fused linear cross-entropy) loss drives SlothTrainer, equal to the
     unpatched model's loss on the same batch, and training logs work without logits."""
     model, tok = lora_model(seed=5, num_hidden_layers=1)
-    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, max_steps=1, gradient_accumulation_steps=2, max_length=16),
+    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, max_steps=1, gradient_accumulation_steps=2,
+                                                        max_length=16),
                            train_dataset=text_dataset(4, chars=12), processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
     model.train()
     with torch.no_grad():
         reference = model(**batch).loss.item()
     assert patching.patch_model(model)
-    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, max_steps=1, gradient_accumulation_steps=2, max_length=16),
+    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, max_steps=1, gradient_accumulation_steps=2,
+                                                        max_length=16),
                            train_dataset=text_dataset(4, chars=12), processing_class=tok)
     assert trainer.use_model_loss
     model.train()
@@ -60,3 +62,19 @@ def test_sloth_trainer_uses_the_patched_model_loss(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 1 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_slothnb_checkpointing_is_not_overridden_by_the_trainer(tmp_path):
+    lora = pytest.importorskip("slothnb.models.lora")
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = lora.get_peft_model(tiny_model("llama", tokenizer=tok, num_hidden_layers=1), r=4,
+                                use_gradient_checkpointing="slothnb")
+    layer = model.get_base_model().model.layers[0]
+    func = layer._gradient_checkpointing_func
+    args = sloth_args(tmp_path, max_steps=1, max_length=16, gradient_checkpointing=True)
+    trainer = SlothTrainer(model=model, args=args, train_dataset=text_dataset(2, chars=10), processing_class=tok)
+    assert not trainer.args.gradient_checkpointing
+    trainer.train()
+    assert layer._gradient_checkpointing_func is func and layer.gradient_checkpointing
