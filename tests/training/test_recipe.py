@@ -80,3 +80,15 @@ def test_finetune_accepts_a_dict_config_and_text_files(tmp_path):
            "use_gradient_checkpointing": False, "extra_args": {"use_cpu": True}}
     result = finetune(model, tok, [tmp_path / "play.txt"], cfg)
     assert [h["step"] for h in result.history if "loss" in h] == [1]
+
+
+def test_finetune_on_pretokenized_windows(tmp_path):
+    """The CLI's raw-text path: max_length windows with stride-masked labels, text_field='input_ids'."""
+    from slothnb.training import raw_text_dataset
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer=tok, num_hidden_layers=1)
+    windows = raw_text_dataset(text_dataset(2), tok, max_length=16, stride=4)
+    result = finetune(model, tok, windows, _config(tmp_path, max_steps=2, max_seq_length=16, text_field="input_ids"))
+    assert result.trainer.train_dataset["labels"][1][:4] == [-100] * 4  # trl kept the stride mask
+    assert [h["step"] for h in result.history if "loss" in h] == [1, 2]
