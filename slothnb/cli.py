@@ -34,7 +34,8 @@ def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=100)
 
 
-def _add_model_options(p: argparse.ArgumentParser, model_help: str | None = None, with_model: bool = True):
+def _add_model_options(p: argparse.ArgumentParser, model_help: str | None = None, with_model: bool = True,
+                       seq_length: int | None = 512):
     g = p.add_argument_group("model")
     if with_model:
         g.add_argument("--model", "-m", default="smollm2-135m", help=model_help or (
@@ -45,8 +46,9 @@ def _add_model_options(p: argparse.ArgumentParser, model_help: str | None = None
                       help="QLoRA: load the base weights as NF4 4-bit (bitsandbytes, needs a CUDA GPU)")
     bits.add_argument("--16bit", dest="load_in_4bit", action="store_false",
                       help="load unquantised weights in --dtype (the default)")
-    g.add_argument("--max-seq-length", type=int, default=512, metavar="N",
-                   help="tokens per sample; past the model's context RoPE scaling is turned on (default: %(default)s)")
+    g.add_argument("--max-seq-length", type=int, default=seq_length, metavar="N", help=(
+        "tokens per sample; past the model's context RoPE scaling is turned on "
+        + ("(default: %(default)s)" if seq_length else "(default: the model's own context, no scaling)")))
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weight/compute dtype; auto = bf16 (fp16 on old GPUs) on CUDA, fp32 on CPU (default: auto)")
     g.add_argument("--no-kernels", dest="patch", action="store_false",
@@ -134,7 +136,8 @@ def _add_generate_parser(sub):
                        epilog=EXAMPLES, formatter_class=_formatter)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
-    _add_model_options(p, model_help="model as for finetune, or an adapter folder (default: %(default)s)")
+    _add_model_options(p, model_help="model as for finetune, or an adapter folder (default: %(default)s)",
+                       seq_length=None)
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder to apply on --model")
     g = p.add_argument_group("generation")
     mode = g.add_mutually_exclusive_group()
@@ -160,11 +163,11 @@ def _add_export_parser(sub):
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     p.add_argument("source", metavar="SOURCE", help="adapter folder (adapter_config.json) or model folder")
     p.add_argument("--base-model", metavar="MODEL", help="base model of the adapter (default: from adapter_config.json)")
-    _add_model_options(p, with_model=False)
+    _add_model_options(p, with_model=False, seq_length=None)
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write into")
     o.add_argument("--method", metavar="METHOD",
-                   help="lora, merged_16bit or merged_4bit (NF4, CUDA) (default: merged_16bit unless only --gguf)")
+                   help="lora, merged_16bit or merged_4bit (NF4, CUDA) (default: merged_16bit; none when only --gguf)")
     o.add_argument("--gguf", metavar="QUANT", help="write <DIR>/<name>.<QUANT>.gguf: f16, bf16, q8_0 or f32")
     o.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard (default: 5GB)")
     p.set_defaults(run=cmd_export)
@@ -204,13 +207,23 @@ def load_model(name, args, adapter=None):
 
     name, adapter = resolve_adapter(name, adapter, getattr(args, "base_model", None))
     model, tokenizer = FastLanguageModel.from_pretrained(
-        name, max_seq_length=args.max_seq_length, dtype=None if args.dtype == "auto" else args.dtype,
+        name, max_seq_length=args.max_seq_length or model_context(name), dtype=None if args.dtype == "auto" else args.dtype,
         load_in_4bit=args.load_in_4bit, patch=args.patch, trust_remote_code=args.trust_remote_code)
     if adapter is not None:
         from slothnb.saving import attach_saving_methods, load_adapters
 
         model = attach_saving_methods(load_adapters(model, adapter))
     return model, tokenizer
+
+
+def model_context(name) -> int:
+    """The trained context of a local model folder (so loading it scales nothing), else 2048."""
+    config = Path(str(name)).expanduser() / "config.json"
+    if config.is_file():
+        length = json.loads(config.read_text()).get("max_position_embeddings")
+        if isinstance(length, int) and length > 0:
+            return length
+    return 2048
 
 
 def resolve_adapter(name, adapter=None, base_model=None):
