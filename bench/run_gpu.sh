@@ -11,6 +11,7 @@
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
 #   kernels                       bench/kernels.py (all ops) -> $OUT/kernels.json
 #   slothnb:MODEL:QUANT:SEQ:BATCH bench/lora_step.py, one process per case
+#   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels) -> $OUT/profile.txt
 #   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
 # Results: $OUT/results.jsonl (peers' format), summarised at the end.
@@ -48,6 +49,10 @@ for step in "$@"; do
       IFS=: read -r _ model quant seq batch <<<"$step"
       timeout -k 10 300 python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
         ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" | cut -c1-400 ;;
+    profile:*)
+      IFS=: read -r _ model quant seq batch gc <<<"$step"
+      timeout -k 10 240 python3 bench/profile_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
+        --grad-ckpt "${gc:-slothnb}" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/profile.txt" | cut -c1-200 | head -45 ;;
     *)
       DEADLINE=${DEADLINE:-560} bash peers/run_anchors.sh "$step" 2>&1 | grep -v '^#' | tail -3
       PEAK=${PEAK:-$(python3 -c "

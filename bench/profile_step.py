@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Where a slothnb LoRA training step spends its GPU time (the performance issue's map).
+
+Same set-up as bench/lora_step.py; after warm-up, times forward / backward / optimizer
+separately (CUDA-synchronised) and profiles two steps with torch.profiler, printing the
+kernels that take the most GPU time and the share of the step that is GPU-idle.
+
+    python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora_step import MODEL_DIRS, TARGETS  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="1b", choices=sorted(MODEL_DIRS))
+    ap.add_argument("--quant", default="none")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--grad-ckpt", default="slothnb")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
+    a = ap.parse_args()
+    gc = {"true": True, "false": False}.get(a.grad_ckpt, a.grad_ckpt)
+    import torch
+    from slothnb import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(os.path.join(a.model_root, MODEL_DIRS[a.model]),
+                                                 max_seq_length=a.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=a.quant == "nf4")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
+                                             use_gradient_checkpointing=gc, random_state=3407)
+    FastLanguageModel.for_training(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), device="cuda")
+
+    def step(parts=None):
+        sync = torch.cuda.synchronize
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        if parts is not None:
+            parts.append((t1 - t0, t2 - t1, t3 - t2))
+
+    for _ in range(3):
+        step()
+    parts = []
+    for _ in range(5):
+        step(parts)
+    f, b, o = (statistics.median(p[i] for p in parts) for i in range(3))
+    tok = a.batch * a.seq
+    print(f"# {a.model} {a.quant} seq {a.seq} batch {a.batch} ckpt {a.grad_ckpt}: forward {f*1e3:.1f} ms, "
+          f"backward {b*1e3:.1f} ms, optimizer {o*1e3:.1f} ms, {tok / (f + b + o):.0f} tok/s")
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+    wall = (time.perf_counter() - t) / 2
+    events = prof.key_averages()
+    gpu_total = sum(e.self_device_time_total for e in events) / 2 / 1e6
+    print(f"# profiled step wall {wall*1e3:.1f} ms, GPU busy {gpu_total*1e3:.1f} ms "
+          f"({100 * gpu_total / wall:.0f}%)")
+    print(events.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
