@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Markdown tables for docs/benchmarks.md from a GPU run's output folder.
+
+    python bench/report.py OUT_DIR        # reads OUT_DIR/results.jsonl and OUT_DIR/kernels.json
+
+Step benchmarks: one table per case (model, quant, seq, batch) with every system that ran in
+that folder's run; kernels: one table per op family, as bench/kernels.py wrote them.
+"""
+import json
+import os
+import sys
+
+N_MATMUL = {"1b": 1.236e9, "8b": 7.505e9, "qwen7b": 7.070e9, "gemma9b": 9.241e9}
+
+
+def step_tables(path):
+    recs = [json.loads(line) for line in open(path) if line.startswith("{")]
+    peak = next((r["matmul"]["tflops_median"] for r in recs if r.get("kind") == "device_info"), None)
+    cases = {}
+    for r in recs:
+        if r.get("kind") == "bench":
+            cases.setdefault((r["model"], r["quant"], r["seq"], r["batch"]), []).append(r)
+    out = []
+    for (model, quant, seq, batch), rows in cases.items():
+        out.append(f"\n**{model} {'QLoRA (NF4)' if quant == 'nf4' else 'bf16 LoRA'}, seq {seq}, batch {batch}**\n")
+        out.append("| system | step s | tokens/s | MFU | peak alloc GiB | peak reserved GiB | first losses |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r.get("status") != "ok":
+                out.append(f"| {r['system']} | failed: {str(r.get('error', ''))[:120]} | | | | | |")
+                continue
+            mfu = 6 * N_MATMUL.get(model, r.get("n_matmul_params", 0)) * r["tokens_per_s"] / (peak * 1e12) if peak else None
+            losses = " ".join(f"{v:.3f}" for v in r["losses"][:3])
+            out.append(f"| {r['system']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | "
+                       f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {r['peak_alloc_gib']:.2f} | "
+                       f"{r['peak_reserved_gib']:.2f} | {losses} |")
+    return "\n".join(out), peak
+
+
+def kernel_tables(path):
+    d = json.load(open(path))
+    out = [f"GPU {d.get('gpu')}, torch {d.get('torch')}"]
+    for fam, rows in d.items():
+        if not isinstance(rows, list) or not rows:
+            continue
+        keys = list(dict.fromkeys(k for r in rows for k in r if k != "trace"))
+        out += [f"\n**{fam}**\n", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        out += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main(folder):
+    res, kern = os.path.join(folder, "results.jsonl"), os.path.join(folder, "kernels.json")
+    if os.path.exists(res):
+        tables, peak = step_tables(res)
+        print(f"Matmul ceiling (8192³ bf16, median): {peak} TFLOP/s\n{tables}")
+    if os.path.exists(kern):
+        print("\n" + kernel_tables(kern))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench-out")
