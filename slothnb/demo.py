@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40, metavar="N",
                    help="tokens generated per prompt, before and after (default: %(default)s)")
     p.add_argument("--seed", type=int, default=3407, metavar="S", help="seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice, or 1 when other processes keep the cores busy)")
     p.add_argument("--output", "-o", default="outputs/demo", metavar="DIR",
                    help="run folder: adapter/, summary.json, checkpoints (default: %(default)s)")
 
@@ -93,6 +95,41 @@ def loss_curve(history, points: int = 8) -> str:
     return " | ".join(f"step {row['step']}: {row['loss']:.3f}" for row in picked)
 
 
+def cpu_threads(requested: int | None) -> int:
+    """Torch's CPU thread count: ``requested``, else 1 when other processes already keep every core busy.
+
+    OpenMP threads meet at a barrier after every op; on a shared machine one of them is often
+    descheduled and the others spin, which made 2 threads ~5x slower than 1 on a busy 2-core box.
+    """
+    import os
+
+    import torch
+
+    if requested is not None:
+        if requested <= 0:
+            from slothnb.errors import ConfigError
+
+            raise ConfigError(f"--threads {requested} must be a positive number of CPU threads.")
+        return requested
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if busy >= cores - 0.5 else torch.get_num_threads()
+
+
+def quiet_libraries() -> None:
+    """The demo is read by people: keep transformers/datasets chatter and deprecation noise off screen."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def run(args) -> int:
     import torch
 
@@ -101,6 +138,7 @@ def run(args) -> int:
     from slothnb.fast_language_model import FastLanguageModel
     from slothnb.memory import record_stage
     from slothnb.training import FinetuneConfig, finetune, raw_text_dataset
+    from slothnb.training.guards import check_output_dir
 
     on_gpu = torch.cuda.is_available()
     steps, seq_len, batch = (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)
@@ -112,7 +150,11 @@ def run(args) -> int:
         learning_rate=args.lr, warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 15),
         max_seq_length=seq_len, lora_r=args.r, lora_alpha=2 * args.r, seed=args.seed, output_dir=args.output,
         text_field="input_ids", use_gradient_checkpointing="slothnb" if on_gpu else False)
+    check_output_dir(args.output)
+    if not on_gpu:
+        torch.set_num_threads(cpu_threads(args.threads))
     total_start = time.perf_counter()
+    quiet_libraries()
 
     print(f"slothnb demo on {torch.cuda.get_device_name() if on_gpu else f'CPU ({torch.get_num_threads()} threads)'}: "
           f"{steps} steps x {batch} windows x {seq_len} tokens", flush=True)
@@ -122,7 +164,9 @@ def run(args) -> int:
 
     model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=max(seq_len, 256))
     print(f"model: SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
-          f"{next(model.parameters()).dtype}), kernels {'on' if model._slothnb_patched else 'off'}", flush=True)
+          f"{next(model.parameters()).dtype}), slothnb kernels "
+          f"{('on' if on_gpu else 'patched (exact PyTorch paths on CPU)') if model._slothnb_patched else 'off'}",
+          flush=True)
     train = raw_text_dataset(train_files, tokenizer, max_length=seq_len)
     train = train.filter(lambda row: len(row["input_ids"]) == seq_len)  # no ragged play endings
     windows = heldout_windows(heldout_file, tokenizer, seq_len, args.eval_windows)

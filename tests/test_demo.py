@@ -80,3 +80,16 @@ def test_demo_fine_tune_lowers_heldout_loss(tmp_path):
     for stage in ("load", "generate_before", "train_end", "generate_after"):
         assert any(line.startswith(stage + " ") for line in done.stdout.splitlines()), stage
     assert len(summary["generations"]["after"]) == len(demo.PROMPTS)
+
+
+def test_cpu_threads_steps_down_on_a_busy_machine(monkeypatch):
+    from slothnb.errors import ConfigError
+
+    assert demo.cpu_threads(3) == 3
+    with pytest.raises(ConfigError, match="--threads 0"):
+        demo.cpu_threads(0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 3.0, 2.0))
+    assert demo.cpu_threads(None) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert demo.cpu_threads(None) == torch.get_num_threads()
