@@ -29,3 +29,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _release_cuda_memory(request):
+    """The GPU tests share one process and run in any order: after each, whatever it left behind is
+    collected and the allocator's cached blocks handed back, so the next test's peak-memory assertions
+    and headroom are its own."""
+    yield
+    if HAS_CUDA and "gpu" in request.keywords:
+        import gc
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()

@@ -198,7 +198,8 @@ def test_offloaded_peak_is_lower_than_standard_on_gpu():
     cfg = tiny_config("llama", hidden_size=1024, intermediate_size=1024, num_hidden_layers=24,
                       num_attention_heads=8, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().train()
+    with torch.device("cuda"):  # 170M parameters: initialised on the GPU, not on the CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").train()
     for name, p in model.named_parameters():
         p.requires_grad_("layernorm" in name)  # tiny trainable set: activations dominate the peak
     ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")

@@ -5,6 +5,7 @@ copy of itself: the patched model's error must be no worse than transformers' ow
 plus a small floor). Vocab is cut to 1024 to keep the lm_head small.
 """
 import copy
+import gc
 
 import pytest
 import torch
@@ -40,18 +41,37 @@ def models(name):
     config = SHAPES[name]()
     attn = "eager" if name.startswith("gemma") else "sdpa"
     torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+    with torch.device("cuda"):  # built and initialised on the GPU: ~400M parameters take seconds on the CPU
+        base = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
     with torch.no_grad():
         for n, p in base.named_parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.02)
     torch.manual_seed(1)
-    lora = get_peft_model(base.cuda(), LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+    lora = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                                   init_lora_weights=False))
     ref32 = copy.deepcopy(lora).float()
     patched = copy.deepcopy(lora)
     assert patch_model(patched)
     return lora, patched, ref32
+
+
+@pytest.fixture(scope="module")
+def built():
+    """models(name), built once per module (the generate test reuses the Llama layer), freed at the end."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = models(name)
+        for model in cache[name]:
+            model.zero_grad(set_to_none=True)
+        return cache[name]
+
+    yield get
+    cache.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def batch(seq=256):
@@ -65,8 +85,8 @@ def batch(seq=256):
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_real_shapes_bf16_match_transformers(name):
-    hf, patched, ref32 = models(name)
+def test_real_shapes_bf16_match_transformers(name, built):
+    hf, patched, ref32 = built(name)
     ids, mask, labels = batch()
     results = {}
     for tag, model in (("hf", hf), ("patched", patched), ("ref", ref32)):
@@ -91,8 +111,8 @@ def test_real_shapes_bf16_match_transformers(name):
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b"])
-def test_real_shapes_bf16_generate(name):
-    hf, patched, _ = models(name)
+def test_real_shapes_bf16_generate(name, built):
+    hf, patched, _ = built(name)
     ids = batch(seq=32)[0][:1]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     hf.eval(), patched.eval()
