@@ -84,6 +84,7 @@ def batch(seq=256):
     return ids.cuda(), mask.cuda(), labels.cuda()
 
 
+@pytest.mark.slow  # three ~0.2-0.4B-parameter models, each run three ways: ~10 s apiece on an H100
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_real_shapes_bf16_match_transformers(name, built):
     hf, patched, ref32 = built(name)
