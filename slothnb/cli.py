@@ -158,7 +158,9 @@ def _add_generate_parser(sub):
 def _add_export_parser(sub):
     p = sub.add_parser("export", help="write a merged checkpoint and/or a GGUF from an adapter or model folder",
                        description="Load SOURCE (a LoRA adapter folder, whose base comes from adapter_config.json "
-                                   "or --base-model, or a model folder) and write a merged checkpoint and/or GGUF.",
+                                   "or --base-model, or a model folder) and write a merged checkpoint and/or GGUF. Merged weights "
+                                   "keep the loaded dtype: on CPU 'auto' is float32, so pass --dtype bfloat16 "
+                                   "there for a 16-bit checkpoint.",
                        epilog=EXAMPLES, formatter_class=_formatter)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     p.add_argument("source", metavar="SOURCE", help="adapter folder (adapter_config.json) or model folder")
@@ -323,7 +325,7 @@ def format_throughput(stats: dict) -> str:
     loss = ""
     if stats["first_loss"] is not None:
         loss = f"; loss {stats['first_loss']:.4f} -> {stats['last_loss']:.4f}"
-    return (f"trained {stats['steps']} steps in {stats['seconds']:.1f} s: {stats['tokens']:,} tokens, "
+    return (f"trained {stats['steps']} step{'s' if stats['steps'] != 1 else ''} in {stats['seconds']:.1f} s: {stats['tokens']:,} tokens, "
             f"{stats['tokens_per_second']:,.1f} tokens/s{loss}")
 
 

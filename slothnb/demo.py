@@ -89,7 +89,7 @@ def loss_curve(history, points: int = 8) -> str:
     rows = [row for row in history if "loss" in row]
     if not rows:
         return "no loss was logged"
-    picked = rows[:: max(1, len(rows) // points)]
+    picked = rows[:: max(1, -(-len(rows) // points))]  # ceil: at most `points` (+ the last)
     if picked[-1] is not rows[-1]:
         picked.append(rows[-1])
     return " | ".join(f"step {row['step']}: {row['loss']:.3f}" for row in picked)
@@ -149,14 +149,17 @@ def run(args) -> int:
         max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         learning_rate=args.lr, warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 15),
         max_seq_length=seq_len, lora_r=args.r, lora_alpha=2 * args.r, seed=args.seed, output_dir=args.output,
-        text_field="input_ids", use_gradient_checkpointing="slothnb" if on_gpu else False)
+        text_field="input_ids", use_gradient_checkpointing="slothnb" if on_gpu else False,
+        extra_args={"disable_tqdm": False})  # the trainer's progress bar (with ETA) despite the quiet logs
     check_output_dir(args.output)
     if not on_gpu:
         torch.set_num_threads(cpu_threads(args.threads))
     total_start = time.perf_counter()
     quiet_libraries()
 
-    print(f"slothnb demo on {torch.cuda.get_device_name() if on_gpu else f'CPU ({torch.get_num_threads()} threads)'}: "
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if on_gpu else f"CPU ({threads} thread{'s' if threads > 1 else ''})"
+    print(f"slothnb demo on {where}: "
           f"{steps} steps x {batch} windows x {seq_len} tokens", flush=True)
     print(f"corpus: {fetch_shakespeare()}", flush=True)
     files = shakespeare_files()

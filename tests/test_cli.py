@@ -259,3 +259,19 @@ def test_resolve_adapter_reads_the_base_model(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="--base-model"):
         resolve_adapter(str(tmp_path))
+
+
+def test_finetune_chat_jsonl_on_responses_only(files, tmp_path, capsys):
+    """A chat dataset through the whole command: template, response-only labels, 1 step, adapter saved."""
+    from tiny_models import tiny_chat_dataset_rows
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in tiny_chat_dataset_rows(6)) + "\n")
+    out = tmp_path / "chat_run"
+    code = main(["finetune", "--model", str(files[1]), "--dataset", str(data), "--train-on-responses-only",
+                 "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-seq-length", "64",
+                 "--output", str(out), "--no-progress", "--no-kernels"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "trained 1 step in" in captured.out
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
