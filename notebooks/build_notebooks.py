@@ -36,7 +36,7 @@ text = play.read_text(encoding="utf-8")
 start = text.index("ACT I")
 paragraphs = [p.strip() for p in text[start:start + 40_000].split("\\n\\n") if len(p.strip()) > 80]
 dataset = datasets.Dataset.from_dict({"text": paragraphs})"""),
-    ("code", CHECK + """print(play.name, len(dataset) > 20)"""),
+    ("code", CHECK + """print(play.name, len(dataset) > 20)""", 'alls_well_that_ends_well_gut.txt True\n'),
     ("code", IGNORE + """%load_model smollm2-135m --max-seq-length 128"""),
     ("md", "Before training: what does the model write after a speaker's name?"),
     ("code", IGNORE + """%generate --raw --max-new-tokens 40 KING HENRY. Now, lords,"""),
@@ -50,7 +50,7 @@ model = FastLanguageModel.get_peft_model(
                     "embed_tokens", "lm_head"])"""),
     ("code", CHECK + """trainable = sorted({part for n, p in model.named_parameters() if p.requires_grad
                     for part in ("embed_tokens", "lm_head") if part in n})
-print("fully trained:", trainable)"""),
+print("fully trained:", trainable)""", "fully trained: ['embed_tokens']\n"),
     ("code", IGNORE + """%%finetune --output outputs/shakespeare
 max_steps: 12
 learning_rate: 2.0e-4
@@ -60,7 +60,7 @@ gradient_accumulation_steps: 1
 warmup_steps: 2
 max_seq_length: 128"""),
     ("code", CHECK + """losses = [row["loss"] for row in finetune_result.history if "loss" in row]
-print(len(losses), "logged losses; interrupted:", finetune_result.interrupted)"""),
+print(len(losses), "logged losses; interrupted:", finetune_result.interrupted)""", '12 logged losses; interrupted: False\n'),
     ("md", "After training:"),
     ("code", IGNORE + """%generate --raw --max-new-tokens 40 KING HENRY. Now, lords,"""),
     ("md", "Memory at each stage (load, LoRA added, training, generation):"),
@@ -77,9 +77,9 @@ masks every prompt token (-100) so the loss comes only from the assistant's repl
 
 fetch_chatterbot()
 dataset = load_chatterbot_dataset().select(range(64))"""),
-    ("code", CHECK + """print(dataset[0]["messages"][0]["role"], "->", dataset[0]["messages"][1]["role"])"""),
+    ("code", CHECK + """print(dataset[0]["messages"][0]["role"], "->", dataset[0]["messages"][1]["role"])""", 'user -> assistant\n'),
     ("code", IGNORE + """%load_model smollm2-135m --max-seq-length 128"""),
-    ("code", CHECK + """print(tokenizer.apply_chat_template(dataset[0]["messages"][:2], tokenize=False).count("<|im_start|>"))"""),
+    ("code", CHECK + """print(tokenizer.apply_chat_template(dataset[0]["messages"][:2], tokenize=False).count("<|im_start|>"))""", '3\n'),
     ("code", IGNORE + """%%finetune --output outputs/chat
 max_steps: 10
 learning_rate: 2.0e-4
@@ -91,7 +91,7 @@ train_on_responses_only: true"""),
     ("md", "The labels of one training row: prompt tokens are masked, the reply is kept."),
     ("code", CHECK + """row = finetune_result.trainer.train_dataset[0]
 masked = sum(1 for x in row["labels"] if x == -100)
-print("some masked:", masked > 0, "| some trained:", masked < len(row["labels"]))"""),
+print("some masked:", masked > 0, "| some trained:", masked < len(row["labels"]))""", 'some masked: True | some trained: True\n'),
     ("code", IGNORE + """%%generate --max-new-tokens 40
 Hello! How are you today?"""),
     ("code", IGNORE + """%vram"""),
@@ -150,7 +150,7 @@ sizes["optimizer state (AdamW)"] = sum(
     nbytes(v for v in s.values() if torch.is_tensor(v) and v.dim() > 0) for s in optimizer.state.values())"""),
     ("code", CHECK + """off, on = sizes["activations, checkpointing=False"], sizes["activations, checkpointing=True"]
 print("checkpointing saves activation memory:", on < off)
-print("optimizer state is 2x the adapters:", abs(sizes["optimizer state (AdamW)"] / sizes["LoRA adapters"] - 2) < 0.01)"""),
+print("optimizer state is 2x the adapters:", abs(sizes["optimizer state (AdamW)"] / sizes["LoRA adapters"] - 2) < 0.01)""", 'checkpointing saves activation memory: True\noptimizer state is 2x the adapters: True\n'),
     ("code", IGNORE + """import matplotlib.pyplot as plt
 
 for name, value in sizes.items():
@@ -181,7 +181,7 @@ for i, row in enumerate(chats):
     other = chats[(i + 7) % len(chats)]["messages"]
     pairs.append({"prompt": [row["messages"][0]], "chosen": [row["messages"][1]], "rejected": [other[1]]})
 preferences = datasets.Dataset.from_list(pairs)"""),
-    ("code", CHECK + """print(len(preferences), preferences[0]["chosen"][0]["role"])"""),
+    ("code", CHECK + """print(len(preferences), preferences[0]["chosen"][0]["role"])""", '40 assistant\n'),
     ("code", IGNORE + """%load_model smollm2-135m --max-seq-length 128
 from slothnb import FastLanguageModel
 model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False)"""),
@@ -189,14 +189,16 @@ model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=
 from slothnb.notebook import LivePanel, PanelState
 from slothnb.notebook.api import PanelCallback
 
+dtype = next(model.parameters()).dtype  # bf16/fp16 on a GPU, fp32 on CPU
 args = DPOConfig(output_dir="outputs/dpo", max_steps=6, per_device_train_batch_size=2, learning_rate=5e-5,
-                 beta=0.1, max_length=128, logging_steps=1, report_to="none", save_strategy="no")
+                 beta=0.1, max_length=128, logging_steps=1, report_to="none", save_strategy="no",
+                 bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, disable_tqdm=True)
 trainer = DPOTrainer(model=model, args=args, train_dataset=preferences, processing_class=tokenizer)
 panel = LivePanel(PanelState(title="DPO", total_steps=args.max_steps))
 trainer.add_callback(PanelCallback(panel))
 output = trainer.train()"""),
     ("code", CHECK + """rows = [r for r in trainer.state.log_history if "rewards/chosen" in r]
-print(len(rows), "logged steps with rewards")"""),
+print(len(rows), "logged steps with rewards")""", '6 logged steps with rewards\n'),
     ("code", IGNORE + """%%generate --max-new-tokens 30
 What is your favorite book?"""),
 ]
@@ -234,8 +236,9 @@ diff_merged = (logits_of(merged) - reference).abs().max().item()
 diff_gguf = (logits_of(from_gguf) - reference).abs().max().item()
 print(f"max |logit difference|: merged {diff_merged:.4f}, GGUF f16 {diff_gguf:.4f}")"""),
     ("code", CHECK + """scale = reference.abs().max().item()
-print("merged matches:", diff_merged < 0.02 * scale, "| GGUF matches:", diff_gguf < 0.05 * scale)
-print("same next token:", bool((logits_of(merged)[0, -1].argmax() == reference[0, -1].argmax()).item()))"""),
+agree = (logits_of(from_gguf).argmax(-1) == reference.argmax(-1)).float().mean().item()
+print("merged matches:", diff_merged < 0.02 * scale, "| GGUF f16 picks the same tokens:", agree >= 0.8)
+print("same next token:", bool((logits_of(merged)[0, -1].argmax() == reference[0, -1].argmax()).item()))""", 'merged matches: True | GGUF f16 picks the same tokens: True\nsame next token: True\n'),
 ]
 
 
@@ -253,7 +256,8 @@ def build() -> None:
                 if source.startswith(marker) and source[len(marker):].startswith("%%"):
                     cell.source = source[len(marker):]
                     cell.metadata["tags"] = [tag]
-            if expected:
+            if expected:  # nbval compares only cells that look run: give them a count
+                cell.execution_count = len(nb.cells)
                 cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=expected[0])]
             nb.cells.append(cell)
         for i, cell in enumerate(nb.cells):

@@ -179,6 +179,8 @@ def finetune_cell(model, tokenizer, dataset, config=None, output_dir: str | None
     from slothnb.training import finetune
 
     config = make_config(config, output_dir)
+    if "disable_tqdm" not in config.extra_args:  # the panel replaces transformers' own progress display
+        config = dataclasses.replace(config, extra_args={**config.extra_args, "disable_tqdm": True})
     panel = LivePanel(PanelState(total_steps=config.max_steps), renderer=renderer, min_interval=min_interval)
     panel.state.memory_rows = memory_rows_now()
     panel.show()
