@@ -23,6 +23,7 @@ Dtypes: the matmuls run in the compute dtype, the autocast dtype when autocast i
 peft+autocast model would), else x's dtype. A and B may be fp32 master weights: they are cast for
 the matmuls and their gradients come back in their own dtype, as does x's.
 """
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,6 +80,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_CASTS: dict = {}  # id(param) -> (weakref(param), param._version, dtype, cast copy)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, cached until ``t`` changes (its ``_version``, bumped by optimizer steps).
+
+    fp32 A/B under bf16 autocast would otherwise be cast (one launch each) by every forward, every
+    checkpoint recompute and every backward; with the cache each adapter is cast once per step.
+    The copy is exactly ``t.to(dtype)``; it holds r x (in + out) 16-bit numbers per projection.
+    """
+    if t.dtype == dtype:
+        return t
+    key = id(t)
+    hit = _CASTS.get(key)
+    version = t._version
+    if hit is not None and hit[0]() is t and hit[1] == version and hit[2] == dtype:
+        return hit[3]
+    copy = t.detach().to(dtype) if t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
+    _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), version, dtype, copy)
+    return copy
+
+
 def _base(weight, quant_state, dtype) -> torch.Tensor:
     """The dense base weight in ``dtype``: a fresh NF4 dequantisation, or the 16-bit weight itself."""
     if quant_state is not None:
@@ -86,21 +109,32 @@ def _base(weight, quant_state, dtype) -> torch.Tensor:
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
-def _forward(X, weight, quant_state, A, B, scale):
-    """(x A^T, x W^T + s (x A^T) B^T) for 2-D X, everything in X's dtype."""
-    dt = X.dtype
-    xa = X @ A.to(dt).t()
-    y = X @ _base(weight, quant_state, dt).t()
-    y.addmm_(xa, B.to(dt).t(), alpha=scale)
+def _forward(X, weight, quant_state, A, B, scale, out_shape=None):
+    """(x A^T, x W^T + s (x A^T) B^T) for 2-D X; A and B already in X's dtype.
+
+    With ``out_shape`` the result is allocated in that shape and filled through a 2-D view, so the
+    caller gets a tensor that is not a view (RoPE may then rotate it in place under autograd).
+    """
+    xa = X @ A.t()
+    W = _base(weight, quant_state, X.dtype)
+    if out_shape is None:
+        y = X @ W.t()
+        y.addmm_(xa, B.t(), alpha=scale)
+        return xa, y
+    y = torch.empty(out_shape, dtype=X.dtype, device=X.device)
+    y2 = y.view(-1, out_shape[-1])
+    torch.mm(X, W.t(), out=y2)
+    y2.addmm_(xa, B.t(), alpha=scale)
     return xa, y
 
 
-def _backward(dY, X, xa, weight, quant_state, A, B, scale, dX=None, need_dx=True):
-    """(dX, dA, dB) of one LoRA linear; dX is accumulated into ``dX`` when given."""
+def _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, dX=None, need_dx=True):
+    """(dX, dA, dB) of one LoRA linear (A, B in dY's dtype; ``dtypes`` = the params' own dtypes for
+    dA, dB); dX is accumulated into ``dX`` when given."""
     dt = dY.dtype
-    dB = (dY.t() @ xa).mul_(scale).to(B.dtype)
-    dyb = dY @ B.to(dt)
-    dA = (dyb.t() @ X).mul_(scale).to(A.dtype)
+    dB = (dY.t() @ xa).mul_(scale).to(dtypes[1])
+    dyb = dY @ B
+    dA = (dyb.t() @ X).mul_(scale).to(dtypes[0])
     if need_dx:
         W = _base(weight, quant_state, dt)
         if dX is None:
@@ -108,7 +142,7 @@ def _backward(dY, X, xa, weight, quant_state, A, B, scale, dX=None, need_dx=True
         else:
             dX.addmm_(dY, W)
         del W
-        dX.addmm_(dyb, A.to(dt), alpha=scale)
+        dX.addmm_(dyb, A, alpha=scale)
     return dX, dA, dB
 
 
@@ -116,40 +150,60 @@ def _rows(x, dt):
     return x.reshape(-1, x.shape[-1]).to(dt)
 
 
+def _adapters(ps):
+    """What the Functions receive per projection: (A, B) as autograd inputs, and the rest as one
+    non-tensor bundle (W is frozen: fewer autograd inputs is less per-call work in ``apply``)."""
+    tensors, bundles = [], []
+    for p in ps:
+        tensors += [p.A, p.B]
+        bundles.append((p.weight, p.quant_state, float(p.scale)))
+    return tensors, tuple(bundles)
+
+
+def _prepared(dt, bundles, tensors):
+    """Per projection (W, quant_state, scale, A, B in dt, (A dtype, B dtype))."""
+    out = []
+    for i, (weight, quant_state, scale) in enumerate(bundles):
+        A, B = tensors[2 * i], tensors[2 * i + 1]
+        out.append((weight, quant_state, scale, _cast(A, dt), _cast(B, dt), (A.dtype, B.dtype)))
+    return out
+
+
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A, B, weight, quant_state, scale):
+    def forward(ctx, x, bundles, A, B):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
-        xa, y = _forward(X, weight, quant_state, A, B, scale)
-        ctx.save_for_backward(X, xa, A, B)
-        ctx.base = (weight, quant_state, scale)
+        ((weight, quant_state, scale, Ac, Bc, dtypes),) = _prepared(dt, bundles, (A, B))
+        xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=(*x.shape[:-1], Bc.shape[0]))
+        ctx.save_for_backward(X, xa, Ac, Bc)
+        ctx.base = (weight, quant_state, scale, dtypes)
         ctx.x_meta = (x.shape, x.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         X, xa, A, B = ctx.saved_tensors
-        weight, quant_state, scale = ctx.base
+        weight, quant_state, scale, dtypes = ctx.base
         dY = _rows(dy, X.dtype)
-        dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, need_dx=ctx.needs_input_grad[0])
+        dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, need_dx=ctx.needs_input_grad[0])
         dx = None if dX is None else dX.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return dx, dA, dB, None, None, None
+        return dx, None, dA, dB
 
 
 class LoraQKVFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, *flat):
+    def forward(ctx, x, bundles, *AB):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
-        parts = [flat[i:i + 5] for i in range(0, 15, 5)]  # (A, B, weight, quant_state, scale) x 3
-        outs, saved = [], [X]
-        for A, B, weight, quant_state, scale in parts:
-            xa, y = _forward(X, weight, quant_state, A, B, scale)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            saved += [xa, A, B]
+        outs, saved, bases = [], [X], []
+        for weight, quant_state, scale, Ac, Bc, dtypes in _prepared(dt, bundles, AB):
+            xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=(*x.shape[:-1], Bc.shape[0]))
+            outs.append(y)
+            saved += [xa, Ac, Bc]
+            bases.append((weight, quant_state, scale, dtypes))
         ctx.save_for_backward(*saved)
-        ctx.bases = [(w, qs, s) for _, _, w, qs, s in parts]
+        ctx.bases = bases
         ctx.x_meta = (x.shape, x.dtype)
         return tuple(outs)
 
@@ -160,70 +214,72 @@ class LoraQKVFunction(torch.autograd.Function):
         dX, grads = None, []
         for i, dy in enumerate(dys):
             xa, A, B = rest[3 * i:3 * i + 3]
-            weight, quant_state, scale = ctx.bases[i]
+            weight, quant_state, scale, dtypes = ctx.bases[i]
             dY = _rows(dy, X.dtype)
-            dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, dX=dX, need_dx=need_dx)
-            grads += [dA, dB, None, None, None]
+            dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, dX=dX, need_dx=need_dx)
+            grads += [dA, dB]
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
-        return (dx, *grads)
+        return (dx, None, *grads)
 
 
 class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, activation, *flat):
+    def forward(ctx, x, activation, bundles, *AB):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
-        (Ag, Bg, Wg, qg, sg), (Au, Bu, Wu, qu, su), (Ad, Bd, Wd, qd, sd) = [flat[i:i + 5] for i in range(0, 15, 5)]
+        (Wg, qg, sg, Ag, Bg, tg), (Wu, qu, su, Au, Bu, tu), (Wd, qd, sd, Ad, Bd, td) = _prepared(dt, bundles, AB)
         xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
         xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
         H = gated_forward(activation, G, U)
-        ha, y = _forward(H, Wd, qd, Ad, Bd, sd)
+        ha, y = _forward(H, Wd, qd, Ad, Bd, sd, out_shape=(*x.shape[:-1], Bd.shape[0]))
         del H
         ctx.save_for_backward(X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd)
-        ctx.bases = [(Wg, qg, sg), (Wu, qu, su), (Wd, qd, sd)]
+        ctx.bases = [(Wg, qg, sg, tg), (Wu, qu, su, tu), (Wd, qd, sd, td)]
         ctx.activation = activation
         ctx.x_meta = (x.shape, x.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
-        (Wg, qg, sg), (Wu, qu, su), (Wd, qd, sd) = ctx.bases
+        (Wg, qg, sg, tg), (Wu, qu, su, tu), (Wd, qd, sd, td) = ctx.bases
         dt = X.dtype
         dY = _rows(dy, dt)
         # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
-        dB_d = (dY.t() @ ha).mul_(sd).to(Bd.dtype)
-        dyb = dY @ Bd.to(dt)
+        dB_d = (dY.t() @ ha).mul_(sd).to(td[1])
+        dyb = dY @ Bd
         dH = dY @ _base(Wd, qd, dt)
-        dH.addmm_(dyb, Ad.to(dt), alpha=sd)
+        dH.addmm_(dyb, Ad, alpha=sd)
         del dY, ha
         H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U
-        dA_d = (dyb.t() @ H).mul_(sd).to(Ad.dtype)
+        dA_d = (dyb.t() @ H).mul_(sd).to(td[0])
         del H, dyb
         need_dx = ctx.needs_input_grad[0]
-        dX, dA_g, dB_g = _backward(dG, X, xa_g, Wg, qg, Ag, Bg, sg, need_dx=need_dx)
+        dX, dA_g, dB_g = _backward(dG, X, xa_g, Wg, qg, Ag, Bg, sg, tg, need_dx=need_dx)
         del dG
-        dX, dA_u, dB_u = _backward(dU, X, xa_u, Wu, qu, Au, Bu, su, dX=dX, need_dx=need_dx)
+        dX, dA_u, dB_u = _backward(dU, X, xa_u, Wu, qu, Au, Bu, su, tu, dX=dX, need_dx=need_dx)
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
-        return (dx, None, dA_g, dB_g, None, None, None, dA_u, dB_u, None, None, None, dA_d, dB_d, None, None, None)
-
-
-def _flat(p: LoraWeights):
-    return (p.A, p.B, p.weight, p.quant_state, float(p.scale))
+        return (dx, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
 def lora_linear(x: torch.Tensor, p: LoraWeights) -> torch.Tensor:
     """``x W^T + scale (x A^T) B^T`` for x ``[..., in]``: one autograd node, grads for x, A, B."""
     _check(p, x.shape[-1], "p")
-    return LoraLinearFunction.apply(x, *_flat(p))
+    tensors, bundles = _adapters((p,))
+    return LoraLinearFunction.apply(x, bundles, *tensors)
 
 
 def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights):
-    """(Q, K, V) = the three LoRA projections of the same x, as one autograd node."""
+    """(Q, K, V) = the three LoRA projections of the same x, as one autograd node.
+
+    The outputs are fresh ``[..., out]`` tensors, not views, so they may be modified in place
+    under autograd (``apply_rope_projections`` rotates q and k in place).
+    """
     for name, p in (("q", q), ("k", k), ("v", v)):
         _check(p, x.shape[-1], name)
-    return LoraQKVFunction.apply(x, *_flat(q), *_flat(k), *_flat(v))
+    tensors, bundles = _adapters((q, k, v))
+    return LoraQKVFunction.apply(x, bundles, *tensors)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
@@ -236,7 +292,8 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     if up.out_features != gate.out_features:
         raise ConfigError(f"gate and up must have the same width, got {gate.out_features} and {up.out_features}.")
     _check(down, gate.out_features, "down")
-    return LoraMLPFunction.apply(x, activation, *_flat(gate), *_flat(up), *_flat(down))
+    tensors, bundles = _adapters((gate, up, down))
+    return LoraMLPFunction.apply(x, activation, bundles, *tensors)
 
 
 def lora_linear_reference(x, p: LoraWeights, dequantized_weight=None):

@@ -78,14 +78,17 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dt
     return x.dtype if offset != 0.0 else torch.promote_types(x.dtype, weight.dtype)
 
 
-def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
-    """Triton forward on ``[rows, n]`` (unit column stride): returns ``(y [rows, n], rstd [rows] fp32)``."""
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, out_shape=None):
+    """Triton forward on ``[rows, n]`` (unit column stride): returns ``(y [rows, n], rstd [rows] fp32)``.
+
+    ``out_shape``: allocate y in that (contiguous) shape instead, so that it is not a view (a later
+    in-place op under autograd, e.g. RoPE on Qwen3's normed q/k, is then allowed)."""
     n_rows, n_cols = x2.shape
-    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x2, weight, offset), device=x2.device)
+    y = torch.empty(out_shape or (n_rows, n_cols), dtype=_out_dtype(x2, weight, offset), device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows:
         block, warps = row_block(n_cols)
-        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), n_cols, n_cols, eps, offset,
                                  GEMMA=offset != 0.0, BLOCK=block, num_warps=warps)
     return y, rstd
 
@@ -111,10 +114,10 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
         x2 = as_rows(x)
-        y, rstd = rms_norm_forward(x2, weight, eps, offset)
+        y, rstd = rms_norm_forward(x2, weight, eps, offset, out_shape=x.shape)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset = offset
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

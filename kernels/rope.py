@@ -149,6 +149,62 @@ def _bump_version(t):
         increment(t)
 
 
+def _heads(x, head_dim):
+    """``[B, S, H*D]`` or ``[B, S, H, D]`` (contiguous) as the ``[B, H, S, D]`` view the kernel walks."""
+    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+class RoPEProjectionsFunction(torch.autograd.Function):
+    """Truly in place on the projection outputs q ``[B, S, Hq*D]`` / k ``[B, S, Hk*D]``, before the head
+    transpose: they are plain (non-view) tensors there, so ``mark_dirty`` is allowed even with two
+    outputs, autograd rebases them on this node and no copy of q or k is made."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, head_dim):
+        rope_(_heads(q, head_dim), _heads(k, head_dim), cos, sin)
+        ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin)
+        ctx.head_dim = head_dim
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _writable(dq).contiguous(), _writable(dk).contiguous()
+        rope_(_heads(dq, ctx.head_dim), _heads(dk, ctx.head_dim), cos, sin, backward=True)
+        return dq, dk, None, None, None
+
+
+def rope_in_place_ok(q, k) -> bool:
+    """Whether :func:`apply_rope_projections` can rotate q and k where they lie: contiguous, distinct,
+    and not views (autograd forbids a two-output in-place Function on views)."""
+    return (q.is_contiguous() and k.is_contiguous() and q._base is None and k._base is None
+            and q.dim() >= 3 and k.dim() >= 3 and q.data_ptr() != k.data_ptr())
+
+
+def apply_rope_projections(q, k, cos, sin, head_dim: int):
+    """Rotate q ``[B, S, Hq*D]`` and k ``[B, S, Hk*D]`` (or ``[B, S, H, D]``) in place, one launch.
+
+    For projection outputs before the ``[B, H, S, D]`` transpose (see :func:`rope_in_place_ok`); returns
+    ``(q, k)``, the same tensors, rotated. cos/sin are ``[B or 1, S, head_dim]``. Raises ConfigError for
+    views or non-contiguous inputs (use :func:`apply_rope` on those).
+    """
+    if not rope_in_place_ok(q, k):
+        raise ConfigError("apply_rope_projections needs contiguous, non-view, distinct q and k [B, S, H*D] "
+                          "tensors (projection outputs); use apply_rope on transposed views.")
+    _check_qk(_heads(q, head_dim), _heads(k, head_dim))
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    B, S = q.shape[:2]
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, B) or tuple(cos.shape[1:]) != (S, head_dim):
+        raise ConfigError(f"cos/sin must be [1 or {B}, {S}, {head_dim}] (HF rotary embedding output), got "
+                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return RoPEProjectionsFunction.apply(q, k, cos, sin, head_dim)
+    rope_(_heads(q, head_dim), _heads(k, head_dim), cos, sin)
+    return q, k
+
+
 def _check_qk(q, k):
     if q.dim() != 4 or k.dim() != 4:
         raise ConfigError(f"apply_rope expects q [B, Hq, S, D] and k [B, Hk, S, D], got {tuple(q.shape)} and "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from collections import defaultdict
 
 import torch
@@ -77,22 +78,50 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class _Offloaded:
-    """A CUDA tensor's copy in pinned CPU memory, made asynchronously on a side stream."""
+    """A CUDA tensor's copy in pinned CPU memory, moved on a side stream in both directions.
+
+    Forward: the device->host copy is queued on the side stream after the work that produced x;
+    the compute stream never waits for it, and ``x.record_stream`` keeps x's memory from being
+    handed out again before the copy has read it. Backward: ``restore`` is called when a layer's
+    backward starts; it queues that layer's host->device copy (if not already prefetched) and
+    also the one of the layer offloaded just before it in forward (the next backward), so that copy
+    runs while this layer recomputes. Only the compute stream waits (on an event); the host never
+    synchronises. The prefetch holds one extra layer input on the GPU.
+    """
+
+    _last = None  # weakref to the most recent _Offloaded: the previous layer for the next one
 
     def __init__(self, x: torch.Tensor):
-        self.device = x.device
+        self.device, self.gpu, self.ready = x.device, None, None
         self.buf = _POOL.take(x.shape, x.dtype)
         stream = _side_stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully computed before we read it
         with torch.cuda.stream(stream):
             self.buf.copy_(x, non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record(stream)
         x.record_stream(stream)  # the allocator must not hand x's memory out before the copy ends
+        self.prev = _Offloaded._last  # weak: a forward never backpropagated must not pin a chain
+        _Offloaded._last = weakref.ref(self)
+
+    def prefetch(self) -> None:
+        """Queue the host->device copy on the side stream (once)."""
+        if self.gpu is not None or self.buf is None:
+            return
+        stream = _side_stream(self.device)
+        self.gpu = torch.empty(self.buf.shape, dtype=self.buf.dtype, device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # earlier users of that memory are done
+        with torch.cuda.stream(stream):
+            self.gpu.copy_(self.buf, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+        self.gpu.record_stream(stream)  # safe to free even if this prefetch is never consumed
 
     def restore(self) -> torch.Tensor:
-        torch.cuda.current_stream(self.device).wait_event(self.done)
-        x = self.buf.to(self.device, non_blocking=True)
+        self.prefetch()
+        prev = self.prev() if self.prev is not None else None
+        if prev is not None and prev.device == self.device:
+            prev.prefetch()
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        x, self.gpu, self.prev = self.gpu, None, None
         _POOL.give(self.buf)  # reused only by a later forward, whose copy is ordered after this one
         self.buf = None
         return x
@@ -279,13 +308,28 @@ def checkpoint_policy(model: nn.Module, budget_gib: float | None = None, batch_s
     return list(range(n - keep))
 
 
+def default_offload_layers(n_layers: int) -> list[int]:
+    """What ``"slothnb"`` checkpoints when neither layers nor a budget are given: all but the last layer.
+
+    The last decoder layer is the first one the backward reaches: checkpointed, it is recomputed
+    right after the loss, so its activations are on the GPU during its backward either way. Keeping
+    them from the forward adds them only to the short window of the final norm + loss, whose
+    working set (one chunk of logits, ``fused_linear_cross_entropy``) is of the size of a layer
+    backward's own temporaries; in exchange that layer skips its offload, its host->device copy
+    (which, being the first, cannot be prefetched) and its recompute. Every earlier layer is
+    offload-checkpointed. A one-layer model is checkpointed.
+    """
+    return list(range(n_layers - 1)) if n_layers > 1 else list(range(n_layers))
+
+
 def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | None = None,
                                  budget_gib: float | None = None, batch_size: int = 1,
                                  seq_len: int | None = None) -> list[int]:
     """Switch ``model`` (a transformers PreTrainedModel, or a peft model around one) to ``mode``.
 
     ``layers`` (or a ``budget_gib`` through ``checkpoint_policy``) restricts checkpointing to those decoder
-    layer indices. Returns the indices checkpointed. Note: a HF ``Trainer`` run with
+    layer indices; without either, True checkpoints every layer and "slothnb" every layer but the last
+    (``default_offload_layers``). Returns the indices checkpointed. Note: a HF ``Trainer`` run with
     ``gradient_checkpointing=True`` re-enables standard checkpointing and would undo "slothnb"; train with
     ``gradient_checkpointing=False`` in its arguments.
     """
@@ -306,7 +350,9 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
     else:  # transformers < 5.2x
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     all_layers = decoder_layers(hf)
-    if layers is None:
+    if layers is None and budget_gib is None and mode == "slothnb":
+        layers = default_offload_layers(len(all_layers))
+    elif layers is None:
         layers = checkpoint_policy(hf, budget_gib, batch_size, seq_len)
     chosen = set(layers)
     if bad := chosen - set(range(len(all_layers))):

@@ -8,6 +8,8 @@ Everything else answers ``None`` and the caller runs the module itself (the gene
 """
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 from slothnb.kernels.lora import LoraWeights
@@ -71,8 +73,59 @@ def lora_parts(module, allow_bias: bool = False):
     return base.weight, quant_state, A, B, float(module.scaling[name]), bias
 
 
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _state_key(module):
+    """Everything ``lora_parts`` depends on, read straight from the module's dicts (no nn.Module
+    ``__getattr__``, no peft properties): the active adapter, enabled/merged state, the identity of
+    A, B, the base layer and its weight/bias, the frozen flag, dtypes, scaling and dropout; and those objects, which the cache keeps alive so
+    that their ids stay unique. ``(None, None)`` when the layout is not peft's usual one."""
+    d = module.__dict__
+    name = d.get("_active_adapter")
+    if isinstance(name, (list, tuple)) and len(name) == 1:
+        name = name[0]
+    if not isinstance(name, str):
+        return None, None
+    try:
+        mods = module._modules
+        A = mods["lora_A"]._modules[name]._parameters["weight"]
+        B = mods["lora_B"]._modules[name]._parameters["weight"]
+        base = mods["base_layer"]
+        W, bias = base._parameters["weight"], base._parameters.get("bias")
+        dropout = mods["lora_dropout"]._modules[name]
+        scale = d["scaling"][name]
+    except (KeyError, AttributeError, TypeError):
+        return None, None
+    key = (name, d.get("_disable_adapters"), tuple(d.get("merged_adapters") or ()), id(A), id(B), id(base),
+           id(W), id(bias), W.requires_grad, A.dtype, B.dtype, scale, id(dropout), getattr(dropout, "p", None))
+    return key, (A, B, base, W, bias, dropout)
+
+
 def lora_weights(module, allow_bias: bool = False):
-    """``(LoraWeights, bias)`` for a fusable peft LoRA linear, or None (run the module instead)."""
+    """``(LoraWeights, bias)`` for a fusable peft LoRA linear, or None (run the module instead).
+
+    Cached per module (the patched forwards ask for every projection on every call, and the full
+    check walks peft properties): the answer is reused while ``_state_key`` is unchanged, i.e. until
+    the adapter is switched, merged, disabled, replaced, rescaled or the base is unfrozen.
+    """
+    if LoraLayer is None or not isinstance(module, LoraLayer):
+        return None
+    key, keep = _state_key(module)
+    if key is None:
+        return _lora_weights(module, allow_bias)
+    entry = _CACHE.get(module)
+    if entry is None:
+        entry = _CACHE[module] = {}
+    hit = entry.get(allow_bias)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    result = _lora_weights(module, allow_bias)
+    entry[allow_bias] = (key, result, keep)
+    return result
+
+
+def _lora_weights(module, allow_bias):
     parts = lora_parts(module, allow_bias)
     if parts is None:
         return None

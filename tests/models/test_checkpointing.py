@@ -33,10 +33,11 @@ def test_modes_match_no_checkpointing(mode, dropout, monkeypatch):
     monkeypatch.setattr(ckpt._Call, "run", lambda self, t: runs.append(1) or real_run(self, t))
 
     chosen = apply_gradient_checkpointing(model, mode)
-    assert chosen == [0, 1, 2] and ckpt.is_checkpointing(model)
+    # "slothnb" leaves the last layer un-checkpointed by default (default_offload_layers)
+    assert chosen == ([0, 1] if mode == "slothnb" else [0, 1, 2]) and ckpt.is_checkpointing(model)
     loss, grads = _loss_and_grads(model)
 
-    assert len(runs) == (6 if mode == "slothnb" else 0)  # a forward and a recompute per layer
+    assert len(runs) == (4 if mode == "slothnb" else 0)  # a forward and a recompute per checkpointed layer
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
     for name in ref_grads:
@@ -75,7 +76,7 @@ def test_only_the_hidden_states_are_offloaded(monkeypatch):
 
     monkeypatch.setattr(ckpt, "_worth_offloading", lambda t: True)
     monkeypatch.setattr(ckpt, "_Offloaded", FakeOffload)
-    apply_gradient_checkpointing(model, "slothnb")
+    apply_gradient_checkpointing(model, "slothnb", layers=[0, 1, 2])
     _, got = _loss_and_grads(model)
     assert stored == [(2, 24, 64)] * 3 and len(restored) == 3
     for name in ref:
@@ -166,6 +167,17 @@ def test_policy_and_layer_selection():
         apply_gradient_checkpointing(model, True, layers=[4])
 
 
+def test_slothnb_default_keeps_only_the_last_layer():
+    """Without layers or budget: "slothnb" offloads all but the last layer, True checkpoints all."""
+    model = _model(layers=4)
+    assert ckpt.default_offload_layers(4) == [0, 1, 2] and ckpt.default_offload_layers(1) == [0]
+    assert apply_gradient_checkpointing(model, "slothnb") == [0, 1, 2]
+    assert [layer.gradient_checkpointing for layer in ckpt.decoder_layers(model)] == [True, True, True, False]
+    assert apply_gradient_checkpointing(model, True) == [0, 1, 2, 3]
+    per_layer = ckpt.layer_activation_bytes(model.config, tokens=128)
+    assert apply_gradient_checkpointing(model, "slothnb", budget_gib=3 * per_layer / 1024**3, seq_len=128) == [0, 1]
+
+
 def test_partial_checkpointing_matches_reference():
     model = _model(layers=4)
     ref_loss, ref = _loss_and_grads(model)
@@ -234,3 +246,47 @@ def test_offload_round_trip_on_gpu():
     back = off.restore()
     torch.cuda.synchronize()
     assert back.is_cuda and torch.equal(back, expected)
+
+
+@pytest.mark.gpu
+def test_prefetch_chain_and_no_host_sync_on_gpu():
+    """Three offloaded layers in a row: forward and backward never synchronise the host (sync debug
+    mode raises), restoring a layer has already queued the copy of the one before it, and the
+    gradients equal the plain chain's."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(256, 256).cuda() for _ in range(3)]
+    x = torch.randn(4, 64, 256, device="cuda", requires_grad=True)
+
+    def run(checkpointed):
+        for t in (x, *[p for l in layers for p in l.parameters()]):
+            t.grad = None
+        h = x
+        for layer in layers:
+            h = offloaded_checkpoint(layer, h) if checkpointed else layer(h)
+        h.square().sum().backward()
+        return [t.grad.clone() for t in (x, *[p for l in layers for p in l.parameters()])]
+
+    ref = run(False)
+    run(True)  # warm-up: pinned buffers are allocated once, then pooled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run(True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_restore_prefetches_the_previous_layer_on_gpu():
+    a = torch.randn(8, 128, device="cuda")
+    b = torch.randn(8, 128, device="cuda")
+    off_a, off_b = ckpt._Offloaded(a), ckpt._Offloaded(b)  # forward order: a, then b
+    assert off_b.prev() is off_a
+    back_b = off_b.restore()  # backward order: b first; a's copy is queued now
+    assert off_a.gpu is not None and off_a.ready is not None
+    back_a = off_a.restore()
+    torch.cuda.synchronize()
+    assert torch.equal(back_b, b) and torch.equal(back_a, a)

@@ -306,3 +306,24 @@ def test_patch_after_get_peft_model_and_twice():
     g_ref, g_got = trained_grads(ref), trained_grads(patched)
     for name in g_ref:
         torch.testing.assert_close(g_got[name], g_ref[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fusion_lookup_is_cached_and_invalidated():
+    """lora_weights answers from a per-module cache, recomputed when the adapter state changes."""
+    from slothnb.models import lora_fusion
+
+    model = add_lora(build("llama", num_hidden_layers=1), "llama")
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    first = lora_fusion.lora_weights(q)
+    assert first is not None and lora_fusion.lora_weights(q) is first  # cached: the same bundle
+    q.scaling["default"] = 5.0
+    rescaled = lora_fusion.lora_weights(q)
+    assert rescaled is not first and rescaled[0].scale == 5.0
+    q.merge()
+    assert lora_fusion.lora_weights(q) is None  # merged: run the module
+    q.unmerge()
+    assert lora_fusion.lora_weights(q)[0].A is q.lora_A["default"].weight
+    with model.disable_adapter():
+        assert lora_fusion.lora_weights(q) is None
+    q.base_layer.weight.requires_grad_(True)
+    assert lora_fusion.lora_weights(q) is None

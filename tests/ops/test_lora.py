@@ -254,3 +254,29 @@ def test_gpu_lora_qkv_llama_8b(base):
         ref_leaves = [x64] + [t for _, r in parts for t in (r.A, r.B)]
         return outs, refs, leaves, ref_leaves, plain, [xp] + [t for c in copies for t in (c.A, c.B)]
     _gpu_check(run, dtype)
+
+
+def test_adapter_casts_are_cached_until_the_adapter_changes():
+    """fp32 adapters under a 16-bit compute dtype are cast once per version (not per call/pass)."""
+    from slothnb.kernels import lora as lora_mod
+
+    A = torch.nn.Parameter(torch.randn(4, 16))
+    first = lora_mod._cast(A, torch.bfloat16)
+    assert lora_mod._cast(A, torch.bfloat16) is first and torch.equal(first, A.detach().to(torch.bfloat16))
+    assert lora_mod._cast(A, torch.float32) is A  # nothing to cast
+    with torch.no_grad():
+        A.add_(1.0)  # an optimizer step
+    second = lora_mod._cast(A, torch.bfloat16)
+    assert second is not first and torch.equal(second, A.detach().to(torch.bfloat16))
+    key = id(A)
+    del A
+    assert key not in lora_mod._CASTS  # dropped with the parameter
+
+
+def test_fused_outputs_are_not_views():
+    """lora_qkv outputs are plain tensors, so RoPE may rotate them in place under autograd."""
+    ps = [pair(n, 64, seed=s)[0] for s, n in enumerate((64, 32, 32))]
+    x = torch.randn(2, 3, 64, dtype=torch.float64, requires_grad=True)
+    outs = lora_qkv(x, *ps)
+    assert all(o._base is None and o.shape == (2, 3, p.out_features) for o, p in zip(outs, ps))
+    assert lora_linear(x, ps[0])._base is None

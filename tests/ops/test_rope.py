@@ -157,3 +157,31 @@ def test_rope_refuses_to_corrupt_a_saved_input(device):
     qo, _ = apply_rope(q, k, cos[None].float(), sin[None].float())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (saved.sum() + qo.sum()).backward()
+
+
+def test_projections_rotated_in_place_with_autograd():
+    """apply_rope_projections on [B, S, H*D] projection outputs: same storage (no copy), HF's numbers
+    forward and backward, and views are refused (autograd would forbid the in-place rotation)."""
+    B, S, Hq, Hk, D = 2, 5, 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    base_q = torch.randn(B, S, Hq * D, generator=g, requires_grad=True)
+    base_k = torch.randn(B, S, Hk * D, generator=g, requires_grad=True)
+    cos, sin = (t[:S].float().unsqueeze(0) for t in hf_tables(S, D))
+    q, k = base_q * 1.0, base_k * 1.0  # non-leaf, non-view, like projection outputs
+    ptrs = (q.data_ptr(), k.data_ptr())
+    rq, rk = rope_mod.apply_rope_projections(q, k, cos, sin, D)
+    assert (rq.data_ptr(), rk.data_ptr()) == ptrs and rq is q
+    heads = lambda t, h: t.view(B, S, h, D).transpose(1, 2)
+    want_q, want_k = apply_rope_reference(heads(base_q, Hq), heads(base_k, Hk), cos, sin)
+    torch.testing.assert_close(heads(rq, Hq), want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(heads(rk, Hk), want_k, atol=1e-5, rtol=1e-5)
+    gq, gk = torch.randn_like(want_q), torch.randn_like(want_k)
+    (heads(rq, Hq) * gq).sum().add((heads(rk, Hk) * gk).sum()).backward()
+    ref_q, ref_k = base_q.detach().clone().requires_grad_(), base_k.detach().clone().requires_grad_()
+    wq, wk = apply_rope_reference(heads(ref_q, Hq), heads(ref_k, Hk), cos, sin)
+    ((wq * gq).sum() + (wk * gk).sum()).backward()
+    torch.testing.assert_close(base_q.grad, ref_q.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base_k.grad, ref_k.grad, atol=1e-5, rtol=1e-5)
+    assert not rope_mod.rope_in_place_ok(q.view(B, S, Hq, D), k)
+    with pytest.raises(ConfigError, match="non-view"):
+        rope_mod.apply_rope_projections(q[:, :, :D], k, cos, sin, D)

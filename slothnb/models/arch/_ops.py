@@ -8,7 +8,7 @@ from slothnb.kernels.fused_linear_cross_entropy import fused_linear_cross_entrop
 from slothnb.kernels.geglu import geglu
 from slothnb.kernels.lora import lora_linear, lora_mlp, lora_qkv
 from slothnb.kernels.rms_norm import rms_norm
-from slothnb.kernels.rope import apply_rope
+from slothnb.kernels.rope import apply_rope, apply_rope_projections, rope_in_place_ok
 from slothnb.kernels.swiglu import swiglu
 
 
@@ -45,5 +45,19 @@ def rope(q, k, cos, sin):
     return apply_rope(q, k, cos, sin)
 
 
-__all__ = ["rms_norm", "rope", "rope_reference", "swiglu", "geglu", "cross_entropy",
+def rope_projections(q, k, cos, sin, head_dim):
+    """RoPE on q/k still in the projections' ``[B, S, H*D]`` (or ``[B, S, H, D]``) layout; returns them
+    as ``[B, H, S, D]`` views. In place when they are plain contiguous tensors (the fused ``lora_qkv``
+    outputs, peft/linear outputs), so training makes no copy of q and k; otherwise transposes first and
+    goes through :func:`rope`."""
+    b, s = q.shape[:2]
+    if cos.shape[-1] == head_dim and rope_in_place_ok(q, k):
+        q, k = apply_rope_projections(q, k, cos, sin, head_dim)
+        return q.view(b, s, -1, head_dim).transpose(1, 2), k.view(b, s, -1, head_dim).transpose(1, 2)
+    q = q.view(b, s, -1, head_dim).transpose(1, 2)
+    k = k.view(b, s, -1, head_dim).transpose(1, 2)
+    return rope(q, k, cos, sin)
+
+
+__all__ = ["rms_norm", "rope", "rope_projections", "rope_reference", "swiglu", "geglu", "cross_entropy",
            "fused_linear_cross_entropy", "lora_linear", "lora_mlp", "lora_qkv"]

@@ -157,14 +157,12 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
                                   attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
     bsz, q_len = hidden_states.shape[:2]
     q, k, v = _project_qkv(self, hidden_states)
-    q = q.view(bsz, q_len, -1, self.head_dim)
-    k = k.view(bsz, q_len, -1, self.head_dim)
     v = v.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
     if self._slothnb_spec.qk_norm:
-        q, k = self.q_norm(q), self.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = self.q_norm(q.view(bsz, q_len, -1, self.head_dim))
+        k = self.k_norm(k.view(bsz, q_len, -1, self.head_dim))
     cos, sin = position_embeddings
-    q, k = _ops.rope(q, k, cos, sin)
+    q, k = _ops.rope_projections(q, k, cos, sin, self.head_dim)  # rotated before the transpose: in place
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     dropout = self.attention_dropout if self.training else 0.0
