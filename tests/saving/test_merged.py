@@ -135,5 +135,17 @@ def test_qlora_merged_4bit_reloads_quantized(tmp_path, tokenizer, sample_ids):
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q4"), device_map={"": 0}).eval()
     expected = logits(model, ids)
-    # NF4 re-quantisation of the merged weights: a few percent of the logit range.
-    assert (logits(reloaded, ids) - expected).abs().max() <= 0.15 * expected.abs().max()
+    # The reference for "merged_4bit" is the merged 16-bit checkpoint quantised to NF4 by
+    # transformers itself: the two must agree closely. Against the LoRA model itself only the
+    # NF4 rounding error of a tiny random model remains (a sizeable share of its small logits).
+    save_pretrained_merged(model, tmp_path / "m16", tokenizer, save_method="merged_16bit")
+    from transformers import BitsAndBytesConfig
+
+    requantised = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "m16"), device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16)).eval()
+    got, ref4 = logits(reloaded, ids), logits(requantised, ids)
+    assert (got - ref4).abs().max() <= 0.02 * ref4.abs().max()
+    assert (got - expected).abs().max() <= 0.3 * expected.abs().max()

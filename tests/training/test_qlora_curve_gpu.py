@@ -85,5 +85,6 @@ def test_50_qlora_steps_match_transformers_peft():
     print("slothnb", [round(v, 4) for v in ours])
     print("hf+peft", [round(v, 4) for v in theirs])
     assert theirs_t[-10:].mean() < theirs_t[:3].mean() - 0.5, "the reference did not learn: the test data is too easy/hard"
-    assert torch.allclose(ours_t[:3], theirs_t[:3], atol=2e-3, rtol=0), (ours[:3], theirs[:3])
-    assert (ours_t - theirs_t).abs().max() < 0.05, (ours, theirs)
+    # the peers' harness saw first losses agree to ~1e-3 between systems; bf16 reductions differ by a few 1e-3
+    assert torch.allclose(ours_t[:3], theirs_t[:3], atol=5e-3, rtol=0), (ours[:3], theirs[:3])
+    assert (ours_t - theirs_t).abs().max() < 0.03, (ours, theirs)

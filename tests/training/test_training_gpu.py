@@ -24,15 +24,16 @@ def _patched_lora(dtype, seed=0, checkpointing=False):
 
 def test_bf16_patched_training_lowers_the_loss(tmp_path):
     model, tok = _patched_lora(torch.bfloat16, checkpointing="slothnb")
-    data = datasets.Dataset.from_dict({"text": TEXTS[:4] * 4})
-    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, max_steps=12, learning_rate=5e-3, use_cpu=False,
+    # One text repeated: a LoRA that learns at all memorises it within a dozen steps.
+    data = datasets.Dataset.from_dict({"text": TEXTS[:1] * 16})
+    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, max_steps=12, learning_rate=3e-2, use_cpu=False,
                                                         bf16=True, gradient_accumulation_steps=2, max_length=64),
                            train_dataset=data, processing_class=tok)
     assert trainer.use_model_loss
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
 
 
 class GradCapture(TrainerCallback):
