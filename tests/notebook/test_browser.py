@@ -101,6 +101,8 @@ def test_finetune_panel_renders_in_jupyterlab(lab):
                 "() => [...document.querySelectorAll('.slothnb-panel')].some(e => e.innerText.includes('[done]'))",
                 timeout=600_000, polling=1000)
             panel.scroll_into_view_if_needed()
+            # JupyterLab's "news" toast would cover part of the panel in the screenshot
+            page.evaluate("() => document.querySelectorAll('.Toastify').forEach(e => e.remove())")
             time.sleep(1)  # let the last image update paint
             panel.screenshot(path=str(artifacts / "finetune-panel.png"))
             page.screenshot(path=str(artifacts / "jupyterlab-page.png"))
