@@ -48,6 +48,7 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    use_rslora: bool = False  # scale adapters by alpha/sqrt(r) instead of alpha/r
     target_modules: list[str] | None = None  # None: every attention and MLP projection
     use_gradient_checkpointing: bool | str = "slothnb"
     train_on_responses_only: bool = False  # chat data: train on assistant replies only
@@ -99,18 +100,12 @@ def _record(stage: str) -> None:
 def _add_lora(model, config: FinetuneConfig):
     if hasattr(model, "peft_config"):
         return model
-    kw = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+    from slothnb.models.lora import get_peft_model
+
+    kw = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+              use_rslora=config.use_rslora)
     if config.target_modules is not None:
         kw["target_modules"] = config.target_modules
-    try:
-        from slothnb.models.lora import get_peft_model
-    except ImportError:  # the engine's LoRA layer is not there: plain peft
-        import peft
-
-        targets = config.target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                               target_modules=targets, task_type="CAUSAL_LM")
-        return peft.get_peft_model(model, lora)
     return get_peft_model(model, use_gradient_checkpointing=config.use_gradient_checkpointing,
                           random_state=config.seed, max_seq_length=config.max_seq_length, **kw)
 
@@ -120,6 +115,8 @@ def _as_dataset(dataset, tokenizer, config: FinetuneConfig):
     if isinstance(dataset, (str, os.PathLike, list, tuple)):
         return raw_text_dataset(dataset, tokenizer, text_field=config.text_field)
     names = dataset.column_names
+    if "input_ids" in names:  # already tokenized (e.g. raw_text_dataset windows): train on it as is
+        return dataset
     if config.text_field not in names and "messages" in names:
         return apply_chat_template(dataset, tokenizer, "messages", text_field=config.text_field)
     require_field(dataset, config.text_field)
