@@ -42,7 +42,7 @@ for step in "$@"; do
   case "$step" in
     tests*)
       extra="${step#tests}"; extra="${extra#:}"
-      timeout -k 5 "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --durations=25 -m gpu -p no:cacheprovider --continue-on-collection-errors --ignore=tests/notebook tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed|[0-9.]+s (call|setup)" | head -70 ;;
+      timeout -k 5 "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --durations=25 -m "${PYTEST_MARK:-gpu}" -p no:cacheprovider --continue-on-collection-errors --ignore=tests/notebook tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed|[0-9.]+s (call|setup)" | head -70 ;;
     kernels)
       timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.md" | tail -60 ;;
     slothnb:*)

@@ -247,7 +247,10 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state
     slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
     tensors = [leaves[i] for i in slots]
     offload = [i < n_arg_leaves and leaves[i].is_floating_point() for i in slots]
-    call = _Call(function, leaves, spec, slots, offload, preserve_rng_state)
+    # The call keeps only the non-tensor leaves: holding the tensors here would keep every layer's
+    # input alive on the GPU until backward, which is exactly what offloading is meant to avoid.
+    kept_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+    call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state)
 
     anchor = None
     if not any(t.requires_grad for t in tensors):
