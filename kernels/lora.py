@@ -80,11 +80,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-_CASTS: dict = {}  # id(param) -> (weakref(param), param._version, dtype, cast copy)
+_CASTS: dict = {}  # id(param) -> (weakref(param), pass, version, dtype, cast copy)
+_PASS = 0  # bumped by begin_pass(); 0 = no model pass announced, so nothing is cached
+
+
+def begin_pass() -> None:
+    """Announce a new model forward pass: cast copies of the adapters are made afresh.
+
+    The patched model calls this at the top of every forward, so a copy lives for one forward,
+    its checkpoint recomputes and its backward, and never across an optimizer step (a fused
+    AdamW updates parameters in place without bumping their ``_version``).
+    """
+    global _PASS
+    _PASS += 1
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, cached until ``t`` changes (its ``_version``, bumped by optimizer steps).
+    """``t`` in ``dtype``, cached for the current model pass (see ``begin_pass``).
 
     fp32 A/B under bf16 autocast would otherwise be cast (one launch each) by every forward, every
     checkpoint recompute and every backward; with the cache each adapter is cast once per step.
@@ -92,13 +104,15 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if t.dtype == dtype:
         return t
+    if _PASS == 0:
+        return t.to(dtype)
     key = id(t)
     hit = _CASTS.get(key)
     version = t._version
-    if hit is not None and hit[0]() is t and hit[1] == version and hit[2] == dtype:
-        return hit[3]
+    if hit is not None and hit[0]() is t and hit[1:4] == (_PASS, version, dtype):
+        return hit[4]
     copy = t.detach().to(dtype) if t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
-    _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), version, dtype, copy)
+    _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), _PASS, version, dtype, copy)
     return copy
 
 

@@ -327,3 +327,24 @@ def test_fusion_lookup_is_cached_and_invalidated():
         assert lora_fusion.lora_weights(q) is None
     q.base_layer.weight.requires_grad_(True)
     assert lora_fusion.lora_weights(q) is None
+
+
+def test_fused_adamw_steps_reach_the_fused_forward():
+    """Under 16-bit autocast the fused path casts the fp32 adapters; a fused AdamW (which updates in
+    place without bumping ``_version``) must still change what the next forward computes."""
+    model = get_peft_model(tiny_model("llama", seed=0), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"], init_lora_weights=False))
+    assert patch_model(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    ids = torch.randint(0, VOCAB_SIZE, (1, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert len(set(losses)) == 3 and losses[-1] < losses[0], losses

@@ -256,16 +256,20 @@ def test_gpu_lora_qkv_llama_8b(base):
     _gpu_check(run, dtype)
 
 
-def test_adapter_casts_are_cached_until_the_adapter_changes():
-    """fp32 adapters under a 16-bit compute dtype are cast once per version (not per call/pass)."""
+def test_adapter_casts_live_for_one_model_pass():
+    """fp32 adapters under a 16-bit compute dtype are cast once per model pass, and a fused AdamW
+    step (which updates in place without bumping ``_version``) is never served a stale copy."""
     from slothnb.kernels import lora as lora_mod
 
     A = torch.nn.Parameter(torch.randn(4, 16))
+    lora_mod.begin_pass()
     first = lora_mod._cast(A, torch.bfloat16)
     assert lora_mod._cast(A, torch.bfloat16) is first and torch.equal(first, A.detach().to(torch.bfloat16))
     assert lora_mod._cast(A, torch.float32) is A  # nothing to cast
-    with torch.no_grad():
-        A.add_(1.0)  # an optimizer step
+    A.grad = torch.ones_like(A)
+    torch.optim.AdamW([A], lr=0.5, fused=True).step()
+    assert A._version == 0  # why the cache cannot key on the version alone
+    lora_mod.begin_pass()
     second = lora_mod._cast(A, torch.bfloat16)
     assert second is not first and torch.equal(second, A.detach().to(torch.bfloat16))
     key = id(A)

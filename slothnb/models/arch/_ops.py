@@ -6,7 +6,7 @@ import torch
 from slothnb.kernels.cross_entropy import cross_entropy
 from slothnb.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from slothnb.kernels.geglu import geglu
-from slothnb.kernels.lora import lora_linear, lora_mlp, lora_qkv
+from slothnb.kernels.lora import begin_pass, lora_linear, lora_mlp, lora_qkv
 from slothnb.kernels.rms_norm import rms_norm
 from slothnb.kernels.rope import apply_rope, apply_rope_projections, rope_in_place_ok
 from slothnb.kernels.swiglu import swiglu
@@ -60,4 +60,4 @@ def rope_projections(q, k, cos, sin, head_dim):
 
 
 __all__ = ["rms_norm", "rope", "rope_projections", "rope_reference", "swiglu", "geglu", "cross_entropy",
-           "fused_linear_cross_entropy", "lora_linear", "lora_mlp", "lora_qkv"]
+           "fused_linear_cross_entropy", "begin_pass", "lora_linear", "lora_mlp", "lora_qkv"]

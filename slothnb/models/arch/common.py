@@ -196,6 +196,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     None (set ``model._slothnb_return_logits = True`` to get them anyway); in eval mode, or without
     labels, logits are returned as usual.
     """
+    _ops.begin_pass()  # fresh 16-bit copies of the adapters for this forward (+ its recompute/backward)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
