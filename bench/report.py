@@ -23,15 +23,15 @@ def step_tables(path):
     out = []
     for (model, quant, seq, batch), rows in cases.items():
         out.append(f"\n**{model} {'QLoRA (NF4)' if quant == 'nf4' else 'bf16 LoRA'}, seq {seq}, batch {batch}**\n")
-        out.append("| system | step s | tokens/s | MFU | peak alloc GiB | peak reserved GiB | first losses |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("| system | checkpointing | step s | tokens/s | MFU | peak alloc GiB | peak reserved GiB | first losses |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r.get("status") != "ok":
-                out.append(f"| {r['system']} | failed: {str(r.get('error', ''))[:120]} | | | | | |")
+                out.append(f"| {r['system']} | {r.get('grad_ckpt', '')} | failed: {str(r.get('error', ''))[:120]} | | | | | |")
                 continue
             mfu = 6 * N_MATMUL.get(model, r.get("n_matmul_params", 0)) * r["tokens_per_s"] / (peak * 1e12) if peak else None
             losses = " ".join(f"{v:.3f}" for v in r["losses"][:3])
-            out.append(f"| {r['system']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | "
+            out.append(f"| {r['system']} | {r.get('grad_ckpt', '')} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | "
                        f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {r['peak_alloc_gib']:.2f} | "
                        f"{r['peak_reserved_gib']:.2f} | {losses} |")
     return "\n".join(out), peak
