@@ -15,25 +15,16 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import gpu_info, markdown  # noqa: E402  (needs the path above)
+
 FAMILIES = {"elementwise": "kernels_elementwise", "loss": "kernels_loss", "lora": "kernels_lora"}
 
 
-def markdown(rows):
-    if not rows:
-        return "(no rows)"
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-    return "\n".join(lines)
-
-
 def main(argv):
-    import torch
     names = argv or list(FAMILIES)
     out_dir = os.environ.get("OUT", "bench-out")
     os.makedirs(out_dir, exist_ok=True)
-    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    report = gpu_info()
     for name in names:
         try:
             rows = importlib.import_module(FAMILIES[name]).bench_all("cuda")

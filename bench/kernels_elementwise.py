@@ -15,13 +15,11 @@ floor_ms / ms (1.0 would be a kernel running at copy speed).
 
     python bench/kernels_elementwise.py   # markdown table; JSON to $OUT/kernels_elementwise.json if OUT is set
 """
-import json
-import os
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
+
+import _timing
+from _timing import gpu_info, markdown, write_json
 
 WARMUP, REPEATS, SETS = 5, 20, 3
 SHAPES = dict(tokens=8192, batch=4, hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, head_dim=128)
@@ -51,37 +49,7 @@ def copy_bandwidth(device, nbytes=1 << 30):
 
 def time_and_memory(run, device, reset=None):
     """(median ms, extra peak MiB or None) of ``run(k)`` for k cycling over the input sets."""
-    cuda = torch.device(device).type == "cuda"
-    for k in range(WARMUP):
-        run(k % SETS)
-        if reset:
-            reset(k % SETS)
-    times = []
-    for k in range(REPEATS):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(k % SETS)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run(k % SETS)
-            times.append((time.perf_counter() - t0) * 1e3)
-        if reset:
-            reset(k % SETS)
-    if not cuda:
-        return statistics.median(times), None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run(0)
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    if reset:
-        reset(0)
-    return statistics.median(times), peak
+    return _timing.time_and_memory(run, device, reset, warmup=WARMUP, repeats=REPEATS, sets=SETS)
 
 
 def _liger(op):
@@ -227,22 +195,10 @@ def bench_all(device="cuda", **shape_overrides) -> list[dict]:
     return add_ratios(rows)
 
 
-def markdown(rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main():
     rows = bench_all("cuda")
     print(markdown(rows))
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": SHAPES, "rows": rows}
-        with open(os.path.join(out, "kernels_elementwise.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    write_json("kernels_elementwise.json", dict(gpu_info(), shapes=SHAPES, rows=rows))
 
 
 if __name__ == "__main__":

@@ -13,57 +13,12 @@ above what the inputs already hold. ``speedup`` = plain ms / slothnb ms.
 
     python bench/kernels_lora.py     # markdown table; JSON to $OUT/kernels_lora.json if OUT is set
 """
-import json
-import os
-import statistics
-
 import torch
 import torch.nn.functional as F
 
+from _timing import gpu_info, markdown, measure as _measure, write_json
+
 HIDDEN, INTER, Q, KV, RANK, TOKENS = 4096, 14336, 4096, 1024, 16, 8192
-WARMUP, REPEATS = 3, 10
-
-
-def _time_and_memory(step, reset=None):
-    """(median ms, extra peak MiB) of ``step()``."""
-    for _ in range(WARMUP):
-        step()
-        if reset:
-            reset()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-        if reset:
-            reset()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    if reset:
-        reset()
-    return statistics.median(times), peak / 2**20
-
-
-def _measure(rows, base, impl, step, reset=None):
-    row = dict(base, impl=impl)
-    try:
-        ms, mib = _time_and_memory(step, reset)
-        row.update(ms=round(ms, 3), extra_peak_MiB=round(mib, 1))
-    except torch.cuda.OutOfMemoryError:
-        row.update(error="OOM")
-    except Exception as e:  # report and go on with the other rows
-        row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-    torch.cuda.empty_cache()
-    rows.append(row)
-    return row
 
 
 def _speedup(plain, ours):
@@ -172,21 +127,10 @@ def bench_all(device="cuda") -> list:
     return rows
 
 
-def markdown(rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main():
     rows = bench_all("cuda")
     print(markdown(rows))
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "kernels_lora.json"), "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_json("kernels_lora.json", dict(gpu_info(), rows=rows))
 
 
 if __name__ == "__main__":

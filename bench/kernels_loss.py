@@ -11,43 +11,12 @@ Target: fused linear CE at 8192 tokens needs <= 1/10 of eager's extra peak memor
 
     python bench/kernels_loss.py        # markdown table; JSON to $OUT/kernels_loss.json if OUT is set
 """
-import json
-import os
-import statistics
-
 import torch
 import torch.nn.functional as F
 
+from _timing import markdown, measure as _measure, write_json
+
 HIDDEN, VOCAB, TOKENS = 4096, 128256, (4096, 8192, 16384)
-WARMUP, REPEATS = 3, 10
-
-
-def _time_and_memory(step, reset=None):
-    """(median ms, extra peak MiB) of ``step()`` (forward+backward)."""
-    for _ in range(WARMUP):
-        step()
-        if reset:
-            reset()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-        if reset:
-            reset()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    if reset:
-        reset()
-    return statistics.median(times), peak / 2**20
 
 
 def _liger():
@@ -56,20 +25,6 @@ def _liger():
         return LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
     except Exception:
         return None, None
-
-
-def _measure(rows, base, impl, step, reset=None):
-    row = dict(base, impl=impl)
-    try:
-        ms, mib = _time_and_memory(step, reset)
-        row.update(ms=round(ms, 3), extra_peak_MiB=round(mib, 1))
-    except torch.cuda.OutOfMemoryError:
-        row.update(error="OOM")
-    except Exception as e:  # a missing compiler or an API change in a competitor: report, go on
-        row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-    torch.cuda.empty_cache()
-    rows.append(row)
-    return row
 
 
 def bench_fused(n, device="cuda", dtype=torch.bfloat16):
@@ -141,13 +96,6 @@ def _ratios(rows):
     return rows
 
 
-def markdown(rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def bench_all(device="cuda"):
     if not torch.cuda.is_available():
         return [{"family": "loss", "error": "needs a CUDA GPU"}]
@@ -162,6 +110,4 @@ def bench_all(device="cuda"):
 if __name__ == "__main__":
     result = bench_all()
     print(markdown(result))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kernels_loss.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    write_json("kernels_loss.json", result)
