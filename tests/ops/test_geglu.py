@@ -9,39 +9,7 @@ import torch
 from slothnb.errors import ConfigError
 from slothnb.kernels.geglu import geglu, geglu_reference
 
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
-
-
-def _inputs(shape, device, seed=0):
-    # Drawn where they are used: the GPU cases are 59M float64 elements, slow to draw on the CPU.
-    g = torch.Generator(device=device).manual_seed(seed)
-    gate = torch.randn(shape, generator=g, dtype=torch.float64, device=device) * 3  # deep into the tails
-    up = torch.randn(shape, generator=g, dtype=torch.float64, device=device)
-    return gate, up
-
-
-def check_glu(fn, ref_fn, gate64, up64, dtype=torch.float32, make=lambda t: t * 1, expect_overwrite=None):
-    """Runs ``fn`` on non-leaf copies (``make``) of the masters in ``dtype``; compares to float64."""
-    gl, ul = gate64.to(dtype).requires_grad_(), up64.to(dtype).requires_grad_()
-    gate, up = make(gl), make(ul)
-    gate_ptr = gate.data_ptr()
-    h = fn(gate, up)
-    rg, ru = gl.detach().double().requires_grad_(), ul.detach().double().requires_grad_()
-    ref = ref_fn(make(rg), make(ru))
-    dh = torch.randn(ref.shape, generator=torch.Generator(device=h.device).manual_seed(5), dtype=torch.float64,
-                     device=h.device)
-    grads = {}
-    gate.register_hook(lambda g: grads.update(gate=g.data_ptr()))
-    h.backward(dh.to(dtype))
-    ref.backward(dh.to(dtype).double())
-    atol, rtol = TOL[dtype]
-    assert h.shape == gate.shape and h.dtype == dtype
-    torch.testing.assert_close(h.double(), ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(gl.grad.double(), rg.grad, atol=atol, rtol=rtol)
-    torch.testing.assert_close(ul.grad.double(), ru.grad, atol=atol, rtol=rtol)
-    if expect_overwrite is not None:
-        assert (grads["gate"] == gate_ptr) == expect_overwrite
-
+from glu_checks import check_glu, glu_inputs
 
 
 def _pair(approximate, **kw):
@@ -51,13 +19,13 @@ def _pair(approximate, **kw):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape", [(3, 300), (2, 3, 1100), (1, 1, 64)])
 def test_geglu_fp32_vs_float64(shape, approximate, device):
-    gate, up = _inputs(shape, device)
+    gate, up = glu_inputs(shape, device)
     check_glu(*_pair(approximate), gate, up, expect_overwrite=True)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_geglu_strided_and_out_of_place(approximate, device):
-    gate, up = _inputs((2, 4, 200), device, seed=1)
+    gate, up = glu_inputs((2, 4, 200), device, seed=1)
     check_glu(*_pair(approximate), gate, up, make=lambda t: (t * 1)[:, :, :150])
     check_glu(*_pair(approximate), gate, up, make=lambda t: (t * 1).transpose(0, 1))
     check_glu(*_pair(approximate, inplace_backward=False), gate, up, expect_overwrite=False)
@@ -82,7 +50,7 @@ def test_geglu_bad_approximate_raises():
 # Every dtype and every GELU form once (each pair is four Triton compilations at these shapes).
 @pytest.mark.parametrize("dtype,approximate", [(torch.bfloat16, "tanh"), (torch.float16, "none")])
 def test_geglu_gpu_real_size(dtype, approximate):
-    gate, up = _inputs((4096, 14336), "cuda", seed=6)
+    gate, up = glu_inputs((4096, 14336), "cuda", seed=6)
     check_glu(*_pair(approximate), gate, up, dtype=dtype, expect_overwrite=True)
-    gate, up = _inputs((2, 3, 14337), "cuda", seed=7)
+    gate, up = glu_inputs((2, 3, 14337), "cuda", seed=7)
     check_glu(*_pair(approximate), gate, up, dtype=dtype, make=lambda t: (t * 1).transpose(0, 1))
