@@ -5,6 +5,7 @@ and ``jupyterlab`` (Playwright drives /usr/bin/chromium; no browser download). R
 ``pytest -m browser tests/notebook/test_browser.py``. The screenshot of the fine-tuning panel is
 kept in ``$SLOTHNB_ARTIFACTS`` (default ``artifacts/``) as ``finetune-panel.png``.
 """
+import importlib.util
 import os
 import secrets
 import shutil
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 def _require_browser_stack():
     missing = [what for what, ok in (("chromium (apt-get install chromium chromium-driver)", os.path.exists(CHROMIUM)),
-                                     ("jupyterlab (pip)", shutil.which("jupyter-lab") is not None))
+                                     ("jupyterlab (pip)", importlib.util.find_spec("jupyterlab") is not None))
                if not ok]
     try:
         import playwright.sync_api  # noqa: F401
