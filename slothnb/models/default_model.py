@@ -115,10 +115,12 @@ def _write_atomically(model, tokenizer, folder: Path, source: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert_gguf(gguf_path, folder=None) -> Path:
+def convert_gguf(gguf_path, folder=None, dtype=None) -> Path:
     """Convert ``gguf_path`` once into a safetensors folder (cached); returns the folder.
 
     The default folder is keyed by the file's path, size and mtime, so an edited file reconverts.
+    ``dtype`` is what goes on disk: float32 by default, since an f16/f32 GGUF (e.g. one slothnb
+    exported from a fine-tune) would lose precision in bf16; the embedded 4-bit model uses bf16.
     """
     import torch
 
@@ -133,9 +135,8 @@ def convert_gguf(gguf_path, folder=None) -> Path:
     if is_converted(folder):
         return folder
     logger.warning("slothnb: converting %s to safetensors in %s (once).", gguf_path.name, folder)
-    # bf16 on disk: half the size of fp32, and exact enough for weights that were 4-5 bit in the GGUF
     model, tokenizer = load_gguf(gguf_path, dtype=torch.float32)
-    model.to(torch.bfloat16)
+    model.to(dtype or torch.float32)
     # a GGUF stores no separate generation config: keep the special ids the tokenizer knows
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -148,4 +149,7 @@ def ensure_default_model() -> Path:
     folder = models_cache() / DEFAULT_FOLDER
     if is_converted(folder):
         return folder
-    return convert_gguf(embedded_gguf_path(), folder)
+    import torch
+
+    # bf16 on disk: half the size of fp32, and precise enough for weights that were 4-5 bit in the GGUF
+    return convert_gguf(embedded_gguf_path(), folder, dtype=torch.bfloat16)

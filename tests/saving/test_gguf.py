@@ -137,3 +137,17 @@ def test_errors_name_the_valid_choices(tmp_path, tokenizer, llama_lora):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
     with pytest.raises(ConfigError, match="'gpt2'.*llama, mistral, qwen2"):
         save_pretrained_gguf(gpt2, tmp_path, tokenizer)
+
+
+def test_slothnb_loads_its_own_gguf_export_without_losing_precision(tmp_path, tokenizer, llama_lora, sample_ids,
+                                                                     monkeypatch):
+    """An exported f32 GGUF loads back through FastLanguageModel (converted to a cached safetensors
+    folder) with the LoRA model's logits: the conversion must keep the file's precision."""
+    from slothnb import FastLanguageModel
+
+    monkeypatch.setenv("SLOTHNB_CACHE", str(tmp_path / "cache"))
+    path = save_pretrained_gguf(llama_lora, tmp_path / "gguf", tokenizer, quantization_method="f32")
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=64, patch=False)
+    assert model.dtype == torch.float32
+    expected = logits(llama_lora, sample_ids)
+    torch.testing.assert_close(logits(model, sample_ids), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
