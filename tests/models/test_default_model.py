@@ -75,3 +75,19 @@ def test_4bit_nf4_load_on_gpu_generates_paris():
     assert model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
     FastLanguageModel.for_inference(model)
     assert "Paris" in generate(model, tok, "The capital of France is", max_new_tokens=8, chat=False)
+
+
+def test_patched_logits_match_unpatched():
+    """The real SmolLM2 through slothnb's kernels (Triton's interpreter on CPU) gives transformers'
+    logits and loss: a short prompt keeps the interpreter's per-program cost small."""
+    from slothnb import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=64, patch=False)
+    patched, _ = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=64, patch=True)
+    assert patched._slothnb_patched and not model._slothnb_patched
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    model.eval(), patched.eval()
+    with torch.no_grad():
+        want, got = model(input_ids=ids, labels=ids), patched(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
