@@ -1,4 +1,7 @@
 """The stage recorder: stages in order, fields filled, table matching the rows."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,11 +21,18 @@ def test_cpu_snapshot_has_no_gpu_fields():
 
 
 def test_cpu_rss_follows_a_real_allocation():
-    before = snapshot().cpu_rss
-    block = torch.ones(16 * 2**20)  # 64 MiB, every page touched
-    after = snapshot().cpu_rss
-    assert after - before > 48 * 2**20
-    del block
+    # In a fresh process: in this one, memory freed by earlier tests may still be resident and be
+    # handed out again, so a new allocation would not move the RSS.
+    code = (
+        "import torch\n"
+        "from slothnb.memory import snapshot\n"
+        "before = snapshot().cpu_rss\n"
+        "block = torch.ones(16 * 2**20)  # 64 MiB, every page touched\n"
+        "print(snapshot().cpu_rss - before)\n"
+    )
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               timeout=120).stdout.split()[-1])
+    assert grown > 48 * 2**20
 
 
 def test_stages_recorded_in_order_with_rows_and_dict():
