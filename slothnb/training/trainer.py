@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from slothnb.errors import TrainingStopped
+from slothnb.errors import HardwareError, TrainingStopped
 from slothnb.training.data import check_dataset
 from slothnb.training.guards import LossGuard, check_max_steps, check_output_dir, check_trainable_labels
 
@@ -207,6 +207,36 @@ class SlothTrainer(SFTTrainer):
                 logger.warning("Interrupted at step %d; saved %s (resume with resume_from_checkpoint=...)",
                                self.state.global_step, path)
             raise
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(error):
+                raise
+            raise self._out_of_memory(error) from error
+
+    def _out_of_memory(self, error) -> HardwareError:
+        """Free what the failed step held, keep the steps done so far, and say what to change."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        saved = ""
+        if self.optimizer is not None and self.state.global_step > 0:
+            try:
+                saved = f" Steps 1-{self.state.global_step} are saved in {self.save_checkpoint_now()}."
+            except Exception:  # saving needs memory too; the error below matters more
+                saved = " Saving a checkpoint failed as well."
+        args = self.args
+        return HardwareError(
+            f"Out of memory at step {self.state.global_step + 1} (batch {args.per_device_train_batch_size} x "
+            f"{getattr(args, 'max_length', None) or 'full'} tokens).{saved} To fit: lower "
+            "per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch), "
+            "lower max_length / max_seq_length, use use_gradient_checkpointing=\"slothnb\", or load the model "
+            f"with load_in_4bit=True. ({str(error).splitlines()[0][:200]})")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the RuntimeError text older paths raise for it."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 class _StepEndGuard(TrainerCallback):

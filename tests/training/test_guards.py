@@ -8,7 +8,7 @@ import torch
 from training_helpers import lora_model, sloth_args, text_dataset
 from transformers import TrainerCallback
 
-from slothnb.errors import ConfigError, DatasetError, TrainingStopped
+from slothnb.errors import ConfigError, DatasetError, HardwareError, TrainingStopped
 from slothnb.training import SlothTrainer, SlothTrainingArguments, check_trainable_labels
 
 
@@ -139,3 +139,28 @@ def test_interrupt_saves_checkpoint_and_resume_continues_the_curve(tmp_path):
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
     assert not math.isclose(full[4], full[6], rel_tol=1e-3)  # the curve moves, so the match means something
+
+
+class OutOfMemoryAt(TrainerCallback):
+    """The GPU runs out of memory as step `step + 1` begins."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_keeps_the_steps_done_and_says_what_to_change(tmp_path):
+    model, tok = lora_model(seed=7, num_hidden_layers=1)
+    trainer = SlothTrainer(model=model, args=sloth_args(tmp_path, max_steps=6, max_length=24),
+                           train_dataset=text_dataset(12, chars=24), processing_class=tok,
+                           callbacks=[OutOfMemoryAt(2)])
+    with pytest.raises(HardwareError, match="Out of memory at step 3") as info:
+        trainer.train()
+    message = str(info.value)
+    assert "per_device_train_batch_size" in message and "load_in_4bit" in message
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert trainer.last_checkpoint.endswith("checkpoint-2")
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").exists()
