@@ -1,0 +1,120 @@
+"""Run a token-wise function (a decoder MLP) over token chunks, holding one chunk's intermediates at a time.
+
+At long context one MLP's intermediates dominate GPU memory: at 400K tokens on the Llama-3.1-8B shape
+gate, up and the activation are each ``[400K, 14336]`` bf16 ~11.5 GB, and ``lora_mlp`` keeps G and U
+for backward. An MLP is row-wise in tokens, so it can run ``chunk`` rows at a time with the same result.
+
+``token_chunked(fn, x, params, chunk)`` is a checkpoint per chunk in one autograd node: forward runs
+``fn`` on each chunk without grad and saves only ``x``; backward recomputes each chunk with grad on
+(same RNG state, same autocast), backpropagates ``dy`` of that chunk, writes its rows of ``dx`` and adds
+the parameter gradients, then drops the chunk's graph before the next. Peak extra memory is one chunk's
+intermediates in both passes, at the price of one more MLP forward (as any checkpointing).
+
+Gradients go to ``params`` through the node's own return values (not ``.grad`` side effects), so
+``torch.autograd.grad`` works as well as ``backward()``. ``fn`` must treat tokens independently (no
+mixing across rows): true of an MLP, of LoRA and of dropout.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import ConfigError
+
+
+def _autocast_state():
+    return [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+
+
+def _rng_devices(x):
+    if not x.is_cuda:
+        return []
+    return [x.device.index if x.device.index is not None else torch.cuda.current_device()]
+
+
+def _bounds(n: int, chunk: int):
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _chunked_no_grad(fn, X, chunk):
+    """fn over the rows of 2-D X, chunk by chunk, into one preallocated output (no ``torch.cat`` copy)."""
+    out = None
+    for s, e in _bounds(X.shape[0], chunk):
+        y = fn(X[s:e])
+        if out is None:
+            out = torch.empty((X.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device)
+        out[s:e] = y
+        del y
+    return out
+
+
+class TokenChunkedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, chunk, lead, X, *params):
+        ctx.fn, ctx.chunk = fn, chunk
+        ctx.params = params  # leaves (adapter parameters): no reference cycle through the graph
+        ctx.autocast = _autocast_state()
+        ctx.rng_devices = _rng_devices(X)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.rng_devices]
+        with torch.no_grad():
+            out = _chunked_no_grad(fn, X, chunk)
+        ctx.save_for_backward(X)
+        return out.view(*lead, *out.shape[1:])
+
+    @staticmethod
+    def backward(ctx, dout):
+        (X,) = ctx.saved_tensors
+        dout = dout.reshape(X.shape[0], -1)
+        need_x = ctx.needs_input_grad[3]
+        want = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+        dX = torch.empty_like(X) if need_x else None
+        dparams = [None] * len(ctx.needs_input_grad[4:])
+        with contextlib.ExitStack() as stack:
+            # chunks are recomputed in forward order from the forward's RNG state: same dropout masks
+            stack.enter_context(torch.random.fork_rng(devices=ctx.rng_devices))
+            torch.set_rng_state(ctx.cpu_rng)
+            for d, state in zip(ctx.rng_devices, ctx.cuda_rng):
+                torch.cuda.set_rng_state(state, d)
+            stack.enter_context(torch.enable_grad())
+            for device_type, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            targets = [ctx.params[i] for i in want]
+            for s, e in _bounds(X.shape[0], ctx.chunk):
+                xc = X[s:e].detach().requires_grad_(need_x)
+                y = ctx.fn(xc)
+                inputs = ([xc] if need_x else []) + targets
+                grads = torch.autograd.grad(y, inputs, dout[s:e], allow_unused=True)
+                del y
+                if need_x:
+                    dX[s:e] = grads[0] if grads[0] is not None else 0
+                    grads = grads[1:]
+                for i, g in zip(want, grads):
+                    if g is not None:
+                        dparams[i] = g if dparams[i] is None else dparams[i].add_(g)
+        return (None, None, None, dX, *dparams)
+
+
+def token_chunked(fn, x: torch.Tensor, params, chunk: int) -> torch.Tensor:
+    """``fn(x)`` for x ``[..., features]``, computed ``chunk`` tokens at a time (see the module doc).
+
+    ``params``: the tensors inside ``fn`` that need gradients (the LoRA adapters); any trainable
+    tensor ``fn`` uses but that is not listed gets no gradient. Below or at ``chunk`` tokens this is
+    just ``fn(x)``.
+    """
+    if chunk < 1:
+        raise ConfigError(f"token chunk must be >= 1 tokens, got {chunk} (SLOTHNB_MLP_CHUNK_TOKENS).")
+    lead = x.shape[:-1]
+    X = x.reshape(-1, x.shape[-1])
+    if X.shape[0] <= chunk:
+        return fn(x)
+    params = [p for p in params if p.requires_grad]
+    if torch.is_grad_enabled() and (x.requires_grad or params):
+        return TokenChunkedFunction.apply(fn, chunk, lead, X, *params)
+    with torch.no_grad():
+        out = _chunked_no_grad(fn, X, chunk)
+    return out.view(*lead, *out.shape[1:])
+
+
+__all__ = ["token_chunked", "TokenChunkedFunction"]
