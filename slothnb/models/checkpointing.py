@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import weakref
 from collections import defaultdict
 
@@ -67,6 +68,53 @@ class _PinnedPool:
 
 
 _POOL = _PinnedPool()
+
+
+class HostBudget:
+    """How many bytes of pinned host memory the offloaded layer inputs may hold at once.
+
+    At long context the inputs of all layers no longer fit in host RAM (Llama-3.1-8B, 400K tokens:
+    32 x 3.3 GB = 105 GB). ``admit(nbytes)`` says whether one more input may be offloaded and, if so,
+    counts it; ``release(nbytes)`` uncounts it when its buffer goes back to the pool (restore in
+    backward) or is dropped (a forward never backpropagated). What is counted is bytes in use by the
+    current forward, not bytes ever allocated: pooled free buffers are not counted. Refused inputs stay
+    on the GPU (standard checkpointing for that layer). The limit is ``SLOTHNB_OFFLOAD_HOST_GIB`` GiB if
+    set, else half of the host memory available when the first input is offloaded.
+    """
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.limit, self.in_use = limit_bytes, 0
+
+    def admit(self, nbytes: int) -> bool:
+        if self.limit is None:
+            self.limit = default_host_budget_bytes()
+        if self.in_use + nbytes > self.limit:
+            return False
+        self.in_use += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.in_use = max(0, self.in_use - nbytes)
+
+
+def default_host_budget_bytes() -> int:
+    """``SLOTHNB_OFFLOAD_HOST_GIB`` GiB, else 50% of the host memory available now."""
+    env = os.environ.get("SLOTHNB_OFFLOAD_HOST_GIB")
+    if env:
+        try:
+            gib = float(env)
+        except ValueError:
+            gib = -1.0
+        if gib < 0:
+            raise ConfigError(f"SLOTHNB_OFFLOAD_HOST_GIB={env!r} must be a number of GiB >= 0 "
+                              "(pinned host memory for offloaded layer inputs).")
+        return int(gib * 1024**3)
+    import psutil
+
+    return int(psutil.virtual_memory().available // 2)
+
+
+_HOST_BUDGET = HostBudget()
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -92,8 +140,14 @@ class _Offloaded:
     _last = None  # weakref to the most recent _Offloaded: the previous layer for the next one
 
     def __init__(self, x: torch.Tensor):
+        """Only after ``_HOST_BUDGET.admit(x.nbytes)``: the bytes are released by restore or on GC."""
         self.device, self.gpu, self.ready = x.device, None, None
-        self.buf = _POOL.take(x.shape, x.dtype)
+        self.nbytes, self.buf = x.nbytes, None
+        try:
+            self.buf = _POOL.take(x.shape, x.dtype)
+        except BaseException:  # no pinned memory after all: nothing is held
+            _HOST_BUDGET.release(self.nbytes)
+            raise
         stream = _side_stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully computed before we read it
         with torch.cuda.stream(stream):
@@ -124,7 +178,12 @@ class _Offloaded:
         x, self.gpu, self.prev = self.gpu, None, None
         _POOL.give(self.buf)  # reused only by a later forward, whose copy is ordered after this one
         self.buf = None
+        _HOST_BUDGET.release(self.nbytes)
         return x
+
+    def __del__(self):  # a forward that never reached backward: its bytes are no longer in use
+        if getattr(self, "buf", None) is not None:
+            _HOST_BUDGET.release(self.nbytes)
 
 
 def _worth_offloading(t: torch.Tensor) -> bool:
@@ -177,10 +236,11 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
         kept, ctx.offloaded = [], [None] * len(tensors)
         for i, (t, off) in enumerate(zip(tensors, call.offload_mask)):
-            if off and _worth_offloading(t):
+            if off and _worth_offloading(t) and _HOST_BUDGET.admit(t.nbytes):
                 ctx.offloaded[i] = _Offloaded(t)
                 kept.append(None)
-            else:  # CPU tensors (nothing to gain) and shared inputs (cos/sin, masks) stay where they are
+            else:  # CPU tensors (nothing to gain), shared inputs (cos/sin, masks) and inputs over the
+                # host budget stay where they are (the last ones: plain recompute checkpointing)
                 kept.append(t)
         ctx.save_for_backward(*kept)
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])

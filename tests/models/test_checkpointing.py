@@ -303,3 +303,67 @@ def test_the_graph_holds_no_reference_to_offloaded_inputs():
     assert not any(isinstance(v, torch.Tensor) for v in node.call.leaves)
     out.sum().backward()
     assert layer.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------ host budget
+def test_host_budget_admits_until_full_and_counts_bytes_in_use():
+    budget = ckpt.HostBudget(limit_bytes=100)
+    assert [budget.admit(40) for _ in range(3)] == [True, True, False]  # 120 > 100: stays on the GPU
+    assert budget.in_use == 80
+    budget.release(40), budget.release(40)  # backward restored both: the next step starts from zero
+    assert budget.in_use == 0 and budget.admit(100) and not budget.admit(1)
+
+
+def test_host_budget_limit_from_env_or_half_the_available_memory(monkeypatch):
+    import psutil
+
+    monkeypatch.setenv("SLOTHNB_OFFLOAD_HOST_GIB", "1.5")
+    assert ckpt.default_host_budget_bytes() == int(1.5 * 1024**3)
+    monkeypatch.setenv("SLOTHNB_OFFLOAD_HOST_GIB", "lots")
+    with pytest.raises(ConfigError, match="SLOTHNB_OFFLOAD_HOST_GIB"):
+        ckpt.default_host_budget_bytes()
+    monkeypatch.delenv("SLOTHNB_OFFLOAD_HOST_GIB")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1000})())
+    budget = ckpt.HostBudget()
+    assert budget.admit(500) and not budget.admit(1) and budget.limit == 500  # read once, at the first offload
+
+
+def test_layers_over_the_host_budget_stay_on_the_device(monkeypatch):
+    """4 layers, room for 2 inputs: the first 2 are offloaded, the last 2 kept (plain recompute);
+    gradients unchanged, and the next step admits 2 again (restored bytes were released)."""
+    model = _model(layers=4)
+    _, ref = _loss_and_grads(model)
+    nbytes = 2 * 24 * 64 * 4  # [B, S, H] fp32
+    budget = ckpt.HostBudget(limit_bytes=int(2.5 * nbytes))
+    stored, restored = [], []
+
+    class FakeOffload:
+        def __init__(self, x):
+            self.copy = x.detach().clone()
+            stored.append(tuple(x.shape))
+
+        def restore(self):
+            restored.append(1)
+            budget.release(self.copy.nbytes)
+            return self.copy
+
+    monkeypatch.setattr(ckpt, "_worth_offloading", lambda t: True)
+    monkeypatch.setattr(ckpt, "_Offloaded", FakeOffload)
+    monkeypatch.setattr(ckpt, "_HOST_BUDGET", budget)
+    apply_gradient_checkpointing(model, "slothnb", layers=[0, 1, 2, 3])
+    for _ in range(2):
+        stored.clear(), restored.clear()
+        _, got = _loss_and_grads(model)
+        assert len(stored) == 2 and len(restored) == 2 and budget.in_use == 0
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_an_offload_never_restored_releases_its_bytes(monkeypatch):
+    budget = ckpt.HostBudget(limit_bytes=10)
+    monkeypatch.setattr(ckpt, "_HOST_BUDGET", budget)
+    assert budget.admit(8)
+    off = object.__new__(ckpt._Offloaded)  # as built on CUDA, without the copy
+    off.nbytes, off.buf = 8, torch.empty(2)
+    del off  # its forward was dropped without a backward
+    assert budget.in_use == 0
