@@ -385,6 +385,19 @@ def default_offload_layers(n_layers: int) -> list[int]:
     return list(range(n_layers - 1)) if n_layers > 1 else list(range(n_layers))
 
 
+LAST_LAYER_KEEP_BYTES = 256 * 2**20  # the last layer keeps its activations while its input is this small
+
+
+def last_layer_checkpoint(function, *args, **kwargs):
+    """The last decoder layer under the default policy: kept (no offload, no recompute) while its input
+    is at most ``LAST_LAYER_KEEP_BYTES`` (32K tokens of a 4096-wide model), offload-checkpointed beyond,
+    where its activations alone would be tens of GiB (about 25 GB at 400K tokens on the 8B shape)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.numel() * x.element_size() <= LAST_LAYER_KEEP_BYTES:
+        return function(*args, **kwargs)
+    return offloaded_checkpoint(function, *args, **kwargs)
+
+
 def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | None = None,
                                  budget_gib: float | None = None, batch_size: int = 1,
                                  seq_len: int | None = None) -> list[int]:
@@ -413,7 +426,8 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
     else:  # transformers < 5.2x
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     all_layers = decoder_layers(hf)
-    if layers is None and budget_gib is None and mode == "slothnb":
+    default_policy = layers is None and budget_gib is None and mode == "slothnb"
+    if default_policy:
         layers = default_offload_layers(len(all_layers))
     elif layers is None:
         layers = checkpoint_policy(hf, budget_gib, batch_size, seq_len)
@@ -425,6 +439,9 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         layer.gradient_checkpointing = i in chosen
         if mode == "slothnb":
             layer._gradient_checkpointing_func = offloaded_checkpoint
+    if default_policy and len(all_layers) > 1:  # the last layer decides per call, by its input's size
+        all_layers[-1].gradient_checkpointing = True
+        all_layers[-1]._gradient_checkpointing_func = last_layer_checkpoint
     hf._slothnb_checkpointing = mode
     return sorted(chosen)
 

@@ -172,7 +172,9 @@ def test_slothnb_default_keeps_only_the_last_layer():
     model = _model(layers=4)
     assert ckpt.default_offload_layers(4) == [0, 1, 2] and ckpt.default_offload_layers(1) == [0]
     assert apply_gradient_checkpointing(model, "slothnb") == [0, 1, 2]
-    assert [layer.gradient_checkpointing for layer in ckpt.decoder_layers(model)] == [True, True, True, False]
+    layers = ckpt.decoder_layers(model)
+    assert [layer._gradient_checkpointing_func for layer in layers] == [offloaded_checkpoint] * 3 + [
+        ckpt.last_layer_checkpoint]  # the last layer decides per call (see the next test)
     assert apply_gradient_checkpointing(model, True) == [0, 1, 2, 3]
     per_layer = ckpt.layer_activation_bytes(model.config, tokens=128)
     assert apply_gradient_checkpointing(model, "slothnb", budget_gib=3 * per_layer / 1024**3, seq_len=128) == [0, 1]
@@ -367,3 +369,27 @@ def test_an_offload_never_restored_releases_its_bytes(monkeypatch):
     off.nbytes, off.buf = 8, torch.empty(2)
     del off  # its forward was dropped without a backward
     assert budget.in_use == 0
+
+
+def test_last_layer_is_checkpointed_only_for_long_inputs(monkeypatch):
+    """Default "slothnb": the last layer runs plainly for short inputs and is offload-checkpointed
+    once its input passes LAST_LAYER_KEEP_BYTES; gradients are the same either way."""
+    runs = []
+    real_run = ckpt._Call.run
+    monkeypatch.setattr(ckpt._Call, "run", lambda self, t: runs.append(1) or real_run(self, t))
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def grads(keep_bytes):
+        monkeypatch.setattr(ckpt, "LAST_LAYER_KEEP_BYTES", keep_bytes)
+        model = _model(layers=3)
+        apply_gradient_checkpointing(model, "slothnb")
+        model.train()
+        runs.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return len(runs), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    short_runs, short = grads(1 << 40)
+    long_runs, long = grads(0)
+    assert (short_runs, long_runs) == (2 * 2, 2 * 3)  # forward + recompute per checkpointed layer
+    for name in short:
+        torch.testing.assert_close(long[name], short[name], rtol=1e-5, atol=1e-6)
