@@ -10,20 +10,13 @@ takes a transformers model takes it.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 
+from slothnb import memory, saving
+from slothnb.models import checkpointing, lora, patching
 from slothnb.models.loader import load_model_and_tokenizer
 
 logger = logging.getLogger("slothnb")
-
-
-def _optional(module: str, name: str):
-    """A function from a sibling module that may not be installed/written yet (None then)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
 
 
 def _hf_model(model):
@@ -52,17 +45,9 @@ class FastLanguageModel:
             model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
             device_map=device_map, trust_remote_code=trust_remote_code, fix_tokenizer=fix_tokenizer,
             attn_implementation=attn_implementation, **kw)
-        model._slothnb_patched = False
-        if patch:
-            patch_model = _optional("slothnb.models.patching", "patch_model")
-            if patch_model is not None:
-                model._slothnb_patched = bool(patch_model(model))
-        attach = _optional("slothnb.saving", "attach_saving_methods")
-        if attach is not None:
-            attach(model)
-        record_stage = _optional("slothnb.memory", "record_stage")
-        if record_stage is not None:
-            record_stage("load")
+        model._slothnb_patched = bool(patch and patching.patch_model(model))
+        saving.attach_saving_methods(model)
+        memory.record_stage("load")
         return model, tokenizer
 
     @staticmethod
@@ -70,14 +55,11 @@ class FastLanguageModel:
                        bias: str = "none", use_gradient_checkpointing="slothnb", random_state: int = 3407,
                        use_rslora: bool = False, loftq_config=None, modules_to_save=None, max_seq_length=None, **kw):
         """Wrap ``model`` with LoRA adapters (delegates to ``slothnb.models.lora.get_peft_model``)."""
-        get_peft_model = _optional("slothnb.models.lora", "get_peft_model")
-        if get_peft_model is None:
-            raise ImportError("slothnb.models.lora is not available in this install (LoRA is being built).")
         if target_modules is not None:
             kw["target_modules"] = target_modules
         if max_seq_length is None:
             max_seq_length = getattr(model, "max_seq_length", None)
-        return get_peft_model(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+        return lora.get_peft_model(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                               use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
                               use_rslora=use_rslora, loftq_config=loftq_config, modules_to_save=modules_to_save,
                               max_seq_length=max_seq_length, **kw)
@@ -86,15 +68,9 @@ class FastLanguageModel:
     def for_inference(model, tokenizer=None):
         """Eval mode (dropout off), KV cache on, checkpointing off (remembered), left padding for batches."""
         hf = _hf_model(model)
-        is_checkpointing = _optional("slothnb.models.checkpointing", "is_checkpointing")
-        apply_checkpointing = _optional("slothnb.models.checkpointing", "apply_gradient_checkpointing")
-        if apply_checkpointing is not None:
-            if is_checkpointing(hf):
-                hf._slothnb_saved_checkpointing = getattr(hf, "_slothnb_checkpointing", True) or True
-                apply_checkpointing(model, False)
-        elif getattr(hf, "is_gradient_checkpointing", False):
-            hf._slothnb_saved_checkpointing = True
-            hf.gradient_checkpointing_disable()
+        if checkpointing.is_checkpointing(hf):
+            hf._slothnb_saved_checkpointing = getattr(hf, "_slothnb_checkpointing", True) or True
+            checkpointing.apply_gradient_checkpointing(model, False)
         model.eval()
         hf.config.use_cache = True
         if getattr(hf, "generation_config", None) is not None:
@@ -111,11 +87,8 @@ class FastLanguageModel:
         mode = use_gradient_checkpointing
         if mode is None:
             mode = getattr(hf, "_slothnb_saved_checkpointing", None)
-        apply_checkpointing = _optional("slothnb.models.checkpointing", "apply_gradient_checkpointing")
-        if apply_checkpointing is not None and (mode or use_gradient_checkpointing is not None):
-            apply_checkpointing(model, mode)
-        elif mode:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode or use_gradient_checkpointing is not None:
+            checkpointing.apply_gradient_checkpointing(model, mode)
         hf._slothnb_saved_checkpointing = None
         model.train()
         hf.config.use_cache = False
