@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from slothnb.errors import ConfigError, HardwareError
+from slothnb.kernels.nf4 import dequantize_nf4
 
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -66,14 +67,7 @@ def dequantized(weight, dtype=torch.float32) -> torch.Tensor:
         if getattr(weight, "SCB", None) is not None or weight.dtype == torch.int8:
             raise ConfigError("8-bit (LLM.int8) bases cannot be merged; load the model in 4-bit or 16-bit.")
         return weight.detach().to(dtype, copy=True)  # a copy: the merge adds into it
-    try:
-        from slothnb.kernels.nf4 import dequantize_nf4
-
-        return dequantize_nf4(weight.data, quant_state, dtype=dtype)
-    except ImportError:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+    return dequantize_nf4(weight.data, quant_state, dtype=dtype)
 
 
 def _merged_lora_weight(layer) -> torch.Tensor:

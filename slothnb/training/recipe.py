@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from slothnb import memory
 from slothnb.errors import ConfigError
 from slothnb.training.chat import apply_chat_template, train_on_responses_only
 from slothnb.training.data import raw_text_dataset, require_field
@@ -90,11 +91,7 @@ class FinetuneResult:
 
 
 def _record(stage: str) -> None:
-    try:
-        from slothnb.memory import record_stage
-    except ImportError:
-        return
-    record_stage(stage)
+    memory.record_stage(stage)
 
 
 def _add_lora(model, config: FinetuneConfig):
