@@ -1,4 +1,5 @@
-"""Small shared helpers for the Triton ops (dispatch, block sizes)."""
+"""Small shared helpers for the Triton ops (dispatch, block sizes, recompute state)."""
+import contextlib
 import os
 
 import torch
@@ -53,3 +54,29 @@ def reduce_programs(device: torch.device, n_rows: int) -> int:
     else:
         sms = 4
     return max(1, min(n_rows, sms))
+
+
+class RecomputeState:
+    """The RNG and autocast state of a forward, replayed when a backward recomputes it, so the
+    recompute draws the same dropout masks and runs in the same dtypes (as torch's checkpoint does)."""
+
+    def __init__(self, tensors, preserve_rng: bool = True):
+        self.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+        self.devices = sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
+                               for t in tensors if t.is_cuda})
+        self.cpu_rng = torch.get_rng_state() if preserve_rng else None
+        self.cuda_rng = [torch.cuda.get_rng_state(d) for d in self.devices] if preserve_rng else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Grad on, the forward's autocast, and (when preserved) its RNG state, restored afterwards."""
+        with contextlib.ExitStack() as stack:
+            if self.cpu_rng is not None:
+                stack.enter_context(torch.random.fork_rng(devices=self.devices))
+                torch.set_rng_state(self.cpu_rng)
+                for d, state in zip(self.devices, self.cuda_rng):
+                    torch.cuda.set_rng_state(state, d)
+            stack.enter_context(torch.enable_grad())
+            for device_type, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            yield

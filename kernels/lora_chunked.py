@@ -16,21 +16,10 @@ mixing across rows): true of an MLP, of LoRA and of dropout.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..errors import ConfigError
-
-
-def _autocast_state():
-    return [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
-
-
-def _rng_devices(x):
-    if not x.is_cuda:
-        return []
-    return [x.device.index if x.device.index is not None else torch.cuda.current_device()]
+from ._utils import RecomputeState
 
 
 def _bounds(n: int, chunk: int):
@@ -54,10 +43,7 @@ class TokenChunkedFunction(torch.autograd.Function):
     def forward(ctx, fn, chunk, lead, X, *params):
         ctx.fn, ctx.chunk = fn, chunk
         ctx.params = params  # leaves (adapter parameters): no reference cycle through the graph
-        ctx.autocast = _autocast_state()
-        ctx.rng_devices = _rng_devices(X)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.rng_devices]
+        ctx.state = RecomputeState([X])
         with torch.no_grad():
             out = _chunked_no_grad(fn, X, chunk)
         ctx.save_for_backward(X)
@@ -71,15 +57,8 @@ class TokenChunkedFunction(torch.autograd.Function):
         want = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         dX = torch.empty_like(X) if need_x else None
         dparams = [None] * len(ctx.needs_input_grad[4:])
-        with contextlib.ExitStack() as stack:
-            # chunks are recomputed in forward order from the forward's RNG state: same dropout masks
-            stack.enter_context(torch.random.fork_rng(devices=ctx.rng_devices))
-            torch.set_rng_state(ctx.cpu_rng)
-            for d, state in zip(ctx.rng_devices, ctx.cuda_rng):
-                torch.cuda.set_rng_state(state, d)
-            stack.enter_context(torch.enable_grad())
-            for device_type, dtype in ctx.autocast:
-                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        # chunks are recomputed in forward order from the forward's RNG state: same dropout masks
+        with ctx.state.replay():
             targets = [ctx.params[i] for i in want]
             for s, e in _bounds(X.shape[0], ctx.chunk):
                 xc = X[s:e].detach().requires_grad_(need_x)

@@ -13,7 +13,6 @@ layers that fit keep their activations (no recompute cost), the rest are offload
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -25,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import ConfigError
+from slothnb.kernels._utils import RecomputeState
 
 CHECKPOINTING_MODES = (False, True, "slothnb")
 _ALIASES = {"unsloth": "slothnb", "offload": "slothnb"}
@@ -191,15 +191,6 @@ def _worth_offloading(t: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------ autograd function
-def _rng_devices(tensors) -> list[int]:
-    return sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
-                   for t in tensors if t.is_cuda})
-
-
-def _autocast_state() -> list[tuple[str, torch.dtype]]:
-    return [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
-
-
 class _Call:
     """What forward and backward share about one checkpointed call: how to run it and its pytrees."""
 
@@ -222,11 +213,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, anchor, *tensors):
         ctx.call = call
-        ctx.autocast = _autocast_state()
-        ctx.rng_devices = _rng_devices(tensors)
-        if call.preserve_rng:
-            ctx.cpu_rng = torch.get_rng_state()
-            ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.rng_devices]
+        ctx.state = RecomputeState(tensors, call.preserve_rng)
         with torch.no_grad():
             out = call.run(tensors)
         out_leaves, call.out_spec = tree_flatten(out)
@@ -256,15 +243,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
             x = x.detach()
             x.requires_grad_(ctx.needs_input_grad[i + 2] and x.is_floating_point())
             inputs.append(x)
-        with contextlib.ExitStack() as stack:
-            if call.preserve_rng:
-                stack.enter_context(torch.random.fork_rng(devices=ctx.rng_devices))
-                torch.set_rng_state(ctx.cpu_rng)
-                for d, state in zip(ctx.rng_devices, ctx.cuda_rng):
-                    torch.cuda.set_rng_state(state, d)
-            stack.enter_context(torch.enable_grad())
-            for device_type, dtype in ctx.autocast:
-                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        with ctx.state.replay():
             out = call.run(inputs)
         out_leaves, _ = tree_flatten(out)
         outs = [out_leaves[i] for i in call.out_slots]
