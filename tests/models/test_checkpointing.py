@@ -14,6 +14,26 @@ def _model(layers=3, dropout=0.0, arch="llama"):
     return m.train()
 
 
+def _fake_offload(monkeypatch, on_restore=None):
+    """Offloading forced on for CPU tensors, with a stand-in that records what is stored/restored."""
+    stored, restored = [], []
+
+    class FakeOffload:
+        def __init__(self, x):
+            self.copy = x.detach().clone()
+            stored.append(tuple(x.shape))
+
+        def restore(self):
+            restored.append(1)
+            if on_restore is not None:
+                on_restore(self.copy)
+            return self.copy
+
+    monkeypatch.setattr(ckpt, "_worth_offloading", lambda t: True)
+    monkeypatch.setattr(ckpt, "_Offloaded", FakeOffload)
+    return stored, restored
+
+
 def _loss_and_grads(model, seed=123):
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     model.zero_grad(set_to_none=True)
@@ -63,19 +83,7 @@ def test_only_the_hidden_states_are_offloaded(monkeypatch):
     (cos/sin and masks stay shared), restored once each in backward, gradients unchanged."""
     model = _model()
     _, ref = _loss_and_grads(model)
-    stored, restored = [], []
-
-    class FakeOffload:
-        def __init__(self, x):
-            self.copy = x.detach().clone()
-            stored.append(tuple(x.shape))
-
-        def restore(self):
-            restored.append(1)
-            return self.copy
-
-    monkeypatch.setattr(ckpt, "_worth_offloading", lambda t: True)
-    monkeypatch.setattr(ckpt, "_Offloaded", FakeOffload)
+    stored, restored = _fake_offload(monkeypatch)
     apply_gradient_checkpointing(model, "slothnb", layers=[0, 1, 2])
     _, got = _loss_and_grads(model)
     assert stored == [(2, 24, 64)] * 3 and len(restored) == 3
@@ -337,20 +345,7 @@ def test_layers_over_the_host_budget_stay_on_the_device(monkeypatch):
     _, ref = _loss_and_grads(model)
     nbytes = 2 * 24 * 64 * 4  # [B, S, H] fp32
     budget = ckpt.HostBudget(limit_bytes=int(2.5 * nbytes))
-    stored, restored = [], []
-
-    class FakeOffload:
-        def __init__(self, x):
-            self.copy = x.detach().clone()
-            stored.append(tuple(x.shape))
-
-        def restore(self):
-            restored.append(1)
-            budget.release(self.copy.nbytes)
-            return self.copy
-
-    monkeypatch.setattr(ckpt, "_worth_offloading", lambda t: True)
-    monkeypatch.setattr(ckpt, "_Offloaded", FakeOffload)
+    stored, restored = _fake_offload(monkeypatch, on_restore=lambda copy: budget.release(copy.nbytes))
     monkeypatch.setattr(ckpt, "_HOST_BUDGET", budget)
     apply_gradient_checkpointing(model, "slothnb", layers=[0, 1, 2, 3])
     for _ in range(2):
