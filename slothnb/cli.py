@@ -295,19 +295,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def drop_checkout_root() -> None:
-    """Take a source checkout's root off ``sys.path`` (``python -m`` from the repository root puts it there).
-
-    Its ``kernels/`` folder would then shadow Hugging Face's ``kernels`` package, which transformers
-    imports to probe for it; slothnb reaches its own kernels through ``slothnb.__path__`` instead.
-    """
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, "kernels", "_utils.py")):
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
-
-
 def run_command(args, command) -> int:
     """Run ``command(args)``: a SlothError becomes one ``error:`` line and exit code 2, Ctrl-C code 130."""
     try:
@@ -324,7 +311,6 @@ def run_command(args, command) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the ``slothnb`` console script; returns the exit code."""
-    drop_checkout_root()
     args = build_parser().parse_args(argv)
     return run_command(args, args.run)
 

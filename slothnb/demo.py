@@ -212,9 +212,6 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from slothnb.cli import drop_checkout_root
-
-    drop_checkout_root()
     parser = argparse.ArgumentParser(prog="python -m slothnb.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
