@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--grad-ckpt", default="slothnb")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--memory", action="store_true", help="also print what is live at the step's memory peak")
     ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
     a = ap.parse_args()
     gc = {"true": True, "false": False}.get(a.grad_ckpt, a.grad_ckpt)
@@ -78,6 +79,46 @@ def main():
     print(f"# profiled step wall {wall*1e3:.1f} ms, GPU busy {gpu_total*1e3:.1f} ms "
           f"({100 * gpu_total / wall:.0f}%)")
     print(events.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=70))
+    if a.memory:
+        torch.cuda.synchronize()
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+        base = torch.cuda.memory_allocated()
+        step()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        print_peak_breakdown(snap, base, a.top)
+
+
+def _site(frames):
+    """The innermost frame in this project's or the model libraries' code: where an allocation came from."""
+    for f in frames or []:
+        name = f.get("filename", "")
+        if any(k in name for k in ("slothnb", "kernels/", "peft", "transformers", "bench/")) and "torch/" not in name:
+            return f"{name.split('/')[-1]}:{f.get('line')} {f.get('name')}"
+    return "(torch internals)" if frames else "(no stack)"
+
+
+def print_peak_breakdown(snap, base, top):
+    """Replays the allocator trace of one step; at its highest point, sums the live blocks by site."""
+    live, total, peak, at_peak = {}, 0, -1, {}
+    for ev in snap["device_traces"][0]:
+        action, addr, size = ev["action"], ev["addr"], ev["size"]
+        if action == "alloc":
+            live[addr] = (size, ev.get("frames"))
+            total += size
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action == "free_completed" and addr in live:
+            total -= live.pop(addr)[0]
+    by_site = {}
+    for size, frames in at_peak.values():
+        k = _site(frames)
+        n, b = by_site.get(k, (0, 0))
+        by_site[k] = (n + 1, b + size)
+    print(f"# memory peak of one step: {(base + peak) / 2**30:.3f} GiB = {base / 2**30:.3f} held before the step "
+          f"+ {peak / 2**20:.1f} MiB allocated during it; live at the peak, by site:")
+    for k, (n, b) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"#   {b / 2**20:9.1f} MiB  {n:5d} blocks  {k}")
 
 
 if __name__ == "__main__":

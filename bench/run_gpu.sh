@@ -11,7 +11,7 @@
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
 #   kernels                       bench/kernels.py (all ops) -> $OUT/kernels.json
 #   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case
-#   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels) -> $OUT/profile.txt
+#   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt
 #   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
 # Results: $OUT/results.jsonl (peers' format), summarised at the end.
@@ -53,7 +53,9 @@ for step in "$@"; do
     profile:*)
       IFS=: read -r _ model quant seq batch gc <<<"$step"
       timeout -k 10 240 python3 bench/profile_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
-        --grad-ckpt "${gc:-slothnb}" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/profile.txt" | cut -c1-200 | head -45 ;;
+        --grad-ckpt "${gc:-slothnb}" --memory > "$OUT/profile-$model-$quant-$seq.txt" 2>&1
+      grep -v "Loading weights" "$OUT/profile-$model-$quant-$seq.txt" | cut -c1-180 | head -32
+      grep "^#  " "$OUT/profile-$model-$quant-$seq.txt" ;;
     *)
       DEADLINE=${DEADLINE:-560} bash peers/run_anchors.sh "$step" 2>&1 | grep -v '^#' | tail -3
       PEAK=${PEAK:-$(python3 -c "
