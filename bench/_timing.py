@@ -1,10 +1,19 @@
 """Measurement shared by the kernel benchmarks (bench/kernels_*.py).
 
-Median of CUDA-event timings after warm-up (so compilation and autotuning are not timed),
-optionally cycling through several input sets so no run finds its inputs in L2; extra peak
-memory is ``max_memory_allocated`` during one more run above what was allocated before it
-(what the inputs already hold is not counted). On a CPU device the time is wall-clock and the
-memory is None, so the benchmarks can be smoke-run without a GPU.
+Two times per row, both after warm-up (so compilation and autotuning are not timed):
+
+- ``ms``: per-call *latency*, the median of CUDA-event timings around one call. It includes the
+  host's work for that call (Python, autograd, allocations, kernel launches): for a 50 us kernel
+  that overhead can dominate, and it is what a user sees only when the GPU waits on the host.
+- ``gpu_ms``: per-call *device time*, the summed durations of every kernel, memcpy and memset one
+  call puts on the GPU, from torch.profiler's CUDA activity (median over several calls). Host
+  overhead and idle gaps are not in it: it is what the call costs inside a training step whose
+  host runs ahead of the GPU, and what a bandwidth floor should be compared with.
+
+Runs may cycle through several input sets so no run finds its inputs in L2. Extra peak memory
+is ``max_memory_allocated`` during one more run above what was allocated before it (what the
+inputs already hold is not counted). On a CPU device ``ms`` is wall-clock and ``gpu_ms`` and the
+memory are None, so the benchmarks can be smoke-run without a GPU.
 """
 import json
 import os
@@ -15,7 +24,8 @@ import torch
 
 
 def time_and_memory(run, device="cuda", reset=None, *, warmup=3, repeats=10, sets=1):
-    """(median ms, extra peak MiB or None off CUDA) of ``run(k)``, k cycling over ``range(sets)``.
+    """(median per-call latency in ms, extra peak MiB or None off CUDA) of ``run(k)``, k cycling
+    over ``range(sets)``; each timing is one call between two CUDA events (host overhead included).
 
     ``reset(k)``, if given, runs after every call outside the timed region (restores buffers an
     in-place kernel wrote, clears ``.grad``).
@@ -54,13 +64,66 @@ def time_and_memory(run, device="cuda", reset=None, *, warmup=3, repeats=10, set
     return statistics.median(times), peak
 
 
+MARK = "spin_kernel"  # torch.cuda._sleep's kernel: a marker between a call's kernels and the reset's
+
+
+def _split_calls(events, with_reset):
+    """Per-call device µs from ``(name, µs)`` device events in start order, where a marker kernel
+    follows every call and (``with_reset``) every reset: [call][M][reset][M][call][M]..."""
+    per_call, acc, in_reset = [], 0.0, False
+    for name, us in events:
+        if MARK in name:
+            if not in_reset:
+                per_call.append(acc)
+            acc, in_reset = 0.0, with_reset and not in_reset
+        elif not in_reset:
+            acc += us
+    return per_call
+
+
+def device_ms(run, device="cuda", reset=None, *, calls=10, sets=1):
+    """Median device time in ms of one ``run(k)`` (k cycling over ``range(sets)``): the sum of the
+    durations of the kernels, memcpys and memsets it launched, from torch.profiler. None off CUDA
+    (or if the profiler's events cannot be split into calls).
+
+    ``reset(k)`` runs between calls and is not counted: a marker kernel (``torch.cuda._sleep``) is
+    put on the stream after every call and every reset, and the device events in between are
+    attributed accordingly. Call after warm-up (time_and_memory does it).
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    def mark():
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100)
+        torch.cuda.synchronize()
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for k in range(calls):
+            run(k % sets)
+            mark()
+            if reset:
+                reset(k % sets)
+                mark()
+    cuda = torch.autograd.DeviceType.CUDA
+    events = sorted((e.time_range.start, e.name, e.time_range.elapsed_us())
+                    for e in prof.events() if e.device_type == cuda)
+    per_call = _split_calls([(name, us) for _, name, us in events], reset is not None)
+    if len(per_call) != calls:
+        return None
+    return statistics.median(per_call) / 1e3
+
+
 def measure(rows, base, impl, step, reset=None):
-    """Times ``step()`` (warm-up 3, median of 10) and appends ``base`` + impl + ms + extra_peak_MiB
-    to ``rows``, or + error when it runs out of memory or fails (the other rows still run)."""
+    """Times ``step()`` (warm-up 3, median of 10) and appends ``base`` + impl + ms (per-call latency)
+    + gpu_ms (per-call device time, see :func:`device_ms`) + extra_peak_MiB to ``rows``, or + error
+    when it runs out of memory or fails (the other rows still run)."""
     row = dict(base, impl=impl)
     try:
         ms, mib = time_and_memory(lambda k: step(), reset=reset and (lambda k: reset()))
-        row.update(ms=round(ms, 3), extra_peak_MiB=round(mib, 1))
+        gpu = device_ms(lambda k: step(), reset=reset and (lambda k: reset()))
+        row.update(ms=round(ms, 3), gpu_ms=None if gpu is None else round(gpu, 3), extra_peak_MiB=None if mib is None else round(mib, 1))
     except torch.cuda.OutOfMemoryError:
         row.update(error="OOM")
     except Exception as e:  # a missing compiler or an API change in a competitor: report, go on

@@ -7,11 +7,21 @@ Shapes (Llama-3-8B-like, bf16): 8192 tokens (4 x 2048), hidden 4096, intermediat
 case; grads are taken to the input buffers, so no ``.grad`` accumulates). Inputs are non-leaf views of leaf buffers, as in a real model, so in-place kernels act
 in place; buffers are restored outside the timed region.
 
-Method: median of CUDA-event timings after warm-up, cycling through several input sets (so no
-run finds its inputs in L2); extra peak memory = ``max_memory_allocated`` during one run above
-what was allocated before it. ``floor_ms`` = minimal bytes the op must move / the measured
-device-to-device copy bandwidth (itself reported in the ``copy`` row); ``floor_frac`` =
-floor_ms / ms (1.0 would be a kernel running at copy speed).
+Columns (see bench/_timing.py for the method):
+
+- ``ms``: per-call latency, median of CUDA-event timings around one call after warm-up, cycling
+  through several input sets (so no run finds its inputs in L2). Host overhead (Python, autograd,
+  launches) is included, so for ~50 us ops it can dominate.
+- ``gpu_ms``: per-call device time, the summed durations of the call's kernels (torch.profiler,
+  median over several calls): what the op costs when the host runs ahead, as in a training step.
+- ``extra_peak_MiB``: ``max_memory_allocated`` during one run above what was allocated before it.
+- ``floor_ms``: minimal bytes the op must move / the measured device-to-device copy bandwidth
+  (itself in the ``copy`` row); ``floor_frac`` = floor_ms / gpu_ms (floor_ms / ms where there is
+  no gpu_ms, i.e. on CPU): 1.0 would be a kernel running at copy speed.
+- ``speedup_vs_eager`` (latency) and ``gpu_speedup_vs_eager`` (device time): eager's / this row's.
+
+On a machine without CUDA the same code runs on the CPU at small shapes (a smoke run: wall-clock
+``ms`` only, the slothnb rows on Triton's interpreter if ``TRITON_INTERPRET=1``).
 
     python bench/kernels_elementwise.py   # markdown table; JSON to $OUT/kernels_elementwise.json if OUT is set
 """
@@ -43,13 +53,16 @@ def copy_bandwidth(device, nbytes=1 << 30):
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms, _ = time_and_memory(lambda k: dst.copy_(src), device)
+    ms, _, gpu = time_and_memory(lambda k: dst.copy_(src), device)
+    ms = gpu or ms  # the copy kernel's own time, when the profiler gives it
     return 2 * nbytes / (ms * 1e-3)
 
 
 def time_and_memory(run, device, reset=None):
-    """(median ms, extra peak MiB or None) of ``run(k)`` for k cycling over the input sets."""
-    return _timing.time_and_memory(run, device, reset, warmup=WARMUP, repeats=REPEATS, sets=SETS)
+    """(median latency ms, extra peak MiB or None, median device ms or None) of ``run(k)``, k cycling
+    over the input sets."""
+    ms, mib = _timing.time_and_memory(run, device, reset, warmup=WARMUP, repeats=REPEATS, sets=SETS)
+    return ms, mib, _timing.device_ms(run, device, reset, calls=REPEATS, sets=SETS)
 
 
 def _liger(op):
@@ -160,18 +173,20 @@ def bench_op(op, sets, view, impl_fn, mode, device):
     return time_and_memory(run, device, reset)
 
 
-def _row(op, mode, impl, ms, mib, s, bw):
+def _row(op, mode, impl, ms, mib, gpu_ms, s, bw):
     floor = minimal_bytes(op, mode, s) / bw * 1e3
-    return dict(op=op, mode=mode, impl=impl, ms=round(ms, 4), extra_peak_MiB=None if mib is None else round(mib, 1),
-                floor_ms=round(floor, 4), floor_frac=round(floor / ms, 3))
+    return dict(op=op, mode=mode, impl=impl, ms=round(ms, 4), gpu_ms=None if gpu_ms is None else round(gpu_ms, 4),
+                extra_peak_MiB=None if mib is None else round(mib, 1), floor_ms=round(floor, 4),
+                floor_frac=round(floor / (gpu_ms or ms), 3))
 
 
 def add_ratios(rows):
-    eager = {(r["op"], r["mode"]): r["ms"] for r in rows if r.get("impl") == "eager" and "ms" in r}
-    for r in rows:
-        e = eager.get((r.get("op"), r.get("mode")))
-        if e and "ms" in r:
-            r["speedup_vs_eager"] = round(e / r["ms"], 2)
+    for key, name in (("ms", "speedup_vs_eager"), ("gpu_ms", "gpu_speedup_vs_eager")):
+        eager = {(r["op"], r["mode"]): r[key] for r in rows if r.get("impl") == "eager" and r.get(key)}
+        for r in rows:
+            e = eager.get((r.get("op"), r.get("mode")))
+            if e and r.get(key):
+                r[name] = round(e / r[key], 2)
     return rows
 
 
@@ -186,8 +201,8 @@ def bench_all(device="cuda", **shape_overrides) -> list[dict]:
                 if fn is None:
                     continue
                 try:
-                    ms, mib = bench_op(op, sets, view, fn, mode, device)
-                    rows.append(_row(op, mode, impl, ms, mib, s, bw))
+                    ms, mib, gpu_ms = bench_op(op, sets, view, fn, mode, device)
+                    rows.append(_row(op, mode, impl, ms, mib, gpu_ms, s, bw))
                 except Exception as e:  # a missing compiler or a competitor's API change: report, go on
                     rows.append(dict(op=op, mode=mode, impl=impl, error=f"{type(e).__name__}: {str(e)[:200]}"))
                 if torch.device(device).type == "cuda":
@@ -195,10 +210,16 @@ def bench_all(device="cuda", **shape_overrides) -> list[dict]:
     return add_ratios(rows)
 
 
+SMOKE_SHAPES = dict(tokens=64, batch=2, hidden=256, intermediate=512, q_heads=4, kv_heads=2, head_dim=32)
+
+
 def main():
-    rows = bench_all("cuda")
-    print(markdown(rows))
-    write_json("kernels_elementwise.json", dict(gpu_info(), shapes=SHAPES, rows=rows))
+    if torch.cuda.is_available():
+        rows = bench_all("cuda")
+        print(markdown(rows))
+        write_json("kernels_elementwise.json", dict(gpu_info(), shapes=SHAPES, rows=rows))
+    else:  # smoke run: the same code on CPU at small shapes, nothing written
+        print(markdown(bench_all("cpu", **SMOKE_SHAPES)))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
   (``F.linear`` or ``bnb.matmul_4bit`` as peft's Linear4bit calls it) + ``scale * B(A(x))``, and
   ``F.silu(gate) * up`` for the MLP.
 
-Method: median of CUDA-event timings after warm-up; extra peak memory is max_memory_allocated
-above what the inputs already hold. ``speedup`` = plain ms / slothnb ms.
+Method: ``ms`` = per-call latency, median of CUDA-event timings after warm-up; ``gpu_ms`` = per-call
+device time, summed kernel durations from torch.profiler (bench/_timing.py); extra peak memory is
+max_memory_allocated above what the inputs already hold. ``speedup`` = plain ms / slothnb ms.
 
     python bench/kernels_lora.py     # markdown table; JSON to $OUT/kernels_lora.json if OUT is set
 """
@@ -67,8 +68,8 @@ def bench_dequant(rows, device):
     plain = _measure(rows, base, "bitsandbytes", lambda: bnbf.dequantize_4bit(packed, state))
     ours = _measure(rows, base, "slothnb", lambda: dequantize_nf4(packed, state))
     for row in (plain, ours):
-        if "ms" in row:
-            row["GB_per_s"] = round(gbytes / (row["ms"] / 1e3), 1)
+        if "ms" in row:  # from the device time when the profiler gave one
+            row["GB_per_s"] = round(gbytes / ((row.get("gpu_ms") or row["ms"]) / 1e3), 1)
     _speedup(plain, ours)
     ok = torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
     ours["bit_exact"] = ok

@@ -2,8 +2,9 @@
 """Times the loss kernels against eager PyTorch, torch.compile and Liger-Kernel.
 
 Shapes: hidden 4096, vocabulary 128,256 (Llama-3), 4096/8192/16384 tokens, bf16, the
-lm_head frozen (the LoRA case). Each row: forward+backward time (median of CUDA events
-after warm-up) and the extra peak memory above the inputs. "eager" is what Hugging Face
+lm_head frozen (the LoRA case). Each row: forward+backward per-call latency ``ms`` (median of
+CUDA events after warm-up), per-call device time ``gpu_ms`` (summed kernel durations from
+torch.profiler, see bench/_timing.py) and the extra peak memory above the inputs. "eager" is what Hugging Face
 does: ``F.linear`` then ``F.cross_entropy`` on an fp32 upcast of the logits.
 
 Target: fused linear CE at 8192 tokens needs <= 1/10 of eager's extra peak memory at

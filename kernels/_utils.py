@@ -1,5 +1,6 @@
 """Small shared helpers for the Triton ops (dispatch, block sizes, recompute state)."""
 import contextlib
+import functools
 import os
 
 import torch
@@ -46,14 +47,27 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def reduce_programs(device: torch.device, n_rows: int) -> int:
-    """How many programs a row loop with a per-program partial reduction (e.g. a norm's dW) should use:
-    one per SM on a GPU (every SM busy, few partial rows to sum), a handful in the CPU interpreter."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    return max(1, min(n_rows, sms))
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def row_programs(device: torch.device, n_rows: int, partials: bool) -> int:
+    """How many programs a row loop (a norm's backward) should launch over ``n_rows`` rows.
+
+    Without a per-program partial reduction (a frozen norm weight, the LoRA case: no dW) one
+    program per row, as the forward: thousands of programs keep every SM's memory pipe full. With
+    one (dW/dB partial rows, summed afterwards) about 16 rows a program, between 1 and 8 programs
+    per SM: several resident programs per SM hide each other's load latency (one program per SM
+    walking ~60 rows serially is latency-bound), while the fp32 partial rows stay a few % of the
+    traffic. In the CPU interpreter every program instance costs ~1 ms, so at most 4 there.
+    """
+    if device.type != "cuda":
+        return max(1, min(n_rows, 4))
+    if not partials:
+        return max(1, n_rows)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_rows, max(sms, min(8 * sms, -(-n_rows // 16)))))
 
 
 class RecomputeState:

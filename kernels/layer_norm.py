@@ -2,7 +2,8 @@
 
 Matches ``torch.nn.functional.layer_norm``: mean and variance (biased) in fp32, ``xhat * w + b`` in
 fp32, one rounding to the input dtype. Saves only the per-row mean and rstd (8 bytes a row);
-dW and dB are reduced like RMSNorm's dW: per-program fp32 partial rows, summed afterwards.
+dW and dB are reduced like RMSNorm's dW: per-program fp32 partial rows, summed afterwards; with
+both frozen (LoRA) the backward launches one program per row and writes no partial rows.
 """
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, reduce_programs, row_block, use_triton
+from ._utils import as_rows, row_block, row_programs, use_triton
 
 
 @triton.jit
@@ -91,17 +92,22 @@ def layer_norm_forward(x2, weight, bias, eps):
     return y, mean, rstd
 
 
-def layer_norm_backward(dy2, x2, weight, mean, rstd, compute_dw=True, compute_db=True, bias_dtype=None):
-    """Triton backward: returns ``(dx, dw or None, db or None)``."""
+def layer_norm_backward(dy2, x2, weight, mean, rstd, compute_dw=True, compute_db=True, bias_dtype=None,
+                        programs=None):
+    """Triton backward: returns ``(dx, dw or None, db or None)``.
+
+    ``programs`` overrides :func:`row_programs` (tests: any split of the rows gives the same result)."""
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    n_prog = reduce_programs(x2.device, n_rows)
+    n_prog = programs or row_programs(x2.device, n_rows, partials=compute_dw or compute_db)
+    rows_per_program = triton.cdiv(n_rows, n_prog) if n_rows else 1
+    n_prog = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
     dw_part = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     db_part = torch.empty((n_prog, n_cols) if compute_db else (1,), dtype=torch.float32, device=x2.device)
     if n_rows:
         block, warps = row_block(n_cols)
         _layer_norm_bwd[(n_prog,)](dy2, x2, weight, mean, rstd, dx, dw_part, db_part, dy2.stride(0),
-                                   x2.stride(0), dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, n_prog),
+                                   x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
                                    COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, BLOCK=block, num_warps=warps)
     else:
         dw_part.zero_(), db_part.zero_()

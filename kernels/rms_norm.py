@@ -6,8 +6,9 @@ LlamaRMSNorm). Gemma (``offset=1.0``): ``(xhat * (1 + w.float())).to(x.dtype)``,
 fp32 and one rounding at the end (HF's GemmaRMSNorm). Statistics are always fp32.
 
 Only the per-row ``rstd`` (4 bytes a row) is saved for backward; ``xhat`` is recomputed from x.
-The weight gradient is reduced as in Liger-Kernel: each program walks a run of rows, accumulates
-its partial dW in fp32 registers, and the few partial rows are summed afterwards.
+The weight gradient is reduced as in Liger-Kernel: each program walks a run of rows (~16, several
+programs per SM: see ``row_programs``), accumulates its partial dW in fp32 registers, and the
+partial rows are summed afterwards. A frozen weight (LoRA) needs no dW: then one program per row.
 """
 import torch
 import triton
@@ -15,7 +16,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, reduce_programs, row_block, use_triton
+from ._utils import as_rows, row_block, row_programs, use_triton
 
 
 @triton.jit
@@ -93,16 +94,20 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
     return y, rstd
 
 
-def rms_norm_backward(dy2, x2, weight, rstd, offset: float, compute_dw: bool = True):
-    """Triton backward: returns ``(dx [rows, n] in x's dtype, dw in weight's dtype or None)``."""
+def rms_norm_backward(dy2, x2, weight, rstd, offset: float, compute_dw: bool = True, programs=None):
+    """Triton backward: returns ``(dx [rows, n] in x's dtype, dw in weight's dtype or None)``.
+
+    ``programs`` overrides :func:`row_programs` (tests: any split of the rows gives the same result)."""
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    n_prog = reduce_programs(x2.device, n_rows)
+    n_prog = programs or row_programs(x2.device, n_rows, partials=compute_dw)
+    rows_per_program = triton.cdiv(n_rows, n_prog) if n_rows else 1
+    n_prog = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
     part = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     if n_rows:
         block, warps = row_block(n_cols)
         _rms_norm_bwd[(n_prog,)](dy2, x2, weight, rstd, dx, part, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                 n_rows, n_cols, offset, triton.cdiv(n_rows, n_prog), GEMMA=offset != 0.0,
+                                 n_rows, n_cols, offset, rows_per_program, GEMMA=offset != 0.0,
                                  COMPUTE_DW=compute_dw, BLOCK=block, num_warps=warps)
     if not compute_dw:
         return dx, None

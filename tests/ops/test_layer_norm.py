@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from slothnb.errors import ConfigError
-from slothnb.kernels.layer_norm import LayerNormFunction, layer_norm, layer_norm_reference
+from slothnb.kernels.layer_norm import (LayerNormFunction, layer_norm, layer_norm_backward, layer_norm_forward,
+                                        layer_norm_reference)
 
 TOL = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 SUM_REL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -74,6 +75,31 @@ def test_layer_norm_frozen_params_skip_their_grads(device):
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-5, rtol=1e-5)
 
 
+def test_layer_norm_backward_any_row_split(device):
+    """dW/dB partial rows from 1, 3 (uneven: 3+3+1) or 7 programs, dW without dB, and the no-partials
+    launch, all match float64; dX is bitwise the same whatever the split."""
+    x, w, b = _inputs((7, 96), device, seed=6)
+    xf, wf, bf = x.float(), w.float(), b.float()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (xf, wf, bf))
+    layer_norm_reference(x64, w64, b64).backward(dy.float().double())
+    _, mean, rstd = layer_norm_forward(xf, wf, bf, 1e-5)
+    dxs = []
+    for programs, need_db in ((1, True), (3, True), (7, True), (3, False)):
+        dx, dw, db = layer_norm_backward(dy.float(), xf, wf, mean, rstd, True, need_db, programs=programs)
+        torch.testing.assert_close(dx.double(), x64.grad, atol=2e-5, rtol=1e-5)
+        assert (dw.double() - w64.grad).abs().max().item() <= 1e-5 * w64.grad.abs().max().item()
+        if need_db:
+            assert (db.double() - b64.grad).abs().max().item() <= 1e-5 * b64.grad.abs().max().item()
+        else:
+            assert db is None
+        dxs.append(dx)
+    dx_frozen, dw_frozen, db_frozen = layer_norm_backward(dy.float(), xf, wf, mean, rstd, False, False)
+    assert dw_frozen is None and db_frozen is None
+    for dx in dxs[1:] + [dx_frozen]:
+        torch.testing.assert_close(dx, dxs[0], atol=0, rtol=0)
+
+
 def test_layer_norm_bad_bias_raises():
     with pytest.raises(ConfigError, match="bias"):
         layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(7))
@@ -90,3 +116,15 @@ def test_layer_norm_gpu_real_size(dtype):
     torch.testing.assert_close(layer_norm(xs, w.to(dtype), b.to(dtype)).float(),
                                F.layer_norm(xs, (4097,), w.to(dtype), b.to(dtype)).float(),
                                atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+@pytest.mark.gpu
+def test_layer_norm_gpu_frozen_params_same_dx():
+    """The one-program-per-row launch (no dW/dB) and the partial-row launch give bitwise the same dX."""
+    x, w, b = _inputs((8192, 4096), "cuda", seed=9)
+    x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    dy = torch.randn_like(x)
+    _, mean, rstd = layer_norm_forward(x, w, b, 1e-5)
+    dx_frozen, _, _ = layer_norm_backward(dy, x, w, mean, rstd, False, False)
+    dx, _, _ = layer_norm_backward(dy, x, w, mean, rstd, True, True)
+    torch.testing.assert_close(dx_frozen, dx, atol=0, rtol=0)

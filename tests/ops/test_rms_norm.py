@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from slothnb.errors import ConfigError
-from slothnb.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
+from slothnb.kernels import _utils as utils
+from slothnb.kernels.rms_norm import (RMSNormFunction, rms_norm, rms_norm_backward, rms_norm_forward,
+                                      rms_norm_reference)
 
 DW_REL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 TOL = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
@@ -70,6 +72,40 @@ def test_rms_norm_face_matches_reference_and_frozen_weight(device):
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_backward_any_row_split(offset, device):
+    """dW partial rows from 1, 3 (uneven: 3+3+1) or 7 programs, and the no-dW launch, all match float64;
+    dX is bitwise the same whatever the split (each row's math does not depend on it)."""
+    x, w = _inputs((7, 96), device, seed=4)
+    xf, wf = x.float(), w.float()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
+    x64, w64 = xf.double().requires_grad_(), wf.double().requires_grad_()
+    rms_norm_reference(x64, w64, 1e-6, offset).backward(dy.float().double())
+    _, rstd = rms_norm_forward(xf, wf, 1e-6, offset)
+    dxs = []
+    for programs in (1, 3, 7):
+        dx, dw = rms_norm_backward(dy.float(), xf, wf, rstd, offset, True, programs=programs)
+        torch.testing.assert_close(dx.double(), x64.grad, atol=2e-5, rtol=1e-5)
+        assert (dw.double() - w64.grad).abs().max().item() <= 1e-5 * w64.grad.abs().max().item()
+        dxs.append(dx)
+    dx_frozen, dw_frozen = rms_norm_backward(dy.float(), xf, wf, rstd, offset, False)
+    assert dw_frozen is None
+    for dx in dxs[1:] + [dx_frozen]:
+        torch.testing.assert_close(dx, dxs[0], atol=0, rtol=0)
+
+
+def test_row_programs_geometry(monkeypatch):
+    """Frozen weight: one program per row; dW: ~16 rows a program, 1 to 8 programs per SM; interpreter: <= 4."""
+    monkeypatch.setattr(utils, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert utils.row_programs(cuda, 8192, partials=False) == 8192
+    assert utils.row_programs(cuda, 8192, partials=True) == 512
+    assert utils.row_programs(cuda, 1 << 20, partials=True) == 8 * 132
+    assert utils.row_programs(cuda, 1000, partials=True) == 132
+    assert utils.row_programs(cuda, 50, partials=True) == 50
+    assert utils.row_programs(torch.device("cpu"), 8192, partials=False) == 4
+
+
 def test_rms_norm_llama_rounds_before_weight():
     # HF Llama: bf16 x -> fp32 stats -> round to bf16 -> times fp32 weight gives fp32 output.
     x, w = _inputs((3, 64), "cpu", seed=2)
@@ -105,3 +141,16 @@ def test_rms_norm_gpu_matches_hf_formula(dtype):
         ours = rms_norm(x, w, 1e-6, offset)
         assert ours.dtype == hf.dtype
         torch.testing.assert_close(ours.float(), hf.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_gpu_frozen_weight_same_dx(offset):
+    """The one-program-per-row launch (no dW) and the partial-dW launch give bitwise the same dX."""
+    x, w = _inputs((8192, 4096), "cuda", seed=9)
+    x, w = x.bfloat16(), w.bfloat16()
+    dy = torch.randn_like(x)
+    _, rstd = rms_norm_forward(x, w, 1e-6, offset)
+    dx_frozen, _ = rms_norm_backward(dy, x, w, rstd, offset, False)
+    dx, _ = rms_norm_backward(dy, x, w, rstd, offset, True)
+    torch.testing.assert_close(dx_frozen, dx, atol=0, rtol=0)

@@ -1,0 +1,48 @@
+"""The kernel benchmarks' measurement (bench/_timing.py) and a CPU smoke run of
+bench/kernels_elementwise.py at tiny shapes (slothnb rows on Triton's interpreter)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import _timing  # noqa: E402
+import kernels_elementwise  # noqa: E402
+
+
+def test_split_calls_skips_reset_kernels():
+    mark = ("at::cuda::(anonymous namespace)::spin_kernel(long)", 0.1)
+    events = [("a", 2.0), ("b", 3.0), mark, ("copy", 50.0), mark, ("a", 2.5), mark, mark]
+    assert _timing._split_calls(events, with_reset=True) == [5.0, 2.5]
+    assert _timing._split_calls([("a", 1.0), mark, ("a", 2.0), ("b", 1.0), mark], with_reset=False) == [1.0, 3.0]
+
+
+def test_device_ms_is_none_off_cuda():
+    assert _timing.device_ms(lambda k: None, "cpu") is None
+
+
+def test_kernels_elementwise_smoke_on_cpu(monkeypatch):
+    monkeypatch.setattr(kernels_elementwise, "WARMUP", 1)
+    monkeypatch.setattr(kernels_elementwise, "REPEATS", 1)
+    monkeypatch.setattr(kernels_elementwise, "SETS", 1)
+    rows = kernels_elementwise.bench_all("cpu", tokens=4, batch=2, hidden=32, intermediate=32, q_heads=2,
+                                         kv_heads=1, head_dim=16)
+    assert rows[0]["op"] == "copy" and rows[0]["bandwidth_GBps"] > 0
+    ops = {(r["op"], r["mode"], r["impl"]) for r in rows[1:]}
+    assert ("layer_norm", "fwd+bwd", "slothnb") in ops and ("rope", "fwd", "eager") in ops
+    for r in rows[1:]:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["gpu_ms"] is None and r["floor_frac"] >= 0
+
+
+@pytest.mark.gpu
+def test_device_ms_counts_the_call_not_the_reset():
+    """gpu_ms of a 256 MiB copy matches its CUDA-event time, whatever a (4x larger) reset launches."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    big2 = torch.empty_like(big)
+    ms, _ = _timing.time_and_memory(lambda k: dst.copy_(src), "cuda")
+    gpu = _timing.device_ms(lambda k: dst.copy_(src), "cuda", reset=lambda k: big2.copy_(big))
+    assert gpu is not None and 0.7 * ms <= gpu <= 1.05 * ms, (gpu, ms)
