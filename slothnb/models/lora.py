@@ -14,6 +14,8 @@ What this adds to ``peft.get_peft_model``:
 - a 4-bit base gets what ``peft.prepare_model_for_kbit_training`` does that matters (frozen base,
   input grads for checkpointing) WITHOUT its upcast of every non-quantised weight to fp32;
 - gradient checkpointing (``False`` / ``True`` / ``"slothnb"``) from ``slothnb.models.checkpointing``;
+- a frozen, untied input embedding of 256 MiB or more moves to pinned host memory on CUDA
+  (``slothnb.models.embedding_offload``; ``offload_embedding=False`` keeps it on the GPU);
 - ``model._slothnb_lora`` records the settings for the kernel-patched forwards and the savers.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 
 from slothnb.errors import ConfigError, HardwareError
 from slothnb.models.checkpointing import apply_gradient_checkpointing, normalize_mode
+from slothnb.models.embedding_offload import MIN_BYTES, offload_input_embedding, should_offload
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_TARGETS = ("qkv_proj", "gate_up_proj")  # Phi-3 style fused projections, used when the defaults are asked
@@ -148,6 +151,20 @@ def _enable_input_grads(hf_model: nn.Module) -> None:
         hf_model.enable_input_require_grads()
 
 
+def _offload_embedding(hf_model: nn.Module, choice) -> bool:
+    """Moves a frozen, untied input embedding to host memory (see ``embedding_offload``); True if done.
+    ``"auto"`` does it on CUDA for tables of 256 MiB or more; ``True`` for any frozen untied CUDA table."""
+    if choice is False:
+        return False
+    if not should_offload(hf_model, MIN_BYTES if choice == "auto" else 0):
+        if choice is True:
+            raise ConfigError("offload_embedding=True needs a frozen input embedding on a CUDA device that is not "
+                              "tied to the output head: pass 'auto' to offload only where it applies.")
+        return False
+    offload_input_embedding(hf_model)
+    return True
+
+
 def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, lora_dropout=0.0, bias="none",
                    use_gradient_checkpointing="slothnb", random_state=3407, use_rslora=False, loftq_config=None,
                    modules_to_save=None, max_seq_length=None, init_lora_weights=True, **kw):
@@ -155,7 +172,9 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
 
     ``use_gradient_checkpointing``: False / True / "slothnb" (see ``slothnb.models.checkpointing``).
     Extra slothnb options in ``kw``: ``checkpoint_layers`` (decoder layer indices to checkpoint) or
-    ``checkpoint_budget_gib`` (activation budget at ``max_seq_length``, see ``checkpoint_policy``).
+    ``checkpoint_budget_gib`` (activation budget at ``max_seq_length``, see ``checkpoint_policy``);
+    ``offload_embedding`` ("auto" | True | False): keep a frozen, untied input embedding in pinned host
+    memory (saves its GPU copy, 0.98 GiB on Llama-3.1-8B; see ``slothnb.models.embedding_offload``).
     Other ``kw`` go to peft's ``LoraConfig`` (e.g. ``use_dora``, ``layers_to_transform``).
     """
     import peft
@@ -167,6 +186,9 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     mode = normalize_mode(use_gradient_checkpointing)
     checkpoint_layers = kw.pop("checkpoint_layers", None)
     checkpoint_budget_gib = kw.pop("checkpoint_budget_gib", None)
+    offload_embedding = kw.pop("offload_embedding", "auto")
+    if offload_embedding not in ("auto", True, False):
+        raise ConfigError(f"offload_embedding={offload_embedding!r}: pass 'auto', True or False.")
     if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
         raise ConfigError(f"max_seq_length={max_seq_length!r} must be a positive integer (tokens).")
     targets, save = _split_targets(model, target_modules, modules_to_save)
@@ -192,6 +214,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
         peft_model = peft.get_peft_model(model, config)
 
     hf = peft_model.get_base_model()
+    offloaded = _offload_embedding(hf, offload_embedding)
     chosen = apply_gradient_checkpointing(peft_model, mode, layers=checkpoint_layers,
                                           budget_gib=checkpoint_budget_gib, seq_len=max_seq_length)
     if mode:
@@ -200,7 +223,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": float(lora_dropout), "bias": bias,
         "use_rslora": bool(use_rslora), "scaling": lora_alpha / (math.sqrt(r) if use_rslora else r),
         "target_modules": targets, "modules_to_save": save, "tied_embeddings": tie,
-        "use_gradient_checkpointing": mode, "checkpointed_layers": chosen, "random_state": random_state,
+        "use_gradient_checkpointing": mode, "checkpointed_layers": chosen, "offloaded_embedding": offloaded, "random_state": random_state,
         "max_seq_length": max_seq_length, "loftq": loftq_config is not None, "quantized_4bit": quantized,
         # the fused LoRA kernels apply only when the adapter is a plain x @ A @ B * scale
         "fusable": lora_dropout == 0 and bias == "none" and not kw.get("use_dora", False),

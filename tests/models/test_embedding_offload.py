@@ -1,0 +1,100 @@
+"""The input embedding kept in host memory (slothnb.models.embedding_offload)."""
+import pytest
+import torch
+from torch import nn
+
+from slothnb.errors import ConfigError
+from slothnb.models.embedding_offload import HostEmbedding, offload_input_embedding, should_offload
+from slothnb.models.lora import get_peft_model
+from slothnb.saving.merged import merged_tensors
+from tiny_models import tiny_model
+
+
+def _untied(**kw):
+    return tiny_model("llama", seed=0, tie_word_embeddings=False, **kw)
+
+
+def test_host_embedding_is_a_buffer_with_the_same_state_dict_key_and_lookup():
+    model = _untied()
+    model.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    table = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    host = offload_input_embedding(model)
+    assert isinstance(model.get_input_embeddings(), HostEmbedding)
+    assert torch.equal(host(ids), table[ids])
+    names = {n for n, _ in model.named_parameters()}
+    assert "model.embed_tokens.weight" not in names and "model.embed_tokens.weight" in model.state_dict()
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], table)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_merged_save_still_writes_the_embedding():
+    model = get_peft_model(_untied(), r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    table = model.get_base_model().get_input_embeddings().weight.detach().clone()
+    offload_input_embedding(model.get_base_model())
+    tensors = dict(merged_tensors(model, torch.float32))
+    assert torch.equal(tensors["model.embed_tokens.weight"], table)
+
+
+def test_should_offload_only_a_frozen_untied_cuda_table():
+    untied, tied = _untied(), tiny_model("llama", seed=0, tie_word_embeddings=True)
+    for p in untied.parameters():
+        p.requires_grad_(False)
+    tied.requires_grad_(False)
+    assert not should_offload(untied, 0)  # on the CPU there is nothing to save
+    assert not should_offload(tied, 0)
+    if torch.cuda.is_available():
+        assert should_offload(untied.cuda(), 0) and not should_offload(tied.cuda(), 0)
+        assert not should_offload(untied, 1 << 40)  # too small to be worth a sync
+
+
+def test_a_trained_embedding_is_refused():
+    model = _untied()
+    with pytest.raises(ValueError, match="trained"):
+        offload_input_embedding(model)  # requires_grad is on: never silently freeze it
+
+
+def test_get_peft_model_option_checks_and_auto_is_off_on_cpu():
+    model = get_peft_model(_untied(), r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert model._slothnb_lora["offloaded_embedding"] is False
+    assert type(model.get_base_model().get_input_embeddings()) is nn.Embedding
+    with pytest.raises(ConfigError, match="offload_embedding"):
+        get_peft_model(_untied(), r=4, offload_embedding="yes")
+    with pytest.raises(ConfigError, match="CUDA"):
+        get_peft_model(_untied(), r=4, offload_embedding=True)
+
+
+@pytest.mark.gpu
+def test_offloaded_embedding_on_gpu_frees_its_copy_and_trains_identically():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 33), device="cuda")
+
+    def run(offload):
+        model = _untied(dtype=torch.bfloat16).cuda()
+        model = get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="slothnb",
+                               offload_embedding=offload)
+        table_bytes = model.get_base_model().get_input_embeddings().weight.nbytes
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_allocated()
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+        return model, allocated, table_bytes, loss.detach(), grads
+
+    plain, mem_plain, table_bytes, loss_plain, grads_plain = run(False)
+    del plain
+    torch.cuda.empty_cache()
+    host, mem_host, _, loss_host, grads_host = run(True)
+    assert host._slothnb_lora["offloaded_embedding"] is True
+    assert host.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+    assert host.get_base_model().device.type == "cuda"  # model.device still names the GPU
+    assert mem_plain - mem_host >= table_bytes
+    assert torch.equal(loss_plain, loss_host)
+    for a, b in zip(grads_plain, grads_host):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
