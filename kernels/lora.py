@@ -142,13 +142,18 @@ def _forward(X, weight, quant_state, A, B, scale, out_shape=None):
     return xa, y
 
 
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * scale`` in place; no launch at all for the common alpha == r (scale 1)."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
 def _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, dX=None, need_dx=True):
     """(dX, dA, dB) of one LoRA linear (A, B in dY's dtype; ``dtypes`` = the params' own dtypes for
     dA, dB); dX is accumulated into ``dX`` when given."""
     dt = dY.dtype
-    dB = (dY.t() @ xa).mul_(scale).to(dtypes[1])
+    dB = _scaled(dY.t() @ xa, scale).to(dtypes[1])
     dyb = dY @ B
-    dA = (dyb.t() @ X).mul_(scale).to(dtypes[0])
+    dA = _scaled(dyb.t() @ X, scale).to(dtypes[0])
     if need_dx:
         W = _base(weight, quant_state, dt)
         if dX is None:
@@ -260,14 +265,14 @@ class LoraMLPFunction(torch.autograd.Function):
         dt = X.dtype
         dY = _rows(dy, dt)
         # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
-        dB_d = (dY.t() @ ha).mul_(sd).to(td[1])
+        dB_d = _scaled(dY.t() @ ha, sd).to(td[1])
         dyb = dY @ Bd
         dH = dY @ _base(Wd, qd, dt)
         dH.addmm_(dyb, Ad, alpha=sd)
         del dY, ha
         H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U
-        dA_d = (dyb.t() @ H).mul_(sd).to(td[0])
+        dA_d = _scaled(dyb.t() @ H, sd).to(td[0])
         del H, dyb
         need_dx = ctx.needs_input_grad[0]
         dX, dA_g, dB_g = _backward(dG, X, xa_g, Wg, qg, Ag, Bg, sg, tg, need_dx=need_dx)
