@@ -74,6 +74,7 @@ def run(args, rec):
     rec["mem_before_train"] = mem_now(torch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    stats0 = torch.cuda.memory_stats()
     times, losses = [], []
     for i in range(n):
         x = data[i].cuda()
@@ -96,6 +97,9 @@ def run(args, rec):
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
                mem_after_train=mem_now(torch))
+    stats1 = torch.cuda.memory_stats()  # allocator trouble (cudaMalloc calls, flushes) during the steps
+    rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0)
+                        for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
     rec["model_tflops_6N"] = round(6 * rec["n_matmul_params"] * rec["tokens_per_s"] / 1e12, 1)
     if args.peak_tflops:
         rec["peak_tflops"] = args.peak_tflops

@@ -13,6 +13,7 @@ layers that fit keep their activations (no recompute cost), the rest are offload
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -129,8 +130,10 @@ class _Offloaded:
     """A CUDA tensor's copy in pinned CPU memory, moved on a side stream in both directions.
 
     Forward: the device->host copy is queued on the side stream after the work that produced x;
-    the compute stream never waits for it, and ``x.record_stream`` keeps x's memory from being
-    handed out again before the copy has read it. Backward: ``restore`` is called when a layer's
+    the compute stream never waits for it, and x is kept alive (``_IN_FLIGHT``) until the copy's
+    event has passed, then dropped in stream order. (``record_stream`` would do the same for the
+    allocator, but a block freed that way is withheld until the side stream catches up with all it
+    was given by then; with memory tight the allocator then grows or flushes its cache mid-step.) Backward: ``restore`` is called when a layer's
     backward starts; it queues that layer's host->device copy (if not already prefetched) and
     also the one of the layer offloaded just before it in forward (the next backward), so that copy
     runs while this layer recomputes. Only the compute stream waits (on an event); the host never
@@ -152,7 +155,10 @@ class _Offloaded:
         stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully computed before we read it
         with torch.cuda.stream(stream):
             self.buf.copy_(x, non_blocking=True)
-        x.record_stream(stream)  # the allocator must not hand x's memory out before the copy ends
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        _release_finished_copies()
+        _IN_FLIGHT.append((copied, x))  # x's memory must not be handed out before the copy has read it
         self.prev = _Offloaded._last  # weak: a forward never backpropagated must not pin a chain
         _Offloaded._last = weakref.ref(self)
 
@@ -167,9 +173,9 @@ class _Offloaded:
             self.gpu.copy_(self.buf, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
-        self.gpu.record_stream(stream)  # safe to free even if this prefetch is never consumed
 
     def restore(self) -> torch.Tensor:
+        _release_finished_copies()
         self.prefetch()
         prev = self.prev() if self.prev is not None else None
         if prev is not None and prev.device == self.device:
@@ -184,6 +190,17 @@ class _Offloaded:
     def __del__(self):  # a forward that never reached backward: its bytes are no longer in use
         if getattr(self, "buf", None) is not None:
             _HOST_BUDGET.release(self.nbytes)
+        if getattr(self, "gpu", None) is not None:  # an unconsumed prefetch: free it only after its copy
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+
+
+_IN_FLIGHT: collections.deque = collections.deque()  # (event, tensor): device->host copies still reading
+
+
+def _release_finished_copies() -> None:
+    """Drops the offloaded inputs whose copies have finished (events complete in queue order)."""
+    while _IN_FLIGHT and _IN_FLIGHT[0][0].query():
+        _IN_FLIGHT.popleft()
 
 
 def _worth_offloading(t: torch.Tensor) -> bool:
