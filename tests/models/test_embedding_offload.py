@@ -84,11 +84,12 @@ def test_offloaded_embedding_on_gpu_frees_its_copy_and_trains_identically():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
-        return model, allocated, table_bytes, loss.detach(), grads
+        grads = [p.grad.float().cpu() for p in model.parameters() if p.requires_grad]
+        return model, allocated, table_bytes, loss.detach().cpu(), grads  # nothing left on the GPU
 
     plain, mem_plain, table_bytes, loss_plain, grads_plain = run(False)
     del plain
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
     host, mem_host, _, loss_host, grads_host = run(True)
     assert host._slothnb_lora["offloaded_embedding"] is True
