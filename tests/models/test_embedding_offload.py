@@ -75,11 +75,13 @@ def test_offloaded_embedding_on_gpu_frees_its_copy_and_trains_identically():
 
     def run(offload):
         model = _untied(dtype=torch.bfloat16).cuda()
-        model = get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="slothnb",
-                               offload_embedding=offload)
-        table_bytes = model.get_base_model().get_input_embeddings().weight.nbytes
+        table_bytes = model.get_input_embeddings().weight.nbytes
         torch.cuda.synchronize()
-        allocated = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated()  # measured around the wrap only: cuBLAS keeps a
+        model = get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="slothnb",
+                               offload_embedding=offload)  # workspace after the first run's matmuls
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_allocated() - before
         model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
@@ -95,7 +97,7 @@ def test_offloaded_embedding_on_gpu_frees_its_copy_and_trains_identically():
     assert host._slothnb_lora["offloaded_embedding"] is True
     assert host.get_base_model().get_input_embeddings().weight.device.type == "cpu"
     assert host.get_base_model().device.type == "cuda"  # model.device still names the GPU
-    assert mem_plain - mem_host >= table_bytes
+    assert mem_plain - mem_host >= table_bytes  # the wrap freed the GPU table
     assert torch.equal(loss_plain, loss_host)
     for a, b in zip(grads_plain, grads_host):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
