@@ -19,7 +19,15 @@ from slothnb.errors import ConfigError
 
 from ._utils import as_rows, next_power_of_2, use_triton
 
-BLOCK = 1024  # columns per program: a 2-D grid (rows, column blocks) keeps row strides free
+# Columns per program: a 2-D grid (rows, column blocks) keeps row strides free. 4096 columns with
+# 16 warps was the fastest of 512-4096 x 2-16 warps on an H100 at 8192 x 14336 bf16
+# (bench/sweep_glu.py, docs/benchmarks.md): 0.99 of the copy floor against 0.976 for 1024 x 4.
+BLOCK = 4096
+
+
+def glu_warps(block: int) -> int:
+    """16 warps for a 4096-column block, scaled down with it (256 columns a warp)."""
+    return max(1, min(16, block // 256))
 
 
 @triton.jit
@@ -69,7 +77,8 @@ def glu_forward(kernel, gate, up, **meta):
     h = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if h.numel():
         grid, block = _grid(*g2.shape)
-        kernel[grid](g2, u2, h, g2.stride(0), u2.stride(0), h.stride(0), g2.shape[1], BLOCK=block, **meta)
+        kernel[grid](g2, u2, h, g2.stride(0), u2.stride(0), h.stride(0), g2.shape[1], BLOCK=block,
+                     num_warps=glu_warps(block), **meta)
     return h.view(gate.shape)
 
 
@@ -100,7 +109,7 @@ def glu_backward(kernel, dh, gate, up, overwrite, **meta):
     if g2.numel():
         grid, block = _grid(*g2.shape)
         kernel[grid](dh2, g2, u2, dg2, du2, dh2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0),
-                     du2.stride(0), g2.shape[1], BLOCK=block, **meta)
+                     du2.stride(0), g2.shape[1], BLOCK=block, num_warps=glu_warps(block), **meta)
     if overwrite:
         for t in (gate, up):
             increment = getattr(torch.autograd.graph, "increment_version", None)
