@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Markdown tables for docs/benchmarks.md from a GPU run's output folder.
 
-    python bench/report.py OUT_DIR        # reads OUT_DIR/results.jsonl and OUT_DIR/kernels.json
+    python bench/report.py OUT_DIR [PEAK_TFLOPS]   # reads OUT_DIR/results.jsonl and OUT_DIR/kernels.json
+
+PEAK_TFLOPS: the matmul ceiling for MFU when the run did not measure one (no ``info`` step).
 
 Step benchmarks: one table per case (model, quant, seq, batch) with every system that ran in
 that folder's run; kernels: one table per op family, as bench/kernels.py wrote them.
@@ -13,9 +15,9 @@ import sys
 N_MATMUL = {"1b": 1.236e9, "8b": 7.505e9, "qwen7b": 7.070e9, "gemma9b": 9.241e9}
 
 
-def step_tables(path):
+def step_tables(path, default_peak=None):
     recs = [json.loads(line) for line in open(path) if line.startswith("{")]
-    peak = next((r["matmul"]["tflops_median"] for r in recs if r.get("kind") == "device_info"), None)
+    peak = next((r["matmul"]["tflops_median"] for r in recs if r.get("kind") == "device_info"), default_peak)
     cases = {}
     for r in recs:
         if r.get("kind") == "bench":
@@ -49,14 +51,14 @@ def kernel_tables(path):
     return "\n".join(out)
 
 
-def main(folder):
+def main(folder, default_peak=None):
     res, kern = os.path.join(folder, "results.jsonl"), os.path.join(folder, "kernels.json")
     if os.path.exists(res):
-        tables, peak = step_tables(res)
+        tables, peak = step_tables(res, default_peak)
         print(f"Matmul ceiling (8192³ bf16, median): {peak} TFLOP/s\n{tables}")
     if os.path.exists(kern):
         print("\n" + kernel_tables(kern))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench-out")
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench-out", float(sys.argv[2]) if len(sys.argv) > 2 else None)
