@@ -10,7 +10,8 @@
 #   model:NAME                    build a random-initialised checkpoint (peers/make_models.py)
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
 #   kernels                       bench/kernels.py (all ops) -> $OUT/kernels.json
-#   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case
+#   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case;
+#                                 env LORA_STEP_ARGS (e.g. "--rank 32 --alpha 32 --warmup 0 --steps 1"), CASE_TIMEOUT (300 s)
 #   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt
 #   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
@@ -47,8 +48,8 @@ for step in "$@"; do
       timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.md" | tail -60 ;;
     slothnb:*)
       IFS=: read -r _ model quant seq batch gc <<<"$step"
-      timeout -k 10 300 python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
-        --grad-ckpt "${gc:-slothnb}" \
+      timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" \
+        --batch "$batch" --grad-ckpt "${gc:-slothnb}" ${LORA_STEP_ARGS:-} \
         ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" | cut -c1-400 ;;
     profile:*)
       IFS=: read -r _ model quant seq batch gc <<<"$step"
