@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from slothnb.errors import ConfigError, HardwareError, ModelNotFoundError
+from slothnb.errors import HardwareError, ModelNotFoundError
 from slothnb.models import default_model, name_map
 from slothnb.models.rope_scaling import apply_rope_scaling, check_max_seq_length
 from slothnb.models.tokenizer_fixes import fix_tokenizer as _fix_tokenizer

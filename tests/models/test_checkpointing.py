@@ -5,6 +5,7 @@ from torch import nn
 
 from slothnb.errors import ConfigError
 from slothnb.models import checkpointing as ckpt
+from slothnb.models import host_offload
 from slothnb.models.checkpointing import apply_gradient_checkpointing, checkpoint_policy, offloaded_checkpoint
 from tiny_models import tiny_model
 
@@ -29,8 +30,8 @@ def _fake_offload(monkeypatch, on_restore=None):
                 on_restore(self.copy)
             return self.copy
 
-    monkeypatch.setattr(ckpt, "_worth_offloading", lambda t: True)
-    monkeypatch.setattr(ckpt, "_Offloaded", FakeOffload)
+    monkeypatch.setattr(host_offload, "worth_offloading", lambda t: True)
+    monkeypatch.setattr(host_offload, "OffloadedTensor", FakeOffload)
     return stored, restored
 
 
@@ -246,19 +247,6 @@ def test_offloaded_peak_is_lower_than_standard_on_gpu():
 
 
 @pytest.mark.gpu
-def test_offload_round_trip_on_gpu():
-    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
-    expected = x.clone()
-    off = ckpt._Offloaded(x)
-    assert off.buf.is_pinned() and off.buf.device.type == "cpu"
-    del x  # the GPU copy may now be reused; the pinned copy must still be intact
-    torch.empty(4, 256, 512, device="cuda", dtype=torch.bfloat16).fill_(7)
-    back = off.restore()
-    torch.cuda.synchronize()
-    assert back.is_cuda and torch.equal(back, expected)
-
-
-@pytest.mark.gpu
 def test_prefetch_chain_and_no_host_sync_on_gpu():
     """Three offloaded layers in a row: forward and backward never synchronise the host (sync debug
     mode raises), restoring a layer has already queued the copy of the one before it, and the
@@ -287,21 +275,8 @@ def test_prefetch_chain_and_no_host_sync_on_gpu():
     torch.cuda.synchronize()
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    ckpt._release_finished_copies()  # every device->host copy has finished: no input is held for it
-    assert not ckpt._IN_FLIGHT
-
-
-@pytest.mark.gpu
-def test_restore_prefetches_the_previous_layer_on_gpu():
-    a = torch.randn(8, 128, device="cuda")
-    b = torch.randn(8, 128, device="cuda")
-    off_a, off_b = ckpt._Offloaded(a), ckpt._Offloaded(b)  # forward order: a, then b
-    assert off_b.prev() is off_a
-    back_b = off_b.restore()  # backward order: b first; a's copy is queued now
-    assert off_a.gpu is not None and off_a.ready is not None
-    back_a = off_a.restore()
-    torch.cuda.synchronize()
-    assert torch.equal(back_b, b) and torch.equal(back_a, a)
+    host_offload.release_finished_copies()  # every device->host copy has finished: no input is held for it
+    assert not host_offload._IN_FLIGHT
 
 
 def test_the_graph_holds_no_reference_to_offloaded_inputs():
@@ -318,37 +293,15 @@ def test_the_graph_holds_no_reference_to_offloaded_inputs():
 
 
 # ------------------------------------------------------------------------------------ host budget
-def test_host_budget_admits_until_full_and_counts_bytes_in_use():
-    budget = ckpt.HostBudget(limit_bytes=100)
-    assert [budget.admit(40) for _ in range(3)] == [True, True, False]  # 120 > 100: stays on the GPU
-    assert budget.in_use == 80
-    budget.release(40), budget.release(40)  # backward restored both: the next step starts from zero
-    assert budget.in_use == 0 and budget.admit(100) and not budget.admit(1)
-
-
-def test_host_budget_limit_from_env_or_half_the_available_memory(monkeypatch):
-    import psutil
-
-    monkeypatch.setenv("SLOTHNB_OFFLOAD_HOST_GIB", "1.5")
-    assert ckpt.default_host_budget_bytes() == int(1.5 * 1024**3)
-    monkeypatch.setenv("SLOTHNB_OFFLOAD_HOST_GIB", "lots")
-    with pytest.raises(ConfigError, match="SLOTHNB_OFFLOAD_HOST_GIB"):
-        ckpt.default_host_budget_bytes()
-    monkeypatch.delenv("SLOTHNB_OFFLOAD_HOST_GIB")
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1000})())
-    budget = ckpt.HostBudget()
-    assert budget.admit(500) and not budget.admit(1) and budget.limit == 500  # read once, at the first offload
-
-
 def test_layers_over_the_host_budget_stay_on_the_device(monkeypatch):
     """4 layers, room for 2 inputs: the first 2 are offloaded, the last 2 kept (plain recompute);
     gradients unchanged, and the next step admits 2 again (restored bytes were released)."""
     model = _model(layers=4)
     _, ref = _loss_and_grads(model)
     nbytes = 2 * 24 * 64 * 4  # [B, S, H] fp32
-    budget = ckpt.HostBudget(limit_bytes=int(2.5 * nbytes))
+    budget = host_offload.HostBudget(limit_bytes=int(2.5 * nbytes))
     stored, restored = _fake_offload(monkeypatch, on_restore=lambda copy: budget.release(copy.nbytes))
-    monkeypatch.setattr(ckpt, "_HOST_BUDGET", budget)
+    monkeypatch.setattr(host_offload, "HOST_BUDGET", budget)
     apply_gradient_checkpointing(model, "slothnb", layers=[0, 1, 2, 3])
     for _ in range(2):
         stored.clear(), restored.clear()
@@ -356,16 +309,6 @@ def test_layers_over_the_host_budget_stay_on_the_device(monkeypatch):
         assert len(stored) == 2 and len(restored) == 2 and budget.in_use == 0
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
-
-
-def test_an_offload_never_restored_releases_its_bytes(monkeypatch):
-    budget = ckpt.HostBudget(limit_bytes=10)
-    monkeypatch.setattr(ckpt, "_HOST_BUDGET", budget)
-    assert budget.admit(8)
-    off = object.__new__(ckpt._Offloaded)  # as built on CUDA, without the copy
-    off.nbytes, off.buf = 8, torch.empty(2)
-    del off  # its forward was dropped without a backward
-    assert budget.in_use == 0
 
 
 def test_last_layer_is_checkpointed_only_for_long_inputs(monkeypatch):

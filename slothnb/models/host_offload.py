@@ -1,0 +1,176 @@
+"""Layer inputs held in pinned host memory between a checkpointed layer's forward and backward.
+
+The machinery under ``"slothnb"`` checkpointing (``slothnb.models.checkpointing``): a pool of pinned
+buffers, a host-memory budget (long sequences must not exhaust RAM), one side stream per device
+for the copies, and ``OffloadedTensor``, which copies a CUDA tensor out in forward and back
+(prefetched one layer ahead) in backward without ever synchronising the host.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import weakref
+from collections import defaultdict
+
+import torch
+
+from slothnb.errors import ConfigError
+
+
+class _PinnedPool:
+    """Reuses pinned host buffers across steps: cudaHostAlloc is slow, and a step needs one per layer."""
+
+    max_keys = 8  # distinct (shape, dtype) kept; varying sequence lengths would otherwise pile up buffers
+
+    def __init__(self):
+        self._free = defaultdict(list)
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        if self._free[key]:
+            return self._free[key].pop()
+        if len(self._free) > self.max_keys:
+            self._free.clear()
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free[(tuple(buf.shape), buf.dtype)].append(buf)
+
+
+_POOL = _PinnedPool()
+
+
+class HostBudget:
+    """How many bytes of pinned host memory the offloaded layer inputs may hold at once.
+
+    At long context the inputs of all layers no longer fit in host RAM (Llama-3.1-8B, 400K tokens:
+    32 x 3.3 GB = 105 GB). ``admit(nbytes)`` says whether one more input may be offloaded and, if so,
+    counts it; ``release(nbytes)`` uncounts it when its buffer goes back to the pool (restore in
+    backward) or is dropped (a forward never backpropagated). What is counted is bytes in use by the
+    current forward, not bytes ever allocated: pooled free buffers are not counted. Refused inputs stay
+    on the GPU (standard checkpointing for that layer). The limit is ``SLOTHNB_OFFLOAD_HOST_GIB`` GiB if
+    set, else half of the host memory available when the first input is offloaded.
+    """
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.limit, self.in_use = limit_bytes, 0
+
+    def admit(self, nbytes: int) -> bool:
+        if self.limit is None:
+            self.limit = default_host_budget_bytes()
+        if self.in_use + nbytes > self.limit:
+            return False
+        self.in_use += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.in_use = max(0, self.in_use - nbytes)
+
+
+def default_host_budget_bytes() -> int:
+    """``SLOTHNB_OFFLOAD_HOST_GIB`` GiB, else 50% of the host memory available now."""
+    env = os.environ.get("SLOTHNB_OFFLOAD_HOST_GIB")
+    if env:
+        try:
+            gib = float(env)
+        except ValueError:
+            gib = -1.0
+        if gib < 0:
+            raise ConfigError(f"SLOTHNB_OFFLOAD_HOST_GIB={env!r} must be a number of GiB >= 0 "
+                              "(pinned host memory for offloaded layer inputs).")
+        return int(gib * 1024**3)
+    import psutil
+
+    return int(psutil.virtual_memory().available // 2)
+
+
+HOST_BUDGET = HostBudget()
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+class OffloadedTensor:
+    """A CUDA tensor's copy in pinned CPU memory, moved on a side stream in both directions.
+
+    Forward: the device->host copy is queued on the side stream after the work that produced x;
+    the compute stream never waits for it, and x is kept alive (``_IN_FLIGHT``) until the copy's
+    event has passed, then dropped in stream order. (``record_stream`` would do the same for the
+    allocator, but a block freed that way is withheld until the side stream catches up with all it
+    was given by then; with memory tight the allocator then grows or flushes its cache mid-step.)
+    Backward: ``restore`` is called when a layer's backward starts; it queues that layer's host->device copy (if not already prefetched) and
+    also the one of the layer offloaded just before it in forward (the next backward), so that copy
+    runs while this layer recomputes. Only the compute stream waits (on an event); the host never
+    synchronises. The prefetch holds one extra layer input on the GPU.
+    """
+
+    _last = None  # weakref to the most recent OffloadedTensor: the previous layer for the next one
+
+    def __init__(self, x: torch.Tensor):
+        """Only after ``HOST_BUDGET.admit(x.nbytes)``: the bytes are released by restore or on GC."""
+        self.device, self.gpu, self.ready = x.device, None, None
+        self.nbytes, self.buf = x.nbytes, None
+        try:
+            self.buf = _POOL.take(x.shape, x.dtype)
+        except BaseException:  # no pinned memory after all: nothing is held
+            HOST_BUDGET.release(self.nbytes)
+            raise
+        stream = _side_stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully computed before we read it
+        with torch.cuda.stream(stream):
+            self.buf.copy_(x, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        release_finished_copies()
+        _IN_FLIGHT.append((copied, x))  # x's memory must not be handed out before the copy has read it
+        self.prev = OffloadedTensor._last  # weak: a forward never backpropagated must not pin a chain
+        OffloadedTensor._last = weakref.ref(self)
+
+    def prefetch(self) -> None:
+        """Queue the host->device copy on the side stream (once)."""
+        if self.gpu is not None or self.buf is None:
+            return
+        stream = _side_stream(self.device)
+        self.gpu = torch.empty(self.buf.shape, dtype=self.buf.dtype, device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # earlier users of that memory are done
+        with torch.cuda.stream(stream):
+            self.gpu.copy_(self.buf, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def restore(self) -> torch.Tensor:
+        release_finished_copies()
+        self.prefetch()
+        prev = self.prev() if self.prev is not None else None
+        if prev is not None and prev.device == self.device:
+            prev.prefetch()
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        x, self.gpu, self.prev = self.gpu, None, None
+        _POOL.give(self.buf)  # reused only by a later forward, whose copy is ordered after this one
+        self.buf = None
+        HOST_BUDGET.release(self.nbytes)
+        return x
+
+    def __del__(self):  # a forward that never reached backward: its bytes are no longer in use
+        if getattr(self, "buf", None) is not None:
+            HOST_BUDGET.release(self.nbytes)
+        if getattr(self, "gpu", None) is not None:  # an unconsumed prefetch: free it only after its copy
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+
+
+_IN_FLIGHT: collections.deque = collections.deque()  # (event, tensor): device->host copies still reading
+
+
+def release_finished_copies() -> None:
+    """Drops the offloaded inputs whose copies have finished (events complete in queue order)."""
+    while _IN_FLIGHT and _IN_FLIGHT[0][0].query():
+        _IN_FLIGHT.popleft()
+
+
+def worth_offloading(t: torch.Tensor) -> bool:
+    return t.is_cuda  # a CPU tensor is already where the copy would go

@@ -1,0 +1,64 @@
+"""Pinned host copies of layer inputs (slothnb.models.host_offload): the budget, the round trip, the prefetch."""
+import pytest
+import torch
+
+from slothnb.errors import ConfigError
+from slothnb.models import host_offload
+
+
+@pytest.mark.gpu
+def test_offload_round_trip_on_gpu():
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    expected = x.clone()
+    off = host_offload.OffloadedTensor(x)
+    assert off.buf.is_pinned() and off.buf.device.type == "cpu"
+    del x  # the GPU copy may now be reused; the pinned copy must still be intact
+    torch.empty(4, 256, 512, device="cuda", dtype=torch.bfloat16).fill_(7)
+    back = off.restore()
+    torch.cuda.synchronize()
+    assert back.is_cuda and torch.equal(back, expected)
+
+
+@pytest.mark.gpu
+def test_restore_prefetches_the_previous_layer_on_gpu():
+    a = torch.randn(8, 128, device="cuda")
+    b = torch.randn(8, 128, device="cuda")
+    off_a, off_b = host_offload.OffloadedTensor(a), host_offload.OffloadedTensor(b)  # forward order: a, then b
+    assert off_b.prev() is off_a
+    back_b = off_b.restore()  # backward order: b first; a's copy is queued now
+    assert off_a.gpu is not None and off_a.ready is not None
+    back_a = off_a.restore()
+    torch.cuda.synchronize()
+    assert torch.equal(back_b, b) and torch.equal(back_a, a)
+
+
+def test_host_budget_admits_until_full_and_counts_bytes_in_use():
+    budget = host_offload.HostBudget(limit_bytes=100)
+    assert [budget.admit(40) for _ in range(3)] == [True, True, False]  # 120 > 100: stays on the GPU
+    assert budget.in_use == 80
+    budget.release(40), budget.release(40)  # backward restored both: the next step starts from zero
+    assert budget.in_use == 0 and budget.admit(100) and not budget.admit(1)
+
+
+def test_host_budget_limit_from_env_or_half_the_available_memory(monkeypatch):
+    import psutil
+
+    monkeypatch.setenv("SLOTHNB_OFFLOAD_HOST_GIB", "1.5")
+    assert host_offload.default_host_budget_bytes() == int(1.5 * 1024**3)
+    monkeypatch.setenv("SLOTHNB_OFFLOAD_HOST_GIB", "lots")
+    with pytest.raises(ConfigError, match="SLOTHNB_OFFLOAD_HOST_GIB"):
+        host_offload.default_host_budget_bytes()
+    monkeypatch.delenv("SLOTHNB_OFFLOAD_HOST_GIB")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1000})())
+    budget = host_offload.HostBudget()
+    assert budget.admit(500) and not budget.admit(1) and budget.limit == 500  # read once, at the first offload
+
+
+def test_an_offload_never_restored_releases_its_bytes(monkeypatch):
+    budget = host_offload.HostBudget(limit_bytes=10)
+    monkeypatch.setattr(host_offload, "HOST_BUDGET", budget)
+    assert budget.admit(8)
+    off = object.__new__(host_offload.OffloadedTensor)  # as built on CUDA, without the copy
+    off.nbytes, off.buf = 8, torch.empty(2)
+    del off  # its forward was dropped without a backward
+    assert budget.in_use == 0
