@@ -18,8 +18,8 @@ materialised (FA2 scheme):
   ``kv_idx > q_idx - sliding_window``). Only key blocks that hold a visible key are visited.
 
 Not supported (the callers must keep the eager path for these): attention dropout, padding masks
-or any explicit attention mask, kv length != query length (KV cache decoding). fp32 inputs on a
-GPU go through TF32 ``tl.dot``; the exact fp32 check is the interpreter's.
+or any explicit attention mask, kv length != query length (KV cache decoding). fp32 inputs use
+full-fp32 (``input_precision="ieee"``) products, not TF32.
 
 In Triton's interpreter ``tl.dot`` on 16-bit tiles returns garbage, so there (``DOT_F32``) tiles are
 cast to fp32 before each dot.
