@@ -1,14 +1,25 @@
-"""Small shared helpers for the Triton ops (dispatch, block sizes, recompute state)."""
+"""Small shared helpers for the Triton ops (dispatch, block sizes, recompute state, tanh)."""
 import contextlib
 import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 # Triton's interpreter runs kernels on the CPU; it must be chosen before triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 MAX_FUSED_SIZE = 65536  # largest row a single program handles in one block
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp(-2|x|), which never overflows: one form for every Triton version and the interpreter
+    (the soft-capping of Gemma-2's logits and attention scores)."""
+    t = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(x >= 0, r, -r)
 
 
 def use_triton(t: torch.Tensor) -> bool:

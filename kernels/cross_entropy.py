@@ -28,20 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_power_of_2, use_triton
+from ._utils import next_power_of_2, tanh, use_triton
 from ..errors import ConfigError, DatasetError
 
 MAX_BLOCK = 16384  # vocabulary chunk one program handles per loop step
 TORCH_CHUNK_BYTES = 64 << 20  # fp32 working set of the PyTorch path per chunk of rows
 REDUCTIONS = ("mean", "sum", "none")
-
-
-@triton.jit
-def _tanh(x):
-    # exp(-2|x|) never overflows; portable across Triton versions and the interpreter.
-    t = tl.exp(-2.0 * tl.abs(x))
-    r = (1.0 - t) / (1.0 + t)
-    return tl.where(x >= 0, r, -r)
 
 
 @triton.jit
@@ -78,7 +70,7 @@ def _ce_kernel(
             if HAS_SCALE:
                 z = z * logit_scale
             if HAS_SOFTCAP:
-                z = softcap * _tanh(z / softcap)
+                z = softcap * tanh(z / softcap)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -88,7 +80,7 @@ def _ce_kernel(
         if HAS_SCALE:
             z_label = z_label * logit_scale
         if HAS_SOFTCAP:
-            z_label = softcap * _tanh(z_label / softcap)
+            z_label = softcap * tanh(z_label / softcap)
         tl.store(loss_ptr + row, lse - z_label)
         tl.store(lse_ptr + row, lse)
     else:
@@ -103,7 +95,7 @@ def _ce_kernel(
             if HAS_SCALE:
                 y = y * logit_scale
             if HAS_SOFTCAP:
-                t = _tanh(y / softcap)
+                t = tanh(y / softcap)
                 z = softcap * t
             else:
                 z = y

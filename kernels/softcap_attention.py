@@ -32,17 +32,9 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import INTERPRET, use_triton
+from ._utils import INTERPRET, tanh, use_triton
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-@triton.jit
-def _tanh(x):
-    # exp(-2|x|) never overflows; portable across Triton versions and the interpreter.
-    t = tl.exp(-2.0 * tl.abs(x))
-    r = (1.0 - t) / (1.0 + t)
-    return tl.where(x >= 0, r, -r)
 
 
 @triton.jit
@@ -119,7 +111,7 @@ def _fwd(Q, K, V, O, LSE,
         cols = start_n + offs_n
         kv_mask = cols[:, None] < seq
         k = tl.load(k_base + cols[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        z = softcap * _tanh(_dot(q, tl.trans(k), DOT_F32, IEEE) * (scale / softcap))
+        z = softcap * tanh(_dot(q, tl.trans(k), DOT_F32, IEEE) * (scale / softcap))
         z = tl.where(_visible(rows, cols, seq, window, CAUSAL, WINDOW), z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -185,7 +177,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
             do = tl.load(do_base + rows[:, None] * sdo_s + offs_d[None, :], mask=q_mask, other=0.0)
             lse = tl.load(LSE + row_base + rows, mask=rows < seq, other=0.0)
             delta = tl.load(DELTA + row_base + rows, mask=rows < seq, other=0.0)
-            t = _tanh(_dot(q, tl.trans(k), DOT_F32, IEEE) * (scale / softcap))
+            t = tanh(_dot(q, tl.trans(k), DOT_F32, IEEE) * (scale / softcap))
             p = tl.exp(softcap * t - lse[:, None])
             p = tl.where(_visible(rows, cols, seq, window, CAUSAL, WINDOW), p, 0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_F32, IEEE)
@@ -228,7 +220,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         kv_mask = cols[:, None] < seq
         k = tl.load(k_base + cols[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        t = _tanh(_dot(q, tl.trans(k), DOT_F32, IEEE) * (scale / softcap))
+        t = tanh(_dot(q, tl.trans(k), DOT_F32, IEEE) * (scale / softcap))
         p = tl.exp(softcap * t - lse[:, None])
         p = tl.where(_visible(rows, cols, seq, window, CAUSAL, WINDOW), p, 0.0)
         dp = _dot(do, tl.trans(v), DOT_F32, IEEE)
