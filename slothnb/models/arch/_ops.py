@@ -9,6 +9,8 @@ from slothnb.kernels.geglu import geglu
 from slothnb.kernels.lora import begin_pass, lora_linear, lora_mlp, lora_qkv
 from slothnb.kernels.rms_norm import rms_norm
 from slothnb.kernels.rope import apply_rope, apply_rope_projections, rope_in_place_ok
+from slothnb.kernels.softcap_attention import HEAD_DIMS as SOFTCAP_HEAD_DIMS
+from slothnb.kernels.softcap_attention import softcap_attention
 from slothnb.kernels.swiglu import swiglu
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from slothnb.kernels._utils import use_triton
 from slothnb.kernels.lora_chunked import token_chunked
 from slothnb.models import lora_fusion
 from slothnb.models.arch import _ops
@@ -129,8 +130,24 @@ def _repeat_kv(x, n_rep):
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
+# Gemma-2's soft-capped attention through the flash kernel (kernels/softcap_attention.py) instead of
+# the eager path. Opt-in until it has been validated and timed on a GPU (docs/perf-notes.md).
+SOFTCAP_FLASH = os.environ.get("SLOTHNB_SOFTCAP_FLASH", "0") == "1"
+
+
+def _softcap_flash_applies(self, q, k, mask, dropout) -> bool:
+    """The flash kernel covers causal (+ sliding window) attention over the whole sequence: no
+    padding mask (with SDPA-style masks, transformers passes None when nothing is padded), no
+    dropout, no KV cache beyond the queries, a head size it was built for."""
+    return (SOFTCAP_FLASH and mask is None and dropout == 0.0 and self.is_causal and q.shape[2] == k.shape[2]
+            and q.shape[-1] in _ops.SOFTCAP_HEAD_DIMS and use_triton(q))
+
+
 def _softcapped_attention(self, q, k, v, mask, softcap, dropout):
     """Gemma-2's eager attention: tanh soft-capping of the scores cannot go through SDPA."""
+    if _softcap_flash_applies(self, q, k, mask, dropout):
+        return _ops.softcap_attention(q, k, v, softcap, self.scaling, causal=True,
+                                      window=getattr(self, "sliding_window", None))
     k, v = _repeat_kv(k, self.num_key_value_groups), _repeat_kv(v, self.num_key_value_groups)
     scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
     scores = torch.tanh(scores / softcap) * softcap

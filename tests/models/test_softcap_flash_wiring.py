@@ -1,0 +1,56 @@
+"""Gemma-2's attention through the soft-capped flash kernel (opt-in: SLOTHNB_SOFTCAP_FLASH=1).
+
+The kernel itself is tested in tests/ops/test_softcap_attention.py; here: the patched model takes it
+exactly where it applies (no padding, no cache, no dropout) and gives the eager path's loss and
+gradients, and falls back to the eager path with a padding mask.
+"""
+import pytest
+import torch
+
+from slothnb.models.arch import _ops, common
+from slothnb.models.patching import patch_model
+from tiny_models import tiny_model
+
+
+def _gemma2(flash, monkeypatch):
+    monkeypatch.setattr(common, "SOFTCAP_FLASH", flash)
+    model = tiny_model("gemma2", seed=0).train()
+    model.config._attn_implementation = "sdpa"  # what the loader asks for: no mask when nothing is padded
+    patch_model(model)
+    return model
+
+
+def _loss_and_grads(model, seq=24, **kw):
+    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, **kw).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("seq, windows", [
+    (24, [32, None]),  # both layers: the sliding one (window 32) and the full one
+    (40, [None]),  # longer than the window: transformers builds the sliding layer's mask, so it stays eager
+])
+def test_flash_path_matches_the_eager_path_and_is_taken(seq, windows, monkeypatch):
+    calls = []
+    real = _ops.softcap_attention
+    monkeypatch.setattr(_ops, "softcap_attention", lambda *a, **k: calls.append(k.get("window")) or real(*a, **k))
+    loss_ref, grads_ref = _loss_and_grads(_gemma2(False, monkeypatch), seq)
+    assert calls == []
+    loss, grads = _loss_and_grads(_gemma2(True, monkeypatch), seq)
+    assert calls == windows
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_padding_keeps_the_eager_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_ops, "softcap_attention", lambda *a, **k: calls.append(1))
+    model = _gemma2(True, monkeypatch)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    _loss_and_grads(model, 40, attention_mask=mask)
+    assert calls == []
