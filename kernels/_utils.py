@@ -81,6 +81,15 @@ def row_programs(device: torch.device, n_rows: int, partials: bool) -> int:
     return max(1, min(n_rows, max(sms, min(8 * sms, -(-n_rows // 16)))))
 
 
+def row_split(device: torch.device, n_rows: int, partials: bool, programs: int | None = None) -> tuple[int, int]:
+    """(programs, rows a program) for a norm's backward: :func:`row_programs` (or ``programs``, the
+    tests' override), then trimmed so that no program is left without rows."""
+    if not n_rows:
+        return 1, 1
+    per_program = -(-n_rows // (programs or row_programs(device, n_rows, partials)))
+    return -(-n_rows // per_program), per_program
+
+
 class RecomputeState:
     """The RNG and autocast state of a forward, replayed when a backward recomputes it, so the
     recompute draws the same dropout masks and runs in the same dtypes (as torch's checkpoint does)."""

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, row_block, row_programs, use_triton
+from ._utils import as_rows, row_block, row_split, use_triton
 
 
 @triton.jit
@@ -97,12 +97,10 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
 def rms_norm_backward(dy2, x2, weight, rstd, offset: float, compute_dw: bool = True, programs=None):
     """Triton backward: returns ``(dx [rows, n] in x's dtype, dw in weight's dtype or None)``.
 
-    ``programs`` overrides :func:`row_programs` (tests: any split of the rows gives the same result)."""
+    ``programs`` overrides :func:`row_programs` via :func:`row_split` (tests: any split of the rows gives the same result)."""
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    n_prog = programs or row_programs(x2.device, n_rows, partials=compute_dw)
-    rows_per_program = triton.cdiv(n_rows, n_prog) if n_rows else 1
-    n_prog = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
+    n_prog, rows_per_program = row_split(x2.device, n_rows, compute_dw, programs)
     part = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     if n_rows:
         block, warps = row_block(n_cols)

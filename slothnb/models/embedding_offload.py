@@ -38,8 +38,7 @@ class HostEmbedding(nn.Module):
         if ids.device == self.weight.device:
             return F.embedding(ids, self.weight, self.padding_idx)
         host_ids = ids.to("cpu").reshape(-1)
-        rows = torch.empty((host_ids.numel(), self.embedding_dim), dtype=self.weight.dtype,
-                           pin_memory=torch.cuda.is_available())
+        rows = torch.empty((host_ids.numel(), self.embedding_dim), dtype=self.weight.dtype, pin_memory=ids.is_cuda)
         torch.index_select(self.weight, 0, host_ids, out=rows)
         # the caching host allocator keeps the pinned block until the copy has run
         return rows.to(ids.device, non_blocking=True).view(*ids.shape, self.embedding_dim)
