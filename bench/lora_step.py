@@ -129,7 +129,8 @@ def main(argv=None):
     rec = {"kind": "bench", "system": "slothnb", "model": args.model, "quant": args.quant, "seq": args.seq,
            "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "lora_r": args.rank,
            "lora_alpha": args.alpha, "lr": args.lr, "autocast_bf16": True, "optimizer": "torch.optim.AdamW",
-           "grad_ckpt": str(args.grad_ckpt), "model_path": args.model_path, "_t0": time.time()}
+           "grad_ckpt": str(args.grad_ckpt), "model_path": args.model_path, "_t0": time.time(),
+           "env": {k: v for k, v in os.environ.items() if k.startswith("SLOTHNB_")}}
     try:
         import torch
         rec["gpu"] = torch.cuda.get_device_name(0)

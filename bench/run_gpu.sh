@@ -10,6 +10,7 @@
 #   model:NAME                    build a random-initialised checkpoint (peers/make_models.py)
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
 #   kernels                       bench/kernels.py (all ops) -> $OUT/kernels.json
+#   attention                     bench/kernels_attention.py --sweep (Gemma-2 soft-capped attention) -> $OUT/kernels_attention.json
 #   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case;
 #                                 env LORA_STEP_ARGS (e.g. "--rank 32 --alpha 32 --warmup 0 --steps 1"), CASE_TIMEOUT (300 s)
 #   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt
@@ -46,6 +47,8 @@ for step in "$@"; do
       timeout -k 5 "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --durations=25 -m "${PYTEST_MARK:-gpu}" -p no:cacheprovider --continue-on-collection-errors --ignore=tests/notebook tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed|[0-9.]+s (call|setup)" | head -70 ;;
     kernels)
       timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.md" | tail -60 ;;
+    attention)
+      timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels_attention.py --sweep 2>&1 | tee "$OUT/kernels_attention.md" | tail -30 ;;
     slothnb:*)
       IFS=: read -r _ model quant seq batch gc <<<"$step"
       timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" \
