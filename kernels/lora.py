@@ -243,14 +243,18 @@ class LoraQKVFunction(torch.autograd.Function):
 
 class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, activation, bundles, *AB):
+    def forward(ctx, x, activation, output_needed, bundles, *AB):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
         (Wg, qg, sg, Ag, Bg, tg), (Wu, qu, su, Au, Bu, tu), (Wd, qd, sd, Ad, Bd, td) = _prepared(dt, bundles, AB)
         xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
         xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
         H = gated_forward(activation, G, U)
-        ha, y = _forward(H, Wd, qd, Ad, Bd, sd, out_shape=(*x.shape[:-1], Bd.shape[0]))
+        out_shape = (*x.shape[:-1], Bd.shape[0])
+        if output_needed:
+            ha, y = _forward(H, Wd, qd, Ad, Bd, sd, out_shape=out_shape)
+        else:  # backward needs only H A_d^T of the down projection: no dequantisation, no [N, I] x [I, H]
+            ha, y = H @ Ad.t(), torch.empty(out_shape, dtype=X.dtype, device=X.device)
         del H
         ctx.save_for_backward(X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd)
         ctx.bases = [(Wg, qg, sg, tg), (Wu, qu, su, tu), (Wd, qd, sd, td)]
@@ -279,7 +283,7 @@ class LoraMLPFunction(torch.autograd.Function):
         del dG
         dX, dA_u, dB_u = _backward(dU, X, xa_u, Wu, qu, Au, Bu, su, tu, dX=dX, need_dx=need_dx)
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
-        return (dx, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
+        return (dx, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
 def lora_linear(x: torch.Tensor, p: LoraWeights) -> torch.Tensor:
@@ -302,8 +306,14 @@ def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights):
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
-             activation: str = "swiglu") -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` with LoRA on all three; activation: swiglu | geglu | geglu_tanh."""
+             activation: str = "swiglu", output_needed: bool = True) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with LoRA on all three; activation: swiglu | geglu | geglu_tanh.
+
+    ``output_needed=False`` is for a checkpoint's recompute, whose outputs only carry the autograd
+    graph: the result is then an *uninitialised* tensor of the right shape, and the down projection's
+    base matmul (a quarter of a Llama layer's FLOPs) and its NF4 dequantisation are skipped. Everything
+    the backward reads is computed as usual, so the gradients are bit-identical.
+    """
     if activation not in ACTIVATIONS:
         raise ConfigError(f"lora_mlp activation must be one of {ACTIVATIONS}, got {activation!r}.")
     _check(gate, x.shape[-1], "gate")
@@ -312,7 +322,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
         raise ConfigError(f"gate and up must have the same width, got {gate.out_features} and {up.out_features}.")
     _check(down, gate.out_features, "down")
     tensors, bundles = _adapters((gate, up, down))
-    return LoraMLPFunction.apply(x, activation, bundles, *tensors)
+    return LoraMLPFunction.apply(x, activation, bool(output_needed), bundles, *tensors)
 
 
 def lora_linear_reference(x, p: LoraWeights, dequantized_weight=None):

@@ -13,6 +13,11 @@ intermediates in both passes, at the price of one more MLP forward (as any check
 Gradients go to ``params`` through the node's own return values (not ``.grad`` side effects), so
 ``torch.autograd.grad`` works as well as ``backward()``. ``fn`` must treat tokens independently (no
 mixing across rows): true of an MLP, of LoRA and of dropout.
+
+The backward reads only the graph of each chunk's recomputed output, never its values, so it runs
+``recompute_fn`` when given (``fn`` with its final projection skipped, for ``lora_mlp``). For a caller
+that itself only needs the graph (a checkpointed layer's recompute), ``output_needed=False`` makes the
+forward compute nothing: it returns an uninitialised ``[..., out_features]`` tensor.
 """
 from __future__ import annotations
 
@@ -40,12 +45,15 @@ def _chunked_no_grad(fn, X, chunk):
 
 class TokenChunkedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, chunk, lead, X, *params):
-        ctx.fn, ctx.chunk = fn, chunk
+    def forward(ctx, fn, recompute_fn, chunk, lead, X, out_features, *params):
+        ctx.fn, ctx.chunk = recompute_fn or fn, chunk
         ctx.params = params  # leaves (adapter parameters): no reference cycle through the graph
         ctx.state = RecomputeState([X])
-        with torch.no_grad():
-            out = _chunked_no_grad(fn, X, chunk)
+        if out_features is None:
+            with torch.no_grad():
+                out = _chunked_no_grad(fn, X, chunk)
+        else:  # the caller reads only the graph: nothing to compute before the backward
+            out = X.new_empty((X.shape[0], out_features))
         ctx.save_for_backward(X)
         return out.view(*lead, *out.shape[1:])
 
@@ -53,10 +61,10 @@ class TokenChunkedFunction(torch.autograd.Function):
     def backward(ctx, dout):
         (X,) = ctx.saved_tensors
         dout = dout.reshape(X.shape[0], -1)
-        need_x = ctx.needs_input_grad[3]
-        want = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+        need_x = ctx.needs_input_grad[4]
+        want = [i for i, need in enumerate(ctx.needs_input_grad[6:]) if need]
         dX = torch.empty_like(X) if need_x else None
-        dparams = [None] * len(ctx.needs_input_grad[4:])
+        dparams = [None] * len(ctx.needs_input_grad[6:])
         # chunks are recomputed in forward order from the forward's RNG state: same dropout masks
         with ctx.state.replay():
             targets = [ctx.params[i] for i in want]
@@ -72,25 +80,31 @@ class TokenChunkedFunction(torch.autograd.Function):
                 for i, g in zip(want, grads):
                     if g is not None:
                         dparams[i] = g if dparams[i] is None else dparams[i].add_(g)
-        return (None, None, None, dX, *dparams)
+        return (None, None, None, None, dX, None, *dparams)
 
 
-def token_chunked(fn, x: torch.Tensor, params, chunk: int) -> torch.Tensor:
+def token_chunked(fn, x: torch.Tensor, params, chunk: int, *, recompute_fn=None,
+                  output_needed: bool = True, out_features: int | None = None) -> torch.Tensor:
     """``fn(x)`` for x ``[..., features]``, computed ``chunk`` tokens at a time (see the module doc).
 
     ``params``: the tensors inside ``fn`` that need gradients (the LoRA adapters); any trainable
     tensor ``fn`` uses but that is not listed gets no gradient. Below or at ``chunk`` tokens this is
-    just ``fn(x)``.
+    just ``fn(x)`` (``recompute_fn(x)`` when the output is not needed). ``recompute_fn``: what the
+    backward re-runs per chunk, with the same graph as ``fn`` but free to leave the output's values
+    unset. ``output_needed=False`` (with ``out_features``): the forward skips ``fn`` entirely.
     """
     if chunk < 1:
         raise ConfigError(f"token chunk must be >= 1 tokens, got {chunk} (SLOTHNB_MLP_CHUNK_TOKENS).")
+    if not output_needed and (out_features is None or recompute_fn is None):
+        raise ConfigError("token_chunked(output_needed=False) needs out_features and recompute_fn.")
     lead = x.shape[:-1]
     X = x.reshape(-1, x.shape[-1])
     if X.shape[0] <= chunk:
-        return fn(x)
+        return fn(x) if output_needed else recompute_fn(x)
     params = [p for p in params if p.requires_grad]
     if torch.is_grad_enabled() and (x.requires_grad or params):
-        return TokenChunkedFunction.apply(fn, chunk, lead, X, *params)
+        skip = None if output_needed else int(out_features)
+        return TokenChunkedFunction.apply(fn, recompute_fn, chunk, lead, X, skip, *params)
     with torch.no_grad():
         out = _chunked_no_grad(fn, X, chunk)
     return out.view(*lead, *out.shape[1:])

@@ -237,10 +237,12 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # spill but rescales the [64, 256] accumulator every 16 keys; try both); bwd 32 x 32 / 8 warps:
 # dK/dV 66 KB, 189 registers, dQ 64 KB, 178 registers, no spill (64 x 32 used 160 KB and spilled
 # ~400 B). D=128 bwd 64 x 32 / 4 warps: dK/dV without spill, dQ 24 B.
+# (BLOCK_M, BLOCK_N, warps, stages) per head dim. 256 (Gemma-2) is from bench/kernels_attention.py
+# --sweep on the H100 (session 9): forward and backward each the fastest of the configs tried.
 _FWD = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2),
-        256: (64, 32, 8, 2)}
+        256: (64, 32, 4, 2)}
 _BWD = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 1),
-        256: (32, 32, 8, 1)}  # dK/dV: BLOCK_N owned keys, BLOCK_M the query loop; dQ: the reverse
+        256: (64, 64, 8, 1)}  # dK/dV: BLOCK_N owned keys, BLOCK_M the query loop; dQ: the reverse
 _INTERPRET_BLOCKS = (16, 16)  # small tiles in the interpreter: multi-block loops at tiny S
 
 

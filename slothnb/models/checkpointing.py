@@ -13,8 +13,10 @@ layers that fit keep their activations (no recompute cost), the rest are offload
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 
 import torch
 from torch import nn
@@ -45,6 +47,25 @@ def normalize_mode(mode):
 
 
 # ------------------------------------------------------------------------------------ autograd function
+_RECOMPUTE = threading.local()  # autograd runs CUDA backwards on its own thread: the flag is per thread
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer is re-run inside its backward. The outputs of that run are only
+    the roots of a backward (their values are never read), so a layer part whose output feeds nothing
+    but the residual sum may skip computing it (``lora_mlp(output_needed=False)``)."""
+    return getattr(_RECOMPUTE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputing():
+    _RECOMPUTE.depth = getattr(_RECOMPUTE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _RECOMPUTE.depth -= 1
+
+
 class _Call:
     """What forward and backward share about one checkpointed call: how to run it and its pytrees."""
 
@@ -97,7 +118,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
             x = x.detach()
             x.requires_grad_(ctx.needs_input_grad[i + 2] and x.is_floating_point())
             inputs.append(x)
-        with ctx.state.replay():
+        with ctx.state.replay(), _recomputing():
             out = call.run(inputs)
         out_leaves, _ = tree_flatten(out)
         outs = [out_leaves[i] for i in call.out_slots]

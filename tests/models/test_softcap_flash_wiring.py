@@ -1,4 +1,4 @@
-"""Gemma-2's attention through the soft-capped flash kernel (opt-in: SLOTHNB_SOFTCAP_FLASH=1).
+"""Gemma-2's attention through the soft-capped flash kernel (the default; SLOTHNB_SOFTCAP_FLASH=0 turns it off).
 
 The kernel itself is tested in tests/ops/test_softcap_attention.py; here: the patched model takes it
 exactly where it applies (no padding, no cache, no dropout) and gives the eager path's loss and

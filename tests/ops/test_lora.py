@@ -284,3 +284,28 @@ def test_fused_outputs_are_not_views():
     outs = lora_qkv(x, *ps)
     assert all(o._base is None and o.shape == (2, 3, p.out_features) for o, p in zip(outs, ps))
     assert lora_linear(x, ps[0])._base is None
+
+
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+def test_lora_mlp_without_output_gives_the_same_gradients(base, monkeypatch):
+    """output_needed=False (a checkpoint's recompute): no down-projection base matmul or dequantisation,
+    yet the backward from the same dy is bit-identical to the full forward's."""
+    import slothnb.kernels.lora as lora_mod
+
+    grads = []
+    for needed in (True, False):
+        (g, _), (u, _), (d, _) = (pair(o, i, base, torch.float32, seed=s)
+                                  for o, i, s in ((128, 64, 0), (128, 64, 1), (64, 128, 2)))
+        x, _ = make_x("3d", 64, torch.float32)
+        bases = []
+        real_base = lora_mod._base
+        monkeypatch.setattr(lora_mod, "_base", lambda w, qs, dt: bases.append(w) or real_base(w, qs, dt))
+        y = lora_mlp(x, g, u, d, output_needed=needed)
+        forward_bases = list(bases)
+        monkeypatch.setattr(lora_mod, "_base", real_base)
+        assert y.shape == (2, 3, 64)
+        assert any(w is d.weight for w in forward_bases) == needed  # down's W is not even dequantised
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        grads.append([t.grad.clone() for t in (x, g.A, g.B, u.A, u.B, d.A, d.B)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

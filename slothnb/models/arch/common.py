@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from slothnb.kernels._utils import use_triton
 from slothnb.kernels.lora_chunked import token_chunked
-from slothnb.models import lora_fusion
+from slothnb.models import checkpointing, lora_fusion
 from slothnb.models.arch import _ops
 
 
@@ -32,6 +32,9 @@ class ArchSpec:
     fused_qkv: bool = False  # Phi-3: one qkv_proj
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate first
     softcaps: bool = False  # Gemma-2: attention and final-logit soft-capping
+    # The decoder layer's MLP output goes only into the residual sum (Gemma-2 normalises it first):
+    # a checkpoint recompute may then skip the down projection (``mlp_forward``).
+    mlp_output_to_residual: bool = True
 
 
 # ----------------------------------------------------------------------------- norms
@@ -59,38 +62,51 @@ def _gated(activation, gate, up):
 MLP_CHUNK_TOKENS = int(os.environ.get("SLOTHNB_MLP_CHUNK_TOKENS", 16384))
 
 
+# In a checkpoint's recompute the MLP output's values are never read when the layer only adds it to
+# the residual: the fused MLP then skips the down projection (~1/4 of a Llama layer's matmul FLOPs;
+# with token chunking, the whole MLP forward). SLOTHNB_RECOMPUTE_SKIP=0 turns this off (benchmarks).
+RECOMPUTE_SKIP = os.environ.get("SLOTHNB_RECOMPUTE_SKIP", "1") != "0"
+
+
 def mlp_forward(self, x):
+    output_needed = not (RECOMPUTE_SKIP and self._slothnb_spec.mlp_output_to_residual and checkpointing.recomputing())
     tokens = x.numel() // max(x.shape[-1], 1)
     if tokens > MLP_CHUNK_TOKENS:
         params = [p for p in self.parameters() if p.requires_grad]
-        return token_chunked(functools.partial(_mlp, self), x, params, MLP_CHUNK_TOKENS)
-    return _mlp(self, x)
+        skip = functools.partial(_mlp, self, output_needed=False) if RECOMPUTE_SKIP else None
+        return token_chunked(functools.partial(_mlp, self), x, params, MLP_CHUNK_TOKENS, recompute_fn=skip,
+                             output_needed=output_needed, out_features=x.shape[-1])
+    return _mlp(self, x, output_needed)
 
 
-def _mlp(self, x):
+def _mlp(self, x, output_needed=True):
+    """The MLP; ``output_needed=False`` lets the fused path leave the output's values unset (its graph
+    is exact). Unfused paths (plain linears, DoRA, dropout...) compute the output regardless."""
     act_module = getattr(self, "act_fn", None) or self.activation_fn
     activation = _ACTIVATIONS.get(type(act_module).__name__)
     if getattr(act_module, "use_gelu_python", False) or getattr(act_module, "use_gelu_tanh_python", False):
         activation = None
     if self._slothnb_spec.fused_gate_up:
-        return _fused_gate_up_mlp(self, x, act_module, activation)
+        return _fused_gate_up_mlp(self, x, act_module, activation, output_needed)
     if activation is not None:
         parts = [lora_fusion.lora_weights(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(p is not None for p in parts):
-            return _ops.lora_mlp(x, parts[0][0], parts[1][0], parts[2][0], activation=activation)
+            return _ops.lora_mlp(x, parts[0][0], parts[1][0], parts[2][0], activation=activation,
+                                 output_needed=output_needed)
     gate, up = self.gate_proj(x), self.up_proj(x)
     hidden = _gated(activation, gate, up) if activation else act_module(gate) * up
     return self.down_proj(hidden)
 
 
-def _fused_gate_up_mlp(self, x, act_module, activation):
+def _fused_gate_up_mlp(self, x, act_module, activation, output_needed=True):
     """Phi-3: ``gate, up = gate_up_proj(x).chunk(2)``; fused when the LoRA rows split exactly."""
     inter = self.down_proj.in_features
     if activation is not None:
         pieces = lora_fusion.split_lora_rows(self.gate_up_proj, [inter, inter])
         down = lora_fusion.lora_weights(self.down_proj)
         if pieces is not None and down is not None:
-            return _ops.lora_mlp(x, pieces[0], pieces[1], down[0], activation=activation)
+            return _ops.lora_mlp(x, pieces[0], pieces[1], down[0], activation=activation,
+                                 output_needed=output_needed)
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     hidden = _gated(activation, gate, up) if activation else up * act_module(gate)
     return self.down_proj(hidden)
@@ -130,9 +146,10 @@ def _repeat_kv(x, n_rep):
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-# Gemma-2's soft-capped attention through the flash kernel (kernels/softcap_attention.py) instead of
-# the eager path. Opt-in until it has been validated and timed on a GPU (docs/perf-notes.md).
-SOFTCAP_FLASH = os.environ.get("SLOTHNB_SOFTCAP_FLASH", "0") == "1"
+# Gemma-2's soft-capped attention through the flash kernel (kernels/softcap_attention.py) where it
+# applies. On the H100 it trains the Gemma-2-9B QLoRA step 1.19x faster in 1.75 GiB less than the eager
+# path (docs/benchmarks.md, session 9). SLOTHNB_SOFTCAP_FLASH=0 (read at import) keeps the eager path.
+SOFTCAP_FLASH = os.environ.get("SLOTHNB_SOFTCAP_FLASH", "1") != "0"
 
 
 def _softcap_flash_applies(self, q, k, mask, dropout) -> bool:

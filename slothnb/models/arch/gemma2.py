@@ -7,6 +7,7 @@ SPEC = ArchSpec(
     layer_norms=("input_layernorm", "post_attention_layernorm",
                  "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     softcaps=True,
+    mlp_output_to_residual=False,  # post_feedforward_layernorm reads the MLP output
 )
 
 
