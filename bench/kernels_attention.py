@@ -26,7 +26,10 @@ BWD_SWEEP = [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1), (64, 64, 8, 1), (32
 
 def bench(seq, window, sweep, tiles=None, device="cuda", dtype=torch.bfloat16):
     from slothnb.kernels import softcap_attention as sa
+    from slothnb.models.arch import common
     from slothnb.models.arch.common import _softcapped_attention
+
+    common.SOFTCAP_FLASH = False  # "eager" must be the eager path (the flash kernel is the default)
 
     g = torch.Generator(device=device).manual_seed(0)
     q = (torch.randn(B, H, seq, D, device=device, dtype=dtype, generator=g) * 0.75).requires_grad_()
