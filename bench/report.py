@@ -28,6 +28,8 @@ def step_tables(path, default_peak=None):
         out.append("| system | checkpointing | step s | tokens/s | MFU | peak alloc GiB | peak reserved GiB | first losses |")
         out.append("|---|---|---|---|---|---|---|---|")
         for r in rows:
+            if r.get("env"):  # slothnb switches set for this row (e.g. SLOTHNB_RECOMPUTE_SKIP=0)
+                r = dict(r, system=f"{r['system']} ({' '.join(f'{k}={v}' for k, v in sorted(r['env'].items()))})")
             if r.get("status") != "ok":
                 out.append(f"| {r['system']} | {r.get('grad_ckpt', '')} | failed: {str(r.get('error', ''))[:120]} | | | | | |")
                 continue

@@ -1,8 +1,8 @@
 """Gemma-2's attention through the soft-capped flash kernel (the default; SLOTHNB_SOFTCAP_FLASH=0 turns it off).
 
 The kernel itself is tested in tests/ops/test_softcap_attention.py; here: the patched model takes it
-exactly where it applies (no padding, no cache, no dropout) and gives the eager path's loss and
-gradients, and falls back to the eager path with a padding mask.
+exactly where it applies (no padding, packing or cache, no dropout; sliding layers beyond their window
+included) and gives the eager path's loss and gradients, and keeps transformers' masks otherwise.
 """
 import pytest
 import torch
@@ -30,7 +30,7 @@ def _loss_and_grads(model, seq=24, **kw):
 
 @pytest.mark.parametrize("seq, windows", [
     (24, [32, None]),  # both layers: the sliding one (window 32) and the full one
-    (40, [None]),  # longer than the window: transformers builds the sliding layer's mask, so it stays eager
+    (40, [32, None]),  # longer than the window: the sliding layer's window is applied by the kernel
 ])
 def test_flash_path_matches_the_eager_path_and_is_taken(seq, windows, monkeypatch):
     calls = []
@@ -54,3 +54,40 @@ def test_padding_keeps_the_eager_path(monkeypatch):
     mask[0, :5] = 0
     _loss_and_grads(model, 40, attention_mask=mask)
     assert calls == []
+
+
+def test_eager_path_applies_the_window_itself_beyond_it(monkeypatch):
+    """Without the kernel, a sliding layer that gets no mask (plain causal input) still sees only its
+    window: same loss and gradients as transformers' own eager Gemma-2 with its materialised masks."""
+    from slothnb.models.patching import unpatch_model
+
+    model = _gemma2(False, monkeypatch)
+    loss, grads = _loss_and_grads(model, 40)
+    unpatch_model(model)
+    model.config._attn_implementation = "eager"  # transformers' own soft-capped path, with its masks
+    ref_loss, ref = _loss_and_grads(model, 40)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", ["packed", "cache"])
+def test_packed_sequences_and_generation_keep_transformers_masks(extra, monkeypatch):
+    from slothnb.models.arch import common as arch_common
+
+    seen = []
+    real = arch_common._plain_causal
+    monkeypatch.setattr(arch_common, "_plain_causal", lambda *a: seen.append(real(*a)) or seen[-1])
+    model = _gemma2(True, monkeypatch)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    if extra == "packed":  # two sequences of 20 in one row
+        pos = torch.cat([torch.arange(20), torch.arange(20)])[None]
+        model(input_ids=ids, labels=ids, position_ids=pos)
+    else:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True)
+    assert seen == [False]
+    model.train()
+    model(input_ids=ids, labels=ids, position_ids=torch.arange(40)[None])
+    assert seen[-1] is True

@@ -171,6 +171,9 @@ def _softcapped_attention(self, q, k, v, mask, softcap, dropout):
     if mask is None and self.is_causal and q.shape[2] > 1:
         q_len, kv_len = q.shape[2], k.shape[2]
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        window = getattr(self, "sliding_window", None)
+        if window is not None and q_len > window:  # mask None can reach a sliding layer (_plain_causal)
+            mask &= ~torch.ones_like(mask).tril(kv_len - q_len - window)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -252,6 +255,12 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+    if self._slothnb_spec.softcaps and _plain_causal(self, input_ids, inputs_embeds, attention_mask, position_ids,
+                                                     past_key_values, use_cache):
+        # No padding, packing or cache: every layer's mask is plain causal (+ the layer's sliding window),
+        # which the attention applies itself, so the soft-capped flash kernel also covers the sliding
+        # layers beyond the window, where transformers would materialise a [B, 1, S, S] mask.
+        attention_mask = {kind: None for kind in ("full_attention", "sliding_attention")}
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          **kwargs)
@@ -269,6 +278,26 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out if return_dict else out.to_tuple()
+
+
+def _plain_causal(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache) -> bool:
+    """Whether this forward needs nothing but causal (+ sliding-window) masking: no KV cache, no padding
+    (a 2-D mask of ones), no packed sequences (positions 0..S-1 in every row). One host sync at most."""
+    caching = use_cache if use_cache is not None else self.config.use_cache
+    if past_key_values is not None or (caching and not self.training):  # generation: HF's masks and cache
+        return False
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is None or ref.shape[1] < 2:
+        return False
+    checks = []
+    if attention_mask is not None:
+        if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+            return False
+        checks.append(attention_mask.bool().all())
+    if position_ids is not None:
+        seq = ref.shape[1]
+        checks.append((position_ids == torch.arange(seq, device=position_ids.device)).all())
+    return not checks or bool(torch.stack(checks).all())
 
 
 def _causal_lm_loss(self, hidden, logits, labels, num_items_in_batch=None, shift_labels=None, ignore_index=-100):
