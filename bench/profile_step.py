@@ -5,7 +5,7 @@ Same set-up as bench/lora_step.py; after warm-up, times forward / backward / opt
 separately (CUDA-synchronised) and profiles two steps with torch.profiler, printing the
 kernels that take the most GPU time and the share of the step that is GPU-idle.
 
-    python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb]
+    python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb] [--memory] [--host]
 """
 import argparse
 import os
@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--grad-ckpt", default="slothnb")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--memory", action="store_true", help="also print what is live at the step's memory peak")
+    ap.add_argument("--host", action="store_true",
+                    help="also print the host's Python hot spots (cProfile over 3 unsynchronised steps)")
     ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
     a = ap.parse_args()
     gc = {"true": True, "false": False}.get(a.grad_ckpt, a.grad_ckpt)
@@ -79,6 +81,8 @@ def main():
     print(f"# profiled step wall {wall*1e3:.1f} ms, GPU busy {gpu_total*1e3:.1f} ms "
           f"({100 * gpu_total / wall:.0f}%)")
     print(events.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=70))
+    if a.host:
+        print_host_profile(model, opt, x, a.top)
     if a.memory:
         torch.cuda.synchronize()
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
@@ -87,6 +91,39 @@ def main():
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         print_peak_breakdown(snap, base, a.top)
+
+
+def print_host_profile(model, opt, x, top):
+    """cProfile of 3 steps run as the benchmark runs them (no synchronisation inside a step): where a
+    host-bound step (the 1B case) spends its Python time. The backward normally runs on autograd's
+    device thread, which cProfile does not see, so it runs on this thread for the measurement."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    def free_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        t = time.perf_counter()
+        profiler.enable()
+        for _ in range(3):
+            free_step()
+        profiler.disable()
+        host = (time.perf_counter() - t) / 3
+        torch.cuda.synchronize()
+        total = (time.perf_counter() - t) / 3
+    stats = pstats.Stats(profiler)
+    print(f"# host: {host * 1e3:.1f} ms a step to queue the work (under cProfile), {total * 1e3:.1f} ms until "
+          f"the GPU finished; {stats.total_calls / 3:.0f} Python calls a step")
+    stats.sort_stats("tottime").print_stats(top)
 
 
 def _site(frames):

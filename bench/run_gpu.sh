@@ -13,7 +13,8 @@
 #   attention                     bench/kernels_attention.py --sweep (Gemma-2 soft-capped attention) -> $OUT/kernels_attention.json
 #   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case;
 #                                 env LORA_STEP_ARGS (e.g. "--rank 32 --alpha 32 --warmup 0 --steps 1"), CASE_TIMEOUT (300 s)
-#   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt
+#   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt;
+#                                 env PROFILE_ARGS (e.g. "--host": the host's Python hot spots)
 #   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
 # Results: $OUT/results.jsonl (peers' format), summarised at the end.
@@ -57,7 +58,7 @@ for step in "$@"; do
     profile:*)
       IFS=: read -r _ model quant seq batch gc <<<"$step"
       timeout -k 10 240 python3 bench/profile_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
-        --grad-ckpt "${gc:-slothnb}" --memory > "$OUT/profile-$model-$quant-$seq.txt" 2>&1
+        --grad-ckpt "${gc:-slothnb}" --memory ${PROFILE_ARGS:-} > "$OUT/profile-$model-$quant-$seq.txt" 2>&1
       grep -v "Loading weights" "$OUT/profile-$model-$quant-$seq.txt" | cut -c1-180 | head -32
       grep "^#  " "$OUT/profile-$model-$quant-$seq.txt" ;;
     *)
