@@ -71,7 +71,7 @@ def test_eager_path_applies_the_window_itself_beyond_it(monkeypatch):
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", ["packed", "cache"])
+@pytest.mark.parametrize("extra", ["packed", "cache", "output_attentions", "flex"])
 def test_packed_sequences_and_generation_keep_transformers_masks(extra, monkeypatch):
     from slothnb.models.arch import common as arch_common
 
@@ -83,11 +83,19 @@ def test_packed_sequences_and_generation_keep_transformers_masks(extra, monkeypa
     if extra == "packed":  # two sequences of 20 in one row
         pos = torch.cat([torch.arange(20), torch.arange(20)])[None]
         model(input_ids=ids, labels=ids, position_ids=pos)
-    else:
+    elif extra == "cache":
         model.eval()
         with torch.no_grad():
             model(input_ids=ids, use_cache=True)
-    assert seen == [False]
+    elif extra == "output_attentions":  # transformers' own attention forward runs: it needs its masks
+        model.config._attn_implementation = "eager"
+        model(input_ids=ids, output_attentions=True)
+        model.config._attn_implementation = "sdpa"
+    else:  # flex / flash implementations are transformers' own forwards too
+        model.config._attn_implementation = "flex_attention"
+        assert not arch_common._plain_causal(model, ids, None, None, None, None, False)
+        model.config._attn_implementation = "sdpa"
+    assert seen == ([] if extra == "output_attentions" else [False])  # with output_attentions: not even asked
     model.train()
     model(input_ids=ids, labels=ids, position_ids=torch.arange(40)[None])
     assert seen[-1] is True

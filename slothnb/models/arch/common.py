@@ -255,8 +255,8 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
-    if self._slothnb_spec.softcaps and _plain_causal(self, input_ids, inputs_embeds, attention_mask, position_ids,
-                                                     past_key_values, use_cache):
+    if (self._slothnb_spec.softcaps and not kwargs.get("output_attentions")
+            and _plain_causal(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)):
         # No padding, packing or cache: every layer's mask is plain causal (+ the layer's sliding window),
         # which the attention applies itself, so the soft-capped flash kernel also covers the sliding
         # layers beyond the window, where transformers would materialise a [B, 1, S, S] mask.
@@ -281,8 +281,11 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
 
 
 def _plain_causal(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache) -> bool:
-    """Whether this forward needs nothing but causal (+ sliding-window) masking: no KV cache, no padding
-    (a 2-D mask of ones), no packed sequences (positions 0..S-1 in every row). One host sync at most."""
+    """Whether this forward needs nothing but causal (+ sliding-window) masking, which slothnb's own
+    attention (sdpa / eager implementations) then applies: no KV cache, no padding (a 2-D mask of ones),
+    no packed sequences (positions 0..S-1 in every row). One host sync at most."""
+    if self.config._attn_implementation not in ("sdpa", "eager"):  # others are transformers' own forwards
+        return False
     caching = use_cache if use_cache is not None else self.config.use_cache
     if past_key_values is not None or (caching and not self.training):  # generation: HF's masks and cache
         return False
