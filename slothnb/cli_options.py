@@ -107,7 +107,7 @@ def _add_finetune_parser(sub, run):
     t.add_argument("--scheduler", default="linear", metavar="NAME",
                    help="learning-rate schedule: linear, cosine, constant, constant_with_warmup... (default: linear)")
     t.add_argument("--weight-decay", type=float, default=0.01, metavar="W", help="AdamW weight decay (default: %(default)s)")
-    t.add_argument("--optim", default="adamw_torch", metavar="NAME",
+    t.add_argument("--optim", default="adamw_torch_fused", metavar="NAME",
                    help="any transformers optimizer name, e.g. adamw_8bit (default: %(default)s)")
     t.add_argument("--seed", type=int, default=3407, metavar="S", help="seed for LoRA init and data order (default: %(default)s)")
     t.add_argument("--logging-steps", type=int, default=1, metavar="N", help="log the loss every N steps (default: 1)")

@@ -38,7 +38,7 @@ class FinetuneConfig:
     warmup_steps: int = 5
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.01
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"  # transformers' own default on torch >= 2.8
     logging_steps: int = 1
     save_steps: int | None = None  # None: checkpoints only at the end and on interruption
     seed: int = 3407
