@@ -42,6 +42,10 @@ def test_finetune_raw_text_adds_lora_and_saves_adapter(tmp_path):
     weights = load_file(f"{result.adapter_dir}/adapter_model.safetensors")
     assert any("lora_A" in k for k in weights) and any("lora_B" in k for k in weights)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # trained away from zero
+    # the default optimizer is the fused AdamW (transformers' own default on recent torch)
+    opt = result.trainer.optimizer
+    opt = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    assert type(opt).__name__ == "AdamW" and all(g.get("fused") for g in opt.param_groups)
 
 
 def test_finetune_chat_responses_only_with_eval(tmp_path):
