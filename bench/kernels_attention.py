@@ -56,8 +56,7 @@ def bench(seq, window, sweep, tiles=None, device="cuda", dtype=torch.bfloat16):
         return res
 
     # the fp32 eager result every row's error is measured against (relative norm, worst of the four)
-    with torch.no_grad():
-        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     o32 = _softcapped_attention(attn, q32, k32, v32, mask, CAP, 0.0)
     o32.backward(do.float())
     want = [o32.detach(), q32.grad, k32.grad, v32.grad]

@@ -45,6 +45,19 @@ def mem_now(torch):
             "device_used_gib": round((total - free) / GiB, 3)}
 
 
+def train_step(model, opt, x):
+    """The step every system is timed on: forward with labels=input_ids under bf16 autocast, backward,
+    AdamW step, zero_grad. No synchronisation inside. Returns the loss."""
+    import torch
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def run(args, rec):
     import torch
     from slothnb import FastLanguageModel
@@ -80,11 +93,7 @@ def run(args, rec):
         x = data[i].cuda()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, x)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(round(float(loss.detach().float()), 4))

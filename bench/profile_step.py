@@ -14,7 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step import MODEL_DIRS, TARGETS  # noqa: E402
+from lora_step import MODEL_DIRS, TARGETS, train_step  # noqa: E402
 
 
 def main():
@@ -102,20 +102,13 @@ def print_host_profile(model, opt, x, top):
 
     import torch
 
-    def free_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     with torch.autograd.set_multithreading_enabled(False):
         t = time.perf_counter()
         profiler.enable()
         for _ in range(3):
-            free_step()
+            train_step(model, opt, x)
         profiler.disable()
         host = (time.perf_counter() - t) / 3
         torch.cuda.synchronize()

@@ -103,8 +103,8 @@ def token_chunked(fn, x: torch.Tensor, params, chunk: int, *, recompute_fn=None,
         return fn(x) if output_needed else recompute_fn(x)
     params = [p for p in params if p.requires_grad]
     if torch.is_grad_enabled() and (x.requires_grad or params):
-        skip = None if output_needed else int(out_features)
-        return TokenChunkedFunction.apply(fn, recompute_fn, chunk, lead, X, skip, *params)
+        graph_only_width = None if output_needed else int(out_features)
+        return TokenChunkedFunction.apply(fn, recompute_fn, chunk, lead, X, graph_only_width, *params)
     with torch.no_grad():
         out = _chunked_no_grad(fn, X, chunk)
     return out.view(*lead, *out.shape[1:])
