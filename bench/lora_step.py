@@ -45,6 +45,22 @@ def mem_now(torch):
             "device_used_gib": round((total - free) / GiB, 3)}
 
 
+def host_memory():
+    """Host RAM: the process's peak RSS, the machine's total and available now, and the most pinned
+    bytes the offloaded checkpoints held at once (long context must not exhaust the host)."""
+    import resource
+
+    import psutil
+
+    from slothnb.models.host_offload import HOST_BUDGET
+
+    vm = psutil.virtual_memory()
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+            "total_gib": round(vm.total / GiB, 1), "available_gib": round(vm.available / GiB, 1),
+            "offload_peak_gib": round(HOST_BUDGET.peak / GiB, 2),
+            "offload_limit_gib": round((HOST_BUDGET.limit or 0) / GiB, 1)}
+
+
 def train_step(model, opt, x):
     """The step every system is timed on: forward with labels=input_ids under bf16 autocast, backward,
     AdamW step, zero_grad. No synchronisation inside. Returns the loss."""
@@ -106,6 +122,7 @@ def run(args, rec):
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
                mem_after_train=mem_now(torch))
+    rec["host"] = host_memory()
     stats1 = torch.cuda.memory_stats()  # allocator trouble (cudaMalloc calls, flushes) during the steps
     rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0)
                         for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}

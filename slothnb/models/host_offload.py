@@ -53,7 +53,7 @@ class HostBudget:
     """
 
     def __init__(self, limit_bytes: int | None = None):
-        self.limit, self.in_use = limit_bytes, 0
+        self.limit, self.in_use, self.peak = limit_bytes, 0, 0
 
     def admit(self, nbytes: int) -> bool:
         if self.limit is None:
@@ -61,6 +61,7 @@ class HostBudget:
         if self.in_use + nbytes > self.limit:
             return False
         self.in_use += nbytes
+        self.peak = max(self.peak, self.in_use)
         return True
 
     def release(self, nbytes: int) -> None:

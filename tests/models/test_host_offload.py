@@ -38,6 +38,7 @@ def test_host_budget_admits_until_full_and_counts_bytes_in_use():
     assert budget.in_use == 80
     budget.release(40), budget.release(40)  # backward restored both: the next step starts from zero
     assert budget.in_use == 0 and budget.admit(100) and not budget.admit(1)
+    assert budget.peak == 100  # the most held at once, what the long-context bench reports
 
 
 def test_host_budget_limit_from_env_or_half_the_available_memory(monkeypatch):
