@@ -51,7 +51,7 @@ test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu tests
 
 bench:
-	$(PYTHON) bench/kernels.py
+	$(PYTHON) bench/kernels_ops.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,7 +6,7 @@
 PEAK_TFLOPS: the matmul ceiling for MFU when the run did not measure one (no ``info`` step).
 
 Step benchmarks: one table per case (model, quant, seq, batch) with every system that ran in
-that folder's run; kernels: one table per op family, as bench/kernels.py wrote them.
+that folder's run; kernels: one table per op family, as bench/kernels_ops.py wrote them.
 """
 import json
 import os

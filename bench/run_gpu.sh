@@ -9,7 +9,7 @@
 #   info                          GPU, versions, matmul ceiling (peers/device_info.py)
 #   model:NAME                    build a random-initialised checkpoint (peers/make_models.py)
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
-#   kernels                       bench/kernels.py (all ops) -> $OUT/kernels.json
+#   kernels                       bench/kernels_ops.py (all ops) -> $OUT/kernels.json
 #   attention                     bench/kernels_attention.py --sweep (Gemma-2 soft-capped attention) -> $OUT/kernels_attention.json
 #   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case;
 #                                 env LORA_STEP_ARGS (e.g. "--rank 32 --alpha 32 --warmup 0 --steps 1"), CASE_TIMEOUT (300 s)
@@ -47,7 +47,7 @@ for step in "$@"; do
       extra="${step#tests}"; extra="${extra#:}"
       timeout -k 5 "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --durations=25 -m "${PYTEST_MARK:-gpu}" -p no:cacheprovider --continue-on-collection-errors --ignore=tests/notebook tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed|[0-9.]+s (call|setup)" | head -70 ;;
     kernels)
-      timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.md" | tail -60 ;;
+      timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels_ops.py 2>&1 | tee "$OUT/kernels.md" | tail -60 ;;
     attention)
       timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels_attention.py --sweep 2>&1 | tee "$OUT/kernels_attention.md" | tail -30 ;;
     slothnb:*)

@@ -20,6 +20,48 @@ def test_offload_round_trip_on_gpu():
 
 
 @pytest.mark.gpu
+def test_large_pinned_buffers_pin_their_own_size_not_a_power_of_two_on_gpu():
+    stats = torch.cuda.host_memory_stats
+    before = stats().get("allocated_bytes.all.current", 0)
+    shape = (3 * 2**20 + 5, 2)  # 12 MiB + 20 bytes of bf16: torch's pinned allocator would take 16 MiB
+    buf = host_offload.pinned_empty(shape, torch.bfloat16)
+    assert buf.is_pinned() and buf.shape == shape
+    assert stats().get("allocated_bytes.all.current", 0) == before  # registered in place, not from the caching pool
+    x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    buf.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(buf.cuda(), x)
+    small = host_offload.pinned_empty((1024,), torch.float32)  # small: the caching allocator, rounding harmless
+    assert small.is_pinned()
+
+
+def test_pinned_empty_falls_back_to_torch_when_registering_fails(monkeypatch):
+    registered, pin_requests = [], []
+
+    class FailingCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            registered.append(nbytes)
+            return 1  # an error code
+
+    def check_error(code):
+        if code:
+            raise RuntimeError(f"CUDA error {code}")
+
+    real_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kwargs):  # records the request; this CPU has no pinned memory
+        pin_requests.append(pin_memory)
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
+    monkeypatch.setattr(torch.cuda, "check_error", check_error)
+    monkeypatch.setattr(torch, "empty", empty)
+    host_offload.pinned_empty((3 * 2**20 + 5,), torch.float32)
+    assert registered == [(3 * 2**20 + 5) * 4]  # it tried to pin the exact size in place ...
+    assert pin_requests[-1] is True  # ... then asked torch's pinned allocator
+
+
+@pytest.mark.gpu
 def test_restore_prefetches_the_previous_layer_on_gpu():
     a = torch.randn(8, 128, device="cuda")
     b = torch.randn(8, 128, device="cuda")
@@ -52,7 +94,7 @@ def test_host_budget_limit_from_env_or_half_the_available_memory(monkeypatch):
     monkeypatch.delenv("SLOTHNB_OFFLOAD_HOST_GIB")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1000})())
     budget = host_offload.HostBudget()
-    assert budget.admit(500) and not budget.admit(1) and budget.limit == 500  # read once, at the first offload
+    assert budget.admit(700) and not budget.admit(1) and budget.limit == 700  # read once, at the first offload
 
 
 def test_an_offload_never_restored_releases_its_bytes(monkeypatch):

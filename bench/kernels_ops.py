@@ -6,7 +6,7 @@ which returns a list of rows, prints one markdown table per family and writes al
 to $OUT/kernels.json (or bench-out/kernels.json). Method: median of CUDA-event timings
 after warm-up, rotating input sets; peak memory is max_memory_allocated above the inputs.
 
-    python bench/kernels.py [elementwise] [loss] [lora]
+    python bench/kernels_ops.py [elementwise] [loss] [lora]
 """
 import importlib
 import json
