@@ -78,8 +78,11 @@ def main():
     wall = (time.perf_counter() - t) / 2
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / 2 / 1e6
+    from torch.autograd import DeviceType
+
+    launches = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) / 2
     print(f"# profiled step wall {wall*1e3:.1f} ms, GPU busy {gpu_total*1e3:.1f} ms "
-          f"({100 * gpu_total / wall:.0f}%)")
+          f"({100 * gpu_total / wall:.0f}%), {launches:.0f} GPU kernels and copies a step")
     print(events.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=70))
     if a.host:
         print_host_profile(model, opt, x, a.top)
@@ -103,6 +106,13 @@ def print_host_profile(model, opt, x, top):
     import torch
 
     torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):  # plain: how long the host takes to queue a step when nothing instruments it
+        train_step(model, opt, x)
+    queued = (time.perf_counter() - t) / 3
+    torch.cuda.synchronize()
+    print(f"# host, uninstrumented: {queued * 1e3:.1f} ms a step to queue, "
+          f"{(time.perf_counter() - t) / 3 * 1e3:.1f} ms until the GPU finished")
     profiler = cProfile.Profile()
     with torch.autograd.set_multithreading_enabled(False):
         t = time.perf_counter()
