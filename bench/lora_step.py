@@ -123,6 +123,10 @@ def run(args, rec):
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
                mem_after_train=mem_now(torch))
     rec["host"] = host_memory()
+    from slothnb.models import layer_graphs
+
+    # CUDA graphs' temporaries live in their own pool, outside peak_alloc: counted here (SLOTHNB_CUDA_GRAPHS=1)
+    rec["graph_pool_gib"] = round(layer_graphs.pool_bytes() / GiB, 3)
     stats1 = torch.cuda.memory_stats()  # allocator trouble (cudaMalloc calls, flushes) during the steps
     rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0)
                         for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}

@@ -106,6 +106,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t
     if _PASS == 0:
         return t.to(dtype)
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph (slothnb.models.layer_graphs) must record the cast itself: a cached copy made
+        # outside it would be read at every replay after this pass has dropped it.
+        return t.detach().to(dtype) if t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
     key = id(t)
     hit = _CASTS.get(key)
     version = t._version

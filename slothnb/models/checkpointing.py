@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import ConfigError
-from slothnb.models import host_offload
+from slothnb.models import host_offload, layer_graphs
 from slothnb.kernels._utils import RecomputeState
 
 CHECKPOINTING_MODES = (False, True, "slothnb")
@@ -69,9 +69,10 @@ def _recomputing():
 class _Call:
     """What forward and backward share about one checkpointed call: how to run it and its pytrees."""
 
-    def __init__(self, function, leaves, spec, tensor_slots, offload_mask, preserve_rng):
+    def __init__(self, function, leaves, spec, tensor_slots, offload_mask, preserve_rng, graphs=None):
         self.function, self.leaves, self.spec = function, leaves, spec
         self.tensor_slots, self.offload_mask, self.preserve_rng = tensor_slots, offload_mask, preserve_rng
+        self.graphs = graphs  # the layer's LayerGraphs when CUDA graphs are on
         self.out_leaves = self.out_spec = self.out_slots = None
 
     def run(self, tensors):
@@ -90,7 +91,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.call = call
         ctx.state = RecomputeState(tensors, call.preserve_rng)
         with torch.no_grad():
-            out = call.run(tensors)
+            out = call.graphs.forward(call.run, tensors) if call.graphs is not None else call.run(tensors)
         out_leaves, call.out_spec = tree_flatten(out)
         call.out_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
         call.out_leaves = [None if isinstance(v, torch.Tensor) else v for v in out_leaves]
@@ -119,6 +120,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
             x.requires_grad_(ctx.needs_input_grad[i + 2] and x.is_floating_point())
             inputs.append(x)
         with ctx.state.replay(), _recomputing():
+            if call.graphs is not None:
+                grads = call.graphs.backward(call.run, inputs, grad_outs, [x.requires_grad for x in inputs])
+                if grads is not None:
+                    return (None, None, *grads)
             out = call.run(inputs)
         out_leaves, _ = tree_flatten(out)
         outs = [out_leaves[i] for i in call.out_slots]
@@ -164,13 +169,14 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state
     # The call keeps only the non-tensor leaves: holding the tensors here would keep every layer's
     # input alive on the GPU until backward, which is exactly what offloading is meant to avoid.
     kept_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-    call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state)
+    owner = _owner_module(function)
+    call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state,
+                 getattr(owner, "_slothnb_graphs", None))
 
     anchor = None
     if not any(t.requires_grad for t in tensors):
         # No input needs grad, yet trainable weights inside the layer (LoRA) do: an anchor that requires
         # grad makes autograd record this node so its backward runs (what enable_input_require_grads does).
-        owner = _owner_module(function)
         if owner is None or any(p.requires_grad for p in owner.parameters()):
             anchor = torch.empty(0, requires_grad=True)
     outs = OffloadedCheckpoint.apply(call, anchor, *tensors)
@@ -254,18 +260,22 @@ def last_layer_checkpoint(function, *args, **kwargs):
 
 def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | None = None,
                                  budget_gib: float | None = None, batch_size: int = 1,
-                                 seq_len: int | None = None) -> list[int]:
+                                 seq_len: int | None = None, cuda_graphs: bool | None = None) -> list[int]:
     """Switch ``model`` (a transformers PreTrainedModel, or a peft model around one) to ``mode``.
 
     ``layers`` (or a ``budget_gib`` through ``checkpoint_policy``) restricts checkpointing to those decoder
     layer indices; without either, True checkpoints every layer and "slothnb" every layer but the last
-    (``default_offload_layers``). Returns the indices checkpointed. Note: a HF ``Trainer`` run with
+    (``default_offload_layers``). ``cuda_graphs`` (``"slothnb"`` only; default: the model's earlier
+    choice, else ``SLOTHNB_CUDA_GRAPHS``) replays each offload-checkpointed layer as CUDA graphs
+    (``slothnb.models.layer_graphs``). Returns the indices checkpointed. Note: a HF ``Trainer`` run with
     ``gradient_checkpointing=True`` re-enables standard checkpointing and would undo "slothnb"; train with
     ``gradient_checkpointing=False`` in its arguments.
     """
     mode = normalize_mode(mode)
     hf = _hf_model(model)
     if mode is False:
+        for layer in decoder_layers(hf):
+            layer.__dict__.pop("_slothnb_graphs", None)
         if is_checkpointing(hf):
             disable = getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable
             disable()
@@ -289,10 +299,20 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
     if bad := chosen - set(range(len(all_layers))):
         raise ConfigError(f"checkpoint layers {sorted(bad)} do not exist: the model has {len(all_layers)} "
                           f"decoder layers (0..{len(all_layers) - 1}).")
+    if cuda_graphs is None:
+        cuda_graphs = getattr(hf, "_slothnb_cuda_graphs", None)
+    if cuda_graphs is None:
+        cuda_graphs = layer_graphs.enabled_by_env()
+    cuda_graphs = bool(cuda_graphs) and mode == "slothnb"
+    hf._slothnb_cuda_graphs = cuda_graphs
     for i, layer in enumerate(all_layers):
         layer.gradient_checkpointing = i in chosen
         if mode == "slothnb":
             layer._gradient_checkpointing_func = offloaded_checkpoint
+        if not cuda_graphs:
+            layer.__dict__.pop("_slothnb_graphs", None)
+        elif getattr(layer, "_slothnb_graphs", None) is None:
+            layer._slothnb_graphs = layer_graphs.LayerGraphs(layer)
     if default_policy and len(all_layers) > 1:  # the last layer decides per call, by its input's size
         all_layers[-1].gradient_checkpointing = True
         all_layers[-1]._gradient_checkpointing_func = last_layer_checkpoint

@@ -174,7 +174,9 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     Extra slothnb options in ``kw``: ``checkpoint_layers`` (decoder layer indices to checkpoint) or
     ``checkpoint_budget_gib`` (activation budget at ``max_seq_length``, see ``checkpoint_policy``);
     ``offload_embedding`` ("auto" | True | False): keep a frozen, untied input embedding in pinned host
-    memory (saves its GPU copy, 0.98 GiB on Llama-3.1-8B; see ``slothnb.models.embedding_offload``).
+    memory (saves its GPU copy, 0.98 GiB on Llama-3.1-8B; see ``slothnb.models.embedding_offload``);
+    ``cuda_graphs`` (bool, default ``SLOTHNB_CUDA_GRAPHS``): with "slothnb" checkpointing, replay each
+    checkpointed layer as CUDA graphs (for host-bound small models; see ``slothnb.models.layer_graphs``).
     Other ``kw`` go to peft's ``LoraConfig`` (e.g. ``use_dora``, ``layers_to_transform``).
     """
     import peft
@@ -187,6 +189,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     checkpoint_layers = kw.pop("checkpoint_layers", None)
     checkpoint_budget_gib = kw.pop("checkpoint_budget_gib", None)
     offload_embedding = kw.pop("offload_embedding", "auto")
+    cuda_graphs = kw.pop("cuda_graphs", None)
     if offload_embedding not in ("auto", True, False):
         raise ConfigError(f"offload_embedding={offload_embedding!r}: pass 'auto', True or False.")
     if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
@@ -216,14 +219,16 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     hf = peft_model.get_base_model()
     offloaded = _offload_embedding(hf, offload_embedding)
     chosen = apply_gradient_checkpointing(peft_model, mode, layers=checkpoint_layers,
-                                          budget_gib=checkpoint_budget_gib, seq_len=max_seq_length)
+                                          budget_gib=checkpoint_budget_gib, seq_len=max_seq_length,
+                                          cuda_graphs=cuda_graphs)
     if mode:
         _enable_input_grads(hf)
     settings = {
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": float(lora_dropout), "bias": bias,
         "use_rslora": bool(use_rslora), "scaling": lora_alpha / (math.sqrt(r) if use_rslora else r),
         "target_modules": targets, "modules_to_save": save, "tied_embeddings": tie,
-        "use_gradient_checkpointing": mode, "checkpointed_layers": chosen, "offloaded_embedding": offloaded, "random_state": random_state,
+        "use_gradient_checkpointing": mode, "checkpointed_layers": chosen, "cuda_graphs": hf._slothnb_cuda_graphs,
+        "offloaded_embedding": offloaded, "random_state": random_state,
         "max_seq_length": max_seq_length, "loftq": loftq_config is not None, "quantized_4bit": quantized,
         # the fused LoRA kernels apply only when the adapter is a plain x @ A @ B * scale
         "fusable": lora_dropout == 0 and bias == "none" and not kw.get("use_dora", False),

@@ -1,0 +1,282 @@
+"""CUDA graphs of "slothnb"-checkpointed decoder layers: one replay instead of a layer's launches.
+
+Why: a small model's LoRA step is bound by the host, not the GPU. Llama-3.2-1B at batch 2 x 2048 on
+an H100 launches ~2,600 kernels a step; the GPU runs them in ~78 ms, while the host needs 125-163 ms
+of Python, autograd and launch work to queue them (docs/benchmarks.md). Under "slothnb"
+checkpointing every checkpointed layer runs twice as a function of a few tensors with fixed shapes:
+its forward, without autograd, and its backward, which recomputes the layer and backpropagates
+through it. Each is captured once as a CUDA graph and then replayed with a handful of launches.
+
+How (per layer, per input signature: shapes, dtypes, autocast, which inputs need grad):
+- Inputs are copied into static buffers that the graph reads. The buffers are shared by all layers
+  and both passes (everything runs one after another on one stream), and an input that is the very
+  tensor copied last time (the rotary cos/sin every layer receives) is not copied again.
+- The forward graph writes the layer's output into a shared static buffer, which is cloned out;
+  the backward reads its output gradient from that same buffer.
+- The backward graph recomputes the layer with grad on, calls ``torch.autograd.grad`` for the
+  inputs that need it and the layer's trainable parameters, and writes the input gradient into a
+  shared buffer. Parameter gradients are accumulated into ``.grad`` after each replay.
+- All graphs share one memory pool: a graph's temporaries are dead once it has run, so the next
+  graph may reuse them; what a graph hands back is consumed before any other graph runs.
+- The first call of a signature runs eagerly (it also warms up Triton's JIT and cuBLAS), the second
+  captures, later ones replay. A layer with active dropout, or inputs that are not all CUDA
+  tensors, runs eagerly.
+
+What a capture must not see: cached casts (``kernels.lora._cast`` and autocast's cache) made outside
+the graph would be read at replay after they are gone, so casts are made inside the graph afresh;
+parameters are updated in place by the optimizer, so the graph reads their current values.
+
+Cost: the shared pool holds about one layer's recompute + backward temporaries for the whole run,
+memory that the code outside the graphs (loss, optimizer) cannot reuse; ``pool_bytes()`` says how
+much. Off by default: ``SLOTHNB_CUDA_GRAPHS=1`` or ``get_peft_model(..., cuda_graphs=True)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+ENV = "SLOTHNB_CUDA_GRAPHS"
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV, "0").lower() in ("1", "true", "on", "yes")
+
+
+class _Graph:
+    """One CUDA graph: ``capture()`` runs ``body`` under capture, ``replay()`` re-runs what it recorded."""
+
+    pools: dict = {}  # device index -> the memory pool every layer graph shares
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, body):
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        if index not in _Graph.pools:
+            _Graph.pools[index] = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(self.graph, pool=_Graph.pools[index]):
+            return body()
+
+    def replay(self):
+        self.graph.replay()
+
+
+class _StaticInputs:
+    """Buffers a graph reads its inputs from, shared by every layer with the same signature."""
+
+    def __init__(self, tensors):
+        self.buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        self.last = [None] * len(tensors)  # (tensor, version) last copied into each buffer
+
+    @torch.no_grad()  # the backward's inputs require grad: the copy must not enter autograd
+    def load(self, tensors) -> None:
+        for i, (buf, t) in enumerate(zip(self.buffers, tensors)):
+            last = self.last[i]
+            if last is not None and last[0] is t and last[1] == t._version:
+                continue  # the same tensor as last time (cos/sin for every layer): already there
+            buf.copy_(t)
+            self.last[i] = (t, t._version)
+
+    def forget(self) -> None:
+        self.last = [None] * len(self.buffers)
+
+
+def _shapes(tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def _signature(tensors, needs_grad=None) -> tuple:
+    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    return _shapes(tensors), autocast, tuple(needs_grad) if needs_grad is not None else None
+
+
+@contextlib.contextmanager
+def _capture_context():
+    """Capturing: autocast without its cast cache (a cached cast is not recorded, yet read at replay)."""
+    if torch.is_autocast_enabled("cuda"):
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+            yield
+    else:
+        yield
+
+
+class LayerGraphs:
+    """The forward and backward graphs of one decoder layer, keyed by input signature.
+
+    ``forward(run, tensors)`` and ``backward(run, inputs, grad_outs, needs_grad)`` stand in for
+    ``OffloadedCheckpoint``'s two passes; ``run(tensors)`` calls the layer.
+    """
+
+    shared: dict = {}  # signature -> static buffers, shared by all layers
+    graph_class = _Graph
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self._fwd: dict = {}  # signature -> None (seen once) | (graph, out buffers) | "eager"
+        self._bwd: dict = {}
+
+    # ------------------------------------------------------------------------------------- eligibility
+    def usable(self, tensors) -> bool:
+        on_gpu = self.graph_class is not _Graph or all(t.is_cuda for t in tensors)  # tests fake the graph on CPU
+        if not tensors or not on_gpu:
+            return False
+        for m in self.layer.modules():
+            if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
+                return False
+        config = getattr(getattr(self.layer, "self_attn", None), "config", None)
+        return not (config is not None and getattr(config, "attention_dropout", 0.0) and self.layer.training)
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.layer.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, run, tensors):
+        """The layer's no-grad forward: what ``run(tensors)`` returns."""
+        if not self.usable(tensors):
+            return run(tensors)
+        key = _signature(tensors)
+        state = self._fwd.get(key, "new")
+        if state == "eager":
+            return run(tensors)
+        if state == "new":  # first call: eager, which also warms up the kernels
+            self._fwd[key] = "seen"
+            return run(tensors)
+        if state == "seen":
+            try:
+                state = self._fwd[key] = self._capture_forward(run, tensors, key)
+            except Exception as e:  # never fail a training step over a graph: run this layer eagerly
+                self._give_up(self._fwd, key, e)
+                return run(tensors)
+        graph, inputs, outs, template, spec = state
+        inputs.load(tensors)
+        graph.replay()
+        outs.forget()  # the graph wrote these buffers: whatever was loaded into them is gone
+        return tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in _fill(template, outs.buffers)],
+                              spec)
+
+    def _capture_forward(self, run, tensors, key):
+        inputs = self._static("in", tensors)
+        inputs.forget()
+        inputs.load(tensors)
+        holder = {}
+
+        def body():
+            with _capture_context():
+                leaves, holder["spec"] = tree_flatten(run(inputs.buffers))
+            tensors_out = [v for v in leaves if isinstance(v, torch.Tensor)]
+            outs = self._static("out", tensors_out)
+            for buf, t in zip(outs.buffers, tensors_out):
+                buf.copy_(t)
+            holder["template"] = [_SLOT if isinstance(v, torch.Tensor) else v for v in leaves]
+            holder["outs"] = outs
+
+        graph = self.graph_class(tensors[0].device)
+        graph.capture(body)
+        return graph, inputs, holder["outs"], holder["template"], holder["spec"]
+
+    # ---------------------------------------------------------------------------------------- backward
+    def backward(self, run, inputs, grad_outs, needs_grad):
+        """Recompute + backward of the layer. Accumulates the layer's parameter gradients into ``.grad``
+        and returns the gradients of ``inputs`` (None where ``needs_grad`` is False), or None when it
+        cannot run as a graph (the caller then runs its eager backward)."""
+        if not self.usable(inputs) or any(g is None for g in grad_outs):
+            return None
+        key = _signature(list(inputs) + list(grad_outs), needs_grad)
+        state = self._bwd.get(key, "new")
+        if state == "eager":
+            return None
+        if state == "new":
+            self._bwd[key] = "seen"
+            return None
+        if state == "seen":
+            try:
+                state = self._bwd[key] = self._capture_backward(run, inputs, grad_outs, needs_grad, key)
+            except Exception as e:
+                self._give_up(self._bwd, key, e)
+                return None
+        graph, static_in, static_grad_out, input_grads, holder = state
+        static_in.load(inputs)
+        static_grad_out.load(grad_outs)
+        graph.replay()
+        _accumulate(self.params(), holder["param_grads"])
+        grads, it = [], iter(input_grads)
+        for need in needs_grad:
+            grads.append(next(it).clone() if need else None)
+        return grads
+
+    def _capture_backward(self, run, inputs, grad_outs, needs_grad, key):
+        static_in = self._static("in", inputs)
+        static_grad_out = self._static("out", grad_outs)  # the forward's output buffer: free by now
+        static_in.forget(), static_grad_out.forget()
+        static_in.load(inputs), static_grad_out.load(grad_outs)
+        wanted = [t for t, need in zip(inputs, needs_grad) if need]
+        input_grads = self._static("grad-in", wanted).buffers
+        params = self.params()
+        holder = {}
+
+        def body():
+            leaves = [b.detach().requires_grad_(need) for b, need in zip(static_in.buffers, needs_grad)]
+            with torch.enable_grad(), _capture_context():
+                out_leaves, _ = tree_flatten(run(leaves))
+            outs = [v for v in out_leaves if isinstance(v, torch.Tensor)]
+            pairs = [(o, g) for o, g in zip(outs, static_grad_out.buffers) if o.requires_grad]
+            wrt = [x for x, need in zip(leaves, needs_grad) if need] + params
+            grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            for buf, g in zip(input_grads, grads[:len(input_grads)]):
+                if g is None:
+                    buf.zero_()
+                else:
+                    buf.copy_(g)
+            holder["param_grads"] = list(grads[len(input_grads):])
+
+        graph = self.graph_class(inputs[0].device)
+        graph.capture(body)
+        return graph, static_in, static_grad_out, input_grads, holder
+
+    # --------------------------------------------------------------------------------------- utilities
+    def _static(self, role, tensors) -> _StaticInputs:
+        key = (role, _shapes(tensors))
+        bank = LayerGraphs.shared.get(key)
+        if bank is None:
+            bank = LayerGraphs.shared[key] = _StaticInputs(tensors)
+        return bank
+
+    def _give_up(self, table, key, error):
+        import warnings
+
+        table[key] = "eager"
+        warnings.warn(f"slothnb: {type(self.layer).__name__} runs eagerly, its CUDA graph failed: "
+                      f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
+
+
+_SLOT = object()  # where a tensor goes in an output template
+
+
+def _fill(template, outs):
+    it = iter(outs)
+    return [next(it) if v is _SLOT else v for v in template]
+
+
+def _accumulate(params, grads) -> None:
+    """``p.grad += g`` (``p.grad = g.clone()`` where there is none yet): the graph's outputs are reused."""
+    fresh = [(p, g) for p, g in zip(params, grads) if g is not None and p.grad is None]
+    summed = [(p, g) for p, g in zip(params, grads) if g is not None and p.grad is not None]
+    if fresh:
+        for p, c in zip([p for p, _ in fresh], torch._foreach_mul([g for _, g in fresh], 1.0)):
+            p.grad = c
+    if summed:
+        torch._foreach_add_([p.grad for p, _ in summed], [g for _, g in summed])
+
+
+def pool_bytes() -> int:
+    """Bytes the layer graphs' shared memory pool holds on the GPU (0 when no graph was captured)."""
+    if not _Graph.pools or not torch.cuda.is_available():
+        return 0
+    pools = {tuple(h) if isinstance(h, (tuple, list)) else h for h in _Graph.pools.values()}
+    return sum(seg["total_size"] for seg in torch.cuda.memory._snapshot()["segments"]
+               if tuple(seg.get("segment_pool_id", (0, 0))) in pools)

@@ -1,0 +1,173 @@
+"""CUDA graphs of checkpointed layers (slothnb.models.layer_graphs).
+
+On the CPU a stand-in graph re-runs what was "captured" on replay, so what is tested here is the
+plumbing a real graph depends on: the layer reads its inputs only from the static buffers, outputs
+and gradients come back through them, parameter gradients accumulate, and training gives the same
+numbers as the eager path. The GPU tests capture real graphs.
+"""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from slothnb.models import layer_graphs
+from slothnb.models.checkpointing import apply_gradient_checkpointing
+from slothnb.models.patching import patch_model
+from tiny_models import tiny_model
+
+
+class ReplayingGraph:
+    """Capture runs the body and keeps it; replay runs it again. Static buffers are all it can see."""
+
+    log: list = []
+
+    def __init__(self, device):
+        self.body = None
+
+    def capture(self, body):
+        ReplayingGraph.log.append("capture")
+        self.body = body
+        return body()
+
+    def replay(self):
+        ReplayingGraph.log.append("replay")
+        self.body()
+
+
+class FailingGraph(ReplayingGraph):
+    def capture(self, body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _model(graphs, layers=3, dropout=0.0, seed=0):
+    model = tiny_model("llama", seed=seed, num_hidden_layers=layers).train()
+    patch_model(model)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules="all-linear")
+    model = get_peft_model(model, cfg)
+    apply_gradient_checkpointing(model, "slothnb", cuda_graphs=graphs)
+    return model
+
+
+def _train(model, steps=3, accumulate=1):
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        for micro in range(accumulate):
+            ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(step * 7 + micro))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+@pytest.fixture
+def replaying(monkeypatch):
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "graph_class", ReplayingGraph)
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "shared", {})
+    ReplayingGraph.log = []
+    return ReplayingGraph.log
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_graphed_layers_train_exactly_like_eager(replaying, accumulate):
+    ref_losses, ref_grads = _train(_model(graphs=False), accumulate=accumulate)
+    assert replaying == []
+    losses, grads = _train(_model(graphs=True), accumulate=accumulate)
+    # 3 layers, the last kept un-checkpointed: 2 graphed layers x (forward + backward)
+    assert replaying.count("capture") == 4
+    assert replaying.count("replay") == 4 * (3 * accumulate - 1)  # every call after the first
+    assert losses == ref_losses
+    assert grads.keys() == ref_grads.keys() and any("layers.0." in n for n in grads)
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+
+
+def test_layers_share_their_static_buffers(replaying):
+    _train(_model(graphs=True), steps=2)
+    roles = sorted(role for role, _ in layer_graphs.LayerGraphs.shared)
+    # one input set, one output set (forward output = backward output gradient), one input gradient:
+    # shared by both graphed layers and both passes
+    assert roles == ["grad-in", "in", "out"]
+
+
+def test_the_switch_comes_from_the_argument_the_model_or_the_environment(monkeypatch):
+    monkeypatch.delenv(layer_graphs.ENV, raising=False)
+    model = _model(graphs=None)
+    layers = model.get_base_model().model.layers
+    assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
+    monkeypatch.setenv(layer_graphs.ENV, "1")
+    model = _model(graphs=None)
+    layers = model.get_base_model().model.layers
+    assert all(isinstance(layer._slothnb_graphs, layer_graphs.LayerGraphs) for layer in layers)
+    apply_gradient_checkpointing(model, "slothnb")  # re-applied (for_training): the model's choice holds
+    monkeypatch.delenv(layer_graphs.ENV)
+    apply_gradient_checkpointing(model, "slothnb")
+    assert all(hasattr(layer, "_slothnb_graphs") for layer in layers)
+    apply_gradient_checkpointing(model, False)
+    assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
+    apply_gradient_checkpointing(model, True, cuda_graphs=True)  # standard checkpointing: no graphs
+    assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
+
+
+def test_dropout_keeps_a_layer_eager(replaying):
+    _train(_model(graphs=True, dropout=0.1), steps=2)
+    assert replaying == []  # a graph would replay one dropout mask forever
+
+
+def test_a_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "graph_class", FailingGraph)
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "shared", {})
+    ref_losses, ref_grads = _train(_model(graphs=False), steps=3)
+    with pytest.warns(RuntimeWarning, match="runs eagerly, its CUDA graph failed: RuntimeError"):
+        losses, grads = _train(_model(graphs=True), steps=3)
+    assert losses == ref_losses
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+
+
+def _cuda_model(graphs, arch="llama"):
+    model = tiny_model(arch, seed=0, num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                       num_attention_heads=4, num_key_value_heads=2).to("cuda", torch.bfloat16).train()
+    patch_model(model)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, target_modules="all-linear")
+    model = get_peft_model(model, cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    apply_gradient_checkpointing(model, "slothnb", cuda_graphs=graphs)
+    return model
+
+
+def _cuda_train(model, steps=5):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(step)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_real_cuda_graphs_train_like_eager_on_gpu(arch):
+    ref_losses, ref_grads = _cuda_train(_cuda_model(False, arch))
+    model = _cuda_model(True, arch)
+    losses, grads = _cuda_train(model)
+    layer = model.get_base_model().model.layers[0]
+    graphs = layer._slothnb_graphs
+    assert any(isinstance(v, tuple) for v in graphs._fwd.values())  # captured, not fallen back
+    assert any(isinstance(v, tuple) for v in graphs._bwd.values())
+    # the adapters change every step: a stale cast or a stale parameter inside a graph shows here
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=2e-3)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
+    assert layer_graphs.pool_bytes() > 0
