@@ -33,6 +33,7 @@ much. Off by default: ``SLOTHNB_CUDA_GRAPHS=1`` or ``get_peft_model(..., cuda_gr
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import torch
@@ -59,8 +60,15 @@ class _Graph:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         if index not in _Graph.pools:
             _Graph.pools[index] = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.graph, pool=_Graph.pools[index]):
-            return body()
+        # No garbage collection while capturing: a finaliser that touches CUDA (an offloaded input
+        # waiting on its copy's event, a pinned buffer being unregistered) would break the capture.
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, pool=_Graph.pools[index], capture_error_mode="thread_local"):
+                return body()
+        finally:
+            gc.enable()
 
     def replay(self):
         self.graph.replay()
