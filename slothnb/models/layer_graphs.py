@@ -62,13 +62,15 @@ class _Graph:
             _Graph.pools[index] = torch.cuda.graph_pool_handle()
         # No garbage collection while capturing: a finaliser that touches CUDA (an offloaded input
         # waiting on its copy's event, a pinned buffer being unregistered) would break the capture.
+        collecting = gc.isenabled()
         gc.collect()
         gc.disable()
         try:
             with torch.cuda.graph(self.graph, pool=_Graph.pools[index], capture_error_mode="thread_local"):
                 return body()
         finally:
-            gc.enable()
+            if collecting:
+                gc.enable()
 
     def replay(self):
         self.graph.replay()
