@@ -305,6 +305,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         cuda_graphs = layer_graphs.enabled_by_env()
     cuda_graphs = bool(cuda_graphs) and mode == "slothnb"
     hf._slothnb_cuda_graphs = cuda_graphs
+    shared = layer_graphs.ModelGraphs() if cuda_graphs else None
     for i, layer in enumerate(all_layers):
         layer.gradient_checkpointing = i in chosen
         if mode == "slothnb":
@@ -312,7 +313,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         if not cuda_graphs:
             layer.__dict__.pop("_slothnb_graphs", None)
         elif getattr(layer, "_slothnb_graphs", None) is None:
-            layer._slothnb_graphs = layer_graphs.LayerGraphs(layer)
+            layer._slothnb_graphs = layer_graphs.LayerGraphs(layer, shared)
     if default_policy and len(all_layers) > 1:  # the last layer decides per call, by its input's size
         all_layers[-1].gradient_checkpointing = True
         all_layers[-1]._gradient_checkpointing_func = last_layer_checkpoint

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -47,26 +48,44 @@ def enabled_by_env() -> bool:
     return os.environ.get(ENV, "0").lower() in ("1", "true", "on", "yes")
 
 
+class ModelGraphs:
+    """What the graphs of one model's layers share: the memory pool per device and the static buffers.
+
+    Per model, not per process: torch frees a graph pool when the last graph captured into it dies,
+    and a capture into the handle of a freed pool fails inside the allocator (after which the CUDA
+    generator is unusable). A model's graphs, pools and buffers live and die together.
+    """
+
+    def __init__(self):
+        self.pools: dict = {}  # device index -> graph pool handle
+        self.banks: dict = {}  # (role, shapes) -> _StaticInputs
+        _LIVE.add(self)
+
+    def pool(self, device: torch.device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self.pools:
+            self.pools[index] = torch.cuda.graph_pool_handle()
+        return self.pools[index]
+
+
+_LIVE: "weakref.WeakSet[ModelGraphs]" = weakref.WeakSet()
+
+
 class _Graph:
     """One CUDA graph: ``capture()`` runs ``body`` under capture, ``replay()`` re-runs what it recorded."""
 
-    pools: dict = {}  # device index -> the memory pool every layer graph shares
-
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, pool):
+        self.device, self.pool = device, pool
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, body):
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        if index not in _Graph.pools:
-            _Graph.pools[index] = torch.cuda.graph_pool_handle()
         # No garbage collection while capturing: a finaliser that touches CUDA (an offloaded input
         # waiting on its copy's event, a pinned buffer being unregistered) would break the capture.
         collecting = gc.isenabled()
         gc.collect()
         gc.disable()
         try:
-            with torch.cuda.graph(self.graph, pool=_Graph.pools[index], capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
                 return body()
         finally:
             if collecting:
@@ -122,11 +141,10 @@ class LayerGraphs:
     ``OffloadedCheckpoint``'s two passes; ``run(tensors)`` calls the layer.
     """
 
-    shared: dict = {}  # signature -> static buffers, shared by all layers
     graph_class = _Graph
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
+    def __init__(self, layer: nn.Module, shared: ModelGraphs):
+        self.layer, self.shared = layer, shared
         self._fwd: dict = {}  # signature -> None (seen once) | (graph, out buffers) | "eager"
         self._bwd: dict = {}
 
@@ -185,7 +203,7 @@ class LayerGraphs:
             holder["template"] = [_SLOT if isinstance(v, torch.Tensor) else v for v in leaves]
             holder["outs"] = outs
 
-        graph = self.graph_class(tensors[0].device)
+        graph = self.graph_class(tensors[0].device, self._pool(tensors[0].device))
         graph.capture(body)
         return graph, inputs, holder["outs"], holder["template"], holder["spec"]
 
@@ -244,17 +262,20 @@ class LayerGraphs:
                     buf.copy_(g)
             holder["param_grads"] = list(grads[len(input_grads):])
 
-        graph = self.graph_class(inputs[0].device)
+        graph = self.graph_class(inputs[0].device, self._pool(inputs[0].device))
         graph.capture(body)
         return graph, static_in, static_grad_out, input_grads, holder
 
     # --------------------------------------------------------------------------------------- utilities
     def _static(self, role, tensors) -> _StaticInputs:
         key = (role, _shapes(tensors))
-        bank = LayerGraphs.shared.get(key)
+        bank = self.shared.banks.get(key)
         if bank is None:
-            bank = LayerGraphs.shared[key] = _StaticInputs(tensors)
+            bank = self.shared.banks[key] = _StaticInputs(tensors)
         return bank
+
+    def _pool(self, device):
+        return self.shared.pool(device) if self.graph_class is _Graph else None
 
     def _give_up(self, table, key, error):
         import warnings
@@ -284,9 +305,9 @@ def _accumulate(params, grads) -> None:
 
 
 def pool_bytes() -> int:
-    """Bytes the layer graphs' shared memory pool holds on the GPU (0 when no graph was captured)."""
-    if not _Graph.pools or not torch.cuda.is_available():
+    """Bytes the live models' layer-graph pools hold on the GPU (0 when no graph was captured)."""
+    pools = {tuple(h) for shared in list(_LIVE) for h in shared.pools.values()}
+    if not pools or not torch.cuda.is_available():
         return 0
-    pools = {tuple(h) if isinstance(h, (tuple, list)) else h for h in _Graph.pools.values()}
     return sum(seg["total_size"] for seg in torch.cuda.memory._snapshot()["segments"]
                if tuple(seg.get("segment_pool_id", (0, 0))) in pools)

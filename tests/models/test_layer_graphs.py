@@ -20,7 +20,7 @@ class ReplayingGraph:
 
     log: list = []
 
-    def __init__(self, device):
+    def __init__(self, device, pool):
         self.body = None
 
     def capture(self, body):
@@ -66,7 +66,6 @@ def _train(model, steps=3, accumulate=1):
 @pytest.fixture
 def replaying(monkeypatch):
     monkeypatch.setattr(layer_graphs.LayerGraphs, "graph_class", ReplayingGraph)
-    monkeypatch.setattr(layer_graphs.LayerGraphs, "shared", {})
     ReplayingGraph.log = []
     return ReplayingGraph.log
 
@@ -86,8 +85,13 @@ def test_graphed_layers_train_exactly_like_eager(replaying, accumulate):
 
 
 def test_layers_share_their_static_buffers(replaying):
-    _train(_model(graphs=True), steps=2)
-    roles = sorted(role for role, _ in layer_graphs.LayerGraphs.shared)
+    model = _model(graphs=True)
+    _train(model, steps=2)
+    layers = model.get_base_model().model.layers
+    shared = layers[0]._slothnb_graphs.shared
+    assert all(layer._slothnb_graphs.shared is shared for layer in layers)
+    assert _model(graphs=True).get_base_model().model.layers[0]._slothnb_graphs.shared is not shared  # per model
+    roles = sorted(role for role, _ in shared.banks)
     # one input set, one output set (forward output = backward output gradient), one input gradient:
     # shared by both graphed layers and both passes
     assert roles == ["grad-in", "in", "out"]
@@ -119,7 +123,6 @@ def test_dropout_keeps_a_layer_eager(replaying):
 
 def test_a_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setattr(layer_graphs.LayerGraphs, "graph_class", FailingGraph)
-    monkeypatch.setattr(layer_graphs.LayerGraphs, "shared", {})
     ref_losses, ref_grads = _train(_model(graphs=False), steps=3)
     with pytest.warns(RuntimeWarning, match="runs eagerly, its CUDA graph failed: RuntimeError"):
         losses, grads = _train(_model(graphs=True), steps=3)
