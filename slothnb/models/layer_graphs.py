@@ -100,16 +100,16 @@ class _StaticInputs:
 
     def __init__(self, tensors):
         self.buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-        self.last = [None] * len(tensors)  # (tensor, version) last copied into each buffer
+        self.last = [None] * len(tensors)  # (weakref, version) of what was last copied into each buffer
 
     @torch.no_grad()  # the backward's inputs require grad: the copy must not enter autograd
     def load(self, tensors) -> None:
         for i, (buf, t) in enumerate(zip(self.buffers, tensors)):
             last = self.last[i]
-            if last is not None and last[0] is t and last[1] == t._version:
+            if last is not None and last[0]() is t and last[1] == t._version:
                 continue  # the same tensor as last time (cos/sin for every layer): already there
             buf.copy_(t)
-            self.last[i] = (t, t._version)
+            self.last[i] = (weakref.ref(t), t._version)  # weak: a layer input must not outlive its step
 
     def forget(self) -> None:
         self.last = [None] * len(self.buffers)

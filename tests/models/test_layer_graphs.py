@@ -174,3 +174,19 @@ def test_real_cuda_graphs_train_like_eager_on_gpu(arch):
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
     assert layer_graphs.pool_bytes() > 0
+
+
+def test_static_inputs_copy_only_what_changed():
+    cos = torch.randn(4, 8)
+    bank = layer_graphs._StaticInputs([torch.empty(2, 8), cos])
+    x1 = torch.randn(2, 8)
+    bank.load([x1, cos])
+    first = bank.buffers[1].clone()
+    cos_seen = bank.last[1]
+    bank.load([torch.randn(2, 8), cos])  # the next layer: a new hidden state, the same cos
+    assert bank.last[1] is cos_seen and torch.equal(bank.buffers[1], first)
+    cos.mul_(2)  # changed in place: its version moved on, so it is copied again
+    bank.load([x1, cos])
+    assert torch.equal(bank.buffers[1], cos) and torch.equal(bank.buffers[0], x1)
+    del x1  # the bank does not keep a layer input alive
+    assert bank.last[0][0]() is None
