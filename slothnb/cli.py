@@ -188,7 +188,7 @@ def _finetune_config(args):
         max_seq_length=args.max_seq_length, packing=args.packing, text_field=args.text_field,
         output_dir=args.output, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=targets, use_gradient_checkpointing={"true": True, "false": False}.get(
-            args.gradient_checkpointing, args.gradient_checkpointing),
+            args.gradient_checkpointing, args.gradient_checkpointing), cuda_graphs=args.cuda_graphs,
         train_on_responses_only=args.train_on_responses_only, eval_fraction=args.eval_fraction,
         resume_from_checkpoint=args.resume, extra_args=extra)
 
@@ -231,7 +231,8 @@ def cmd_finetune(args) -> int:
     model = FastLanguageModel.get_peft_model(
         model, r=config.lora_r, target_modules=config.target_modules, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, use_gradient_checkpointing=config.use_gradient_checkpointing,
-        random_state=config.seed, use_rslora=args.rslora, max_seq_length=config.max_seq_length)
+        random_state=config.seed, use_rslora=args.rslora, max_seq_length=config.max_seq_length,
+        cuda_graphs=config.cuda_graphs)
     start = time.perf_counter()
     result = finetune(model, tokenizer, rows, config)
     stats = throughput(result, time.perf_counter() - start)

@@ -275,3 +275,17 @@ def test_finetune_chat_jsonl_on_responses_only(files, tmp_path, capsys):
     assert code == 0, captured.err
     assert "trained 1 step in" in captured.out
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cuda_graphs_flag_reaches_the_recipe_and_the_model(monkeypatch):
+    from slothnb.cli import _finetune_config
+    from slothnb.training import recipe
+
+    args = build_parser().parse_args(["finetune", "--dataset", "x.jsonl", "--cuda-graphs"])
+    config = _finetune_config(args)
+    assert config.cuda_graphs is True and config.use_gradient_checkpointing == "slothnb"
+    assert _finetune_config(build_parser().parse_args(["finetune", "--dataset", "x.jsonl"])).cuda_graphs is False
+    seen = {}
+    monkeypatch.setattr("slothnb.models.lora.get_peft_model", lambda model, **kw: seen.update(kw) or model)
+    recipe._add_lora(object(), config)
+    assert seen["cuda_graphs"] is True

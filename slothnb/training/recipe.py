@@ -52,6 +52,7 @@ class FinetuneConfig:
     use_rslora: bool = False  # scale adapters by alpha/sqrt(r) instead of alpha/r
     target_modules: list[str] | None = None  # None: every attention and MLP projection
     use_gradient_checkpointing: bool | str = "slothnb"
+    cuda_graphs: bool = False  # replay checkpointed layers as CUDA graphs (small, host-bound models)
     train_on_responses_only: bool = False  # chat data: train on assistant replies only
     eval_fraction: float = 0.0  # share of the dataset held out for evaluation (0 = none)
     resume_from_checkpoint: str | bool | None = None
@@ -104,7 +105,8 @@ def _add_lora(model, config: FinetuneConfig):
     if config.target_modules is not None:
         kw["target_modules"] = config.target_modules
     return get_peft_model(model, use_gradient_checkpointing=config.use_gradient_checkpointing,
-                          random_state=config.seed, max_seq_length=config.max_seq_length, **kw)
+                          random_state=config.seed, max_seq_length=config.max_seq_length,
+                          cuda_graphs=config.cuda_graphs, **kw)
 
 
 def _as_dataset(dataset, tokenizer, config: FinetuneConfig):
