@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import warnings
 import weakref
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 ENV = "SLOTHNB_CUDA_GRAPHS"
+MAX_SIGNATURES = 4  # input shapes per layer and pass that get graphs; later shapes run eagerly
 
 
 def enabled_by_env() -> bool:
@@ -145,7 +147,8 @@ class LayerGraphs:
 
     def __init__(self, layer: nn.Module, shared: ModelGraphs):
         self.layer, self.shared = layer, shared
-        self._fwd: dict = {}  # signature -> None (seen once) | (graph, out buffers) | "eager"
+        self._warned_signatures = False
+        self._fwd: dict = {}  # signature -> "seen" (ran eagerly once) | (graph, buffers, ...) | "eager"
         self._bwd: dict = {}
 
     # ------------------------------------------------------------------------------------- eligibility
@@ -168,7 +171,7 @@ class LayerGraphs:
         if not self.usable(tensors):
             return run(tensors)
         key = _signature(tensors)
-        state = self._fwd.get(key, "new")
+        state = self._fwd.get(key) or self._admit(self._fwd, key)
         if state == "eager":
             return run(tensors)
         if state == "new":  # first call: eager, which also warms up the kernels
@@ -215,7 +218,7 @@ class LayerGraphs:
         if not self.usable(inputs) or any(g is None for g in grad_outs):
             return None
         key = _signature(list(inputs) + list(grad_outs), needs_grad)
-        state = self._bwd.get(key, "new")
+        state = self._bwd.get(key) or self._admit(self._bwd, key)
         if state == "eager":
             return None
         if state == "new":
@@ -267,6 +270,20 @@ class LayerGraphs:
         return graph, static_in, static_grad_out, input_grads, holder
 
     # --------------------------------------------------------------------------------------- utilities
+    def _admit(self, table, key) -> str:
+        """The state of a signature seen for the first time: "new" (it may get a graph) while the layer
+        has fewer than ``MAX_SIGNATURES``, else "eager". A graph per batch length would pile up graphs
+        and buffers: pad or pack batches to one length to use graphs."""
+        if len(table) < MAX_SIGNATURES:
+            return "new"
+        if not self._warned_signatures:
+            self._warned_signatures = True
+            warnings.warn(f"slothnb: {type(self.layer).__name__} has seen {MAX_SIGNATURES} input shapes; new shapes run "
+                          "without CUDA graphs (pad or pack batches to one length to keep them)",
+                          RuntimeWarning, stacklevel=4)
+        table[key] = "eager"
+        return "eager"
+
     def _static(self, role, tensors) -> _StaticInputs:
         key = (role, _shapes(tensors))
         bank = self.shared.banks.get(key)
@@ -278,8 +295,6 @@ class LayerGraphs:
         return self.shared.pool(device) if self.graph_class is _Graph else None
 
     def _give_up(self, table, key, error):
-        import warnings
-
         table[key] = "eager"
         warnings.warn(f"slothnb: {type(self.layer).__name__} runs eagerly, its CUDA graph failed: "
                       f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)

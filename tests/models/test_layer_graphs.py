@@ -190,3 +190,15 @@ def test_static_inputs_copy_only_what_changed():
     assert torch.equal(bank.buffers[1], cos) and torch.equal(bank.buffers[0], x1)
     del x1  # the bank does not keep a layer input alive
     assert bank.last[0][0]() is None
+
+
+def test_new_shapes_beyond_the_limit_run_eagerly(replaying, monkeypatch):
+    monkeypatch.setattr(layer_graphs, "MAX_SIGNATURES", 2)
+    model = _model(graphs=True, layers=2)
+    graphs = model.get_base_model().model.layers[0]._slothnb_graphs
+    with pytest.warns(RuntimeWarning, match="has seen 2 input shapes"):
+        for length in (6, 7, 8):
+            ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert list(graphs._fwd.values()) == ["seen", "seen", "eager"]
+    assert list(graphs._bwd.values()) == ["seen", "seen", "eager"]
