@@ -227,7 +227,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": float(lora_dropout), "bias": bias,
         "use_rslora": bool(use_rslora), "scaling": lora_alpha / (math.sqrt(r) if use_rslora else r),
         "target_modules": targets, "modules_to_save": save, "tied_embeddings": tie,
-        "use_gradient_checkpointing": mode, "checkpointed_layers": chosen, "cuda_graphs": hf._slothnb_cuda_graphs,
+        "use_gradient_checkpointing": mode, "checkpointed_layers": chosen, "cuda_graphs": getattr(hf, "_slothnb_cuda_graphs", False),
         "offloaded_embedding": offloaded, "random_state": random_state,
         "max_seq_length": max_seq_length, "loftq": loftq_config is not None, "quantized_4bit": quantized,
         # the fused LoRA kernels apply only when the adapter is a plain x @ A @ B * scale

@@ -110,8 +110,10 @@ def test_the_switch_comes_from_the_argument_the_model_or_the_environment(monkeyp
     monkeypatch.delenv(layer_graphs.ENV)
     apply_gradient_checkpointing(model, "slothnb")
     assert all(hasattr(layer, "_slothnb_graphs") for layer in layers)
-    apply_gradient_checkpointing(model, False)
+    apply_gradient_checkpointing(model, False)  # for_inference
     assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
+    apply_gradient_checkpointing(model, "slothnb")  # for_training: the graphs come back
+    assert all(hasattr(layer, "_slothnb_graphs") for layer in layers)
     apply_gradient_checkpointing(model, True, cuda_graphs=True)  # standard checkpointing: no graphs
     assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
 
