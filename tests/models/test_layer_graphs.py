@@ -47,14 +47,15 @@ def _model(graphs, layers=3, dropout=0.0, seed=0):
     return model
 
 
-def _train(model, steps=3, accumulate=1):
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+def _train(model, steps=3, accumulate=1, seq=8, lr=1e-2, device="cpu"):
+    """AdamW steps on fixed random batches (bf16 autocast on CUDA); the losses and the last gradients."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
         for micro in range(accumulate):
-            ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(step * 7 + micro))
-            loss = model(input_ids=ids, labels=ids).loss
+            ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(step * 7 + micro))
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(input_ids=ids.to(device), labels=ids.to(device)).loss
             loss.backward()
             losses.append(loss.item())
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -146,27 +147,12 @@ def _cuda_model(graphs, arch="llama"):
     return model
 
 
-def _cuda_train(model, steps=5):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for step in range(steps):
-        ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(step)).cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.item())
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return losses, grads
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_real_cuda_graphs_train_like_eager_on_gpu(arch):
-    ref_losses, ref_grads = _cuda_train(_cuda_model(False, arch))
+    ref_losses, ref_grads = _train(_cuda_model(False, arch), steps=5, seq=256, lr=1e-3, device="cuda")
     model = _cuda_model(True, arch)
-    losses, grads = _cuda_train(model)
+    losses, grads = _train(model, steps=5, seq=256, lr=1e-3, device="cuda")
     layer = model.get_base_model().model.layers[0]
     graphs = layer._slothnb_graphs
     assert any(isinstance(v, tuple) for v in graphs._fwd.values())  # captured, not fallen back
