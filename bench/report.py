@@ -35,8 +35,10 @@ def step_tables(path, default_peak=None):
                 continue
             mfu = 6 * N_MATMUL.get(model, r.get("n_matmul_params", 0)) * r["tokens_per_s"] / (peak * 1e12) if peak else None
             losses = " ".join(f"{v:.3f}" for v in r["losses"][:3])
+            pool = r.get("graph_pool_gib") or 0  # CUDA graphs' own pool, outside peak_alloc: shown beside it
+            alloc = f"{r['peak_alloc_gib']:.2f}" + (f" + {pool:.2f} graph pool" if pool else "")
             out.append(f"| {r['system']} | {r.get('grad_ckpt', '')} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | "
-                       f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {r['peak_alloc_gib']:.2f} | "
+                       f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {alloc} | "
                        f"{r['peak_reserved_gib']:.2f} | {losses} |")
     return "\n".join(out), peak
 
