@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from slothnb.errors import HardwareError
+
 ENV = "SLOTHNB_CUDA_GRAPHS"
 MAX_SIGNATURES = 4  # input shapes per layer and pass that get graphs; later shapes run eagerly
 
@@ -181,7 +183,7 @@ class LayerGraphs:
             try:
                 state = self._fwd[key] = self._capture_forward(run, tensors, key)
             except Exception as e:  # never fail a training step over a graph: run this layer eagerly
-                self._give_up(self._fwd, key, e)
+                self._give_up(self._fwd, key, e, tensors[0].device)
                 return run(tensors)
         graph, inputs, outs, template, spec = state
         inputs.load(tensors)
@@ -228,7 +230,7 @@ class LayerGraphs:
             try:
                 state = self._bwd[key] = self._capture_backward(run, inputs, grad_outs, needs_grad, key)
             except Exception as e:
-                self._give_up(self._bwd, key, e)
+                self._give_up(self._bwd, key, e, inputs[0].device)
                 return None
         graph, static_in, static_grad_out, input_grads, holder = state
         static_in.load(inputs)
@@ -294,10 +296,30 @@ class LayerGraphs:
     def _pool(self, device):
         return self.shared.pool(device) if self.graph_class is _Graph else None
 
-    def _give_up(self, table, key, error):
+    def _give_up(self, table, key, error, device):
+        """After a failed capture the layer runs eagerly, unless the failure left CUDA's random
+        generator stuck in capture mode (seen when torch's allocator failed mid-capture): every later
+        random draw would then fail with an unrelated message, so training stops here instead."""
         table[key] = "eager"
-        warnings.warn(f"slothnb: {type(self.layer).__name__} runs eagerly, its CUDA graph failed: "
-                      f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
+        name = type(self.layer).__name__
+        if not self.generator_usable(device):
+            raise HardwareError(
+                f"slothnb: the CUDA graph capture of {name} failed ({type(error).__name__}: {error}) and left "
+                "CUDA's random number generator unusable in this process. Restart it and train without CUDA "
+                "graphs (cuda_graphs=False, or unset SLOTHNB_CUDA_GRAPHS).") from error
+        warnings.warn(f"slothnb: {name} runs eagerly, its CUDA graph failed: {type(error).__name__}: {error}",
+                      RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def generator_usable(device) -> bool:
+        """Whether a random draw on ``device`` still works (a capture that died half-way breaks it)."""
+        if getattr(device, "type", None) != "cuda":
+            return True
+        try:
+            torch.empty(1, device=device).uniform_()
+            return True
+        except RuntimeError:
+            return False
 
 
 _SLOT = object()  # where a tensor goes in an output template

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from slothnb.errors import HardwareError
 from slothnb.models import layer_graphs
 from slothnb.models.checkpointing import apply_gradient_checkpointing
 from slothnb.models.patching import patch_model
@@ -190,3 +191,11 @@ def test_new_shapes_beyond_the_limit_run_eagerly(replaying, monkeypatch):
             model(input_ids=ids, labels=ids).loss.backward()
     assert list(graphs._fwd.values()) == ["seen", "seen", "eager"]
     assert list(graphs._bwd.values()) == ["seen", "seen", "eager"]
+
+
+def test_a_capture_that_breaks_the_random_generator_stops_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "graph_class", FailingGraph)
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "generator_usable", staticmethod(lambda device: False))
+    with pytest.raises(HardwareError, match="random number generator unusable.*without CUDA graphs") as caught:
+        _train(_model(graphs=True), steps=2)
+    assert "operation not permitted when stream is capturing" in str(caught.value.__cause__)
