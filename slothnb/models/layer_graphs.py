@@ -181,7 +181,7 @@ class LayerGraphs:
             return run(tensors)
         if state == "seen":
             try:
-                state = self._fwd[key] = self._capture_forward(run, tensors, key)
+                state = self._fwd[key] = self._capture_forward(run, tensors)
             except Exception as e:  # never fail a training step over a graph: run this layer eagerly
                 self._give_up(self._fwd, key, e, tensors[0].device)
                 return run(tensors)
@@ -192,7 +192,7 @@ class LayerGraphs:
         return tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in _fill(template, outs.buffers)],
                               spec)
 
-    def _capture_forward(self, run, tensors, key):
+    def _capture_forward(self, run, tensors):
         inputs = self._static("in", tensors)
         inputs.forget()
         inputs.load(tensors)
@@ -228,7 +228,7 @@ class LayerGraphs:
             return None
         if state == "seen":
             try:
-                state = self._bwd[key] = self._capture_backward(run, inputs, grad_outs, needs_grad, key)
+                state = self._bwd[key] = self._capture_backward(run, inputs, grad_outs, needs_grad)
             except Exception as e:
                 self._give_up(self._bwd, key, e, inputs[0].device)
                 return None
@@ -242,7 +242,7 @@ class LayerGraphs:
             grads.append(next(it).clone() if need else None)
         return grads
 
-    def _capture_backward(self, run, inputs, grad_outs, needs_grad, key):
+    def _capture_backward(self, run, inputs, grad_outs, needs_grad):
         static_in = self._static("in", inputs)
         static_grad_out = self._static("out", grad_outs)  # the forward's output buffer: free by now
         static_in.forget(), static_grad_out.forget()
