@@ -5,7 +5,7 @@ Same set-up as bench/lora_step.py; after warm-up, times forward / backward / opt
 separately (CUDA-synchronised) and profiles two steps with torch.profiler, printing the
 kernels that take the most GPU time and the share of the step that is GPU-idle.
 
-    python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb] [--memory] [--host]
+    python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb] [--memory] [--host] [--copies]
 """
 import argparse
 import os
@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--memory", action="store_true", help="also print what is live at the step's memory peak")
     ap.add_argument("--host", action="store_true",
                     help="also print the host's Python hot spots (cProfile over 3 unsynchronised steps)")
+    ap.add_argument("--copies", action="store_true",
+                    help="also print where the step's copy kernels come from (Python call site or autograd node)")
     ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
     a = ap.parse_args()
     gc = {"true": True, "false": False}.get(a.grad_ckpt, a.grad_ckpt)
@@ -86,6 +88,15 @@ def main():
     print(events.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=70))
     if a.host:
         print_host_profile(model, opt, x, a.top)
+    if a.copies:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with torch.autograd.set_multithreading_enabled(False), \
+                profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            step()
+            torch.cuda.synchronize()
+        print_copy_sites(prof, a.top)
     if a.memory:
         torch.cuda.synchronize()
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
@@ -127,6 +138,37 @@ def print_host_profile(model, opt, x, top):
     print(f"# host: {host * 1e3:.1f} ms a step to queue the work (under cProfile), {total * 1e3:.1f} ms until "
           f"the GPU finished; {stats.total_calls / 3:.0f} Python calls a step")
     stats.sort_stats("tottime").print_stats(top)
+
+
+def copy_sites(prof) -> list[tuple[str, int, float, float]]:
+    """``aten::copy_`` calls of a profiled run grouped by where they come from: the innermost Python
+    frame outside torch itself, else (a backward run by autograd's C++ engine) the autograd node it
+    ran under. Returns (site, calls, device ms, CPU ms), most device
+    time first. Every clone, cast, ``.contiguous()`` and device copy ends in ``aten::copy_``."""
+    sites = {}
+    for e in prof.events():
+        if e.name != "aten::copy_":
+            continue
+        site, parent = None, e.cpu_parent  # with_stack: Python frames are parent events "file(line): name"
+        while site is None and parent is not None:
+            name = parent.name
+            if name.startswith("autograd::engine::evaluate_function: "):
+                site = "backward of " + name.split(": ", 1)[1]
+            elif "): " in name and "torch/" not in name and not name.startswith("<"):
+                site = name  # the innermost Python frame outside torch itself
+            parent = parent.cpu_parent
+        site = site or "(no Python frame, no autograd node)"
+        n, dev, cpu = sites.get(site, (0, 0.0, 0.0))
+        sites[site] = (n + 1, dev + e.device_time_total / 1e3, cpu + e.cpu_time_total / 1e3)
+    return sorted(((k, *v) for k, v in sites.items()), key=lambda r: (-r[2], -r[3]))
+
+
+def print_copy_sites(prof, top):
+    rows = copy_sites(prof)
+    print(f"# copies of one step: {sum(r[1] for r in rows)} aten::copy_ calls, "
+          f"{sum(r[2] for r in rows):.1f} ms of GPU time; by site:")
+    for site, n, dev, cpu in rows[:top]:
+        print(f"#   {dev:8.2f} ms GPU {cpu:8.2f} ms CPU {n:6d} calls  {site}")
 
 
 def _site(frames):

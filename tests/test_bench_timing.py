@@ -46,3 +46,18 @@ def test_device_ms_counts_the_call_not_the_reset():
     ms, _ = _timing.time_and_memory(lambda k: dst.copy_(src), "cuda")
     gpu = _timing.device_ms(lambda k: dst.copy_(src), "cuda", reset=lambda k: big2.copy_(big))
     assert gpu is not None and 0.7 * ms <= gpu <= 1.05 * ms, (gpu, ms)
+
+
+def test_copy_sites_name_the_python_line_or_the_autograd_node():
+    import profile_step
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(8, 8, requires_grad=True)
+    with torch.autograd.set_multithreading_enabled(False), \
+            profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        y = x.t().contiguous()  # a copy made here, in this file
+        (y.to(torch.float64) * 2).sum().backward()  # its backward casts back: a copy under an autograd node
+    rows = {site: n for site, n, _, _ in profile_step.copy_sites(prof)}
+    here = [site for site in rows if "test_bench_timing.py" in site]
+    assert here and rows[here[0]] >= 1
+    assert any(site.startswith("backward of ToCopyBackward") for site in rows), rows
