@@ -305,7 +305,9 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         cuda_graphs = layer_graphs.enabled_by_env()
     cuda_graphs = bool(cuda_graphs) and mode == "slothnb"
     hf._slothnb_cuda_graphs = cuda_graphs
-    shared = layer_graphs.ModelGraphs() if cuda_graphs else None
+    # one ModelGraphs per model: the layers' graphs share its pool and buffers (kept on re-application)
+    shared = next((layer._slothnb_graphs.shared for layer in all_layers if getattr(layer, "_slothnb_graphs", None)),
+                  None) or (layer_graphs.ModelGraphs() if cuda_graphs else None)
     for i, layer in enumerate(all_layers):
         layer.gradient_checkpointing = i in chosen
         if mode == "slothnb":

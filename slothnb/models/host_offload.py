@@ -31,7 +31,7 @@ def pinned_empty(shape, dtype) -> torch.Tensor:
     ``cudaHostRegister`` (unregistered when the tensor is freed). Where registering fails, the
     rounded allocator is the fallback.
     """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < REGISTER_MIN_BYTES or nbytes & (nbytes - 1) == 0:  # rounding costs nothing here
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     t = torch.empty(shape, dtype=dtype)

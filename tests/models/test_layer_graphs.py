@@ -93,6 +93,9 @@ def test_layers_share_their_static_buffers(replaying):
     shared = layers[0]._slothnb_graphs.shared
     assert all(layer._slothnb_graphs.shared is shared for layer in layers)
     assert _model(graphs=True).get_base_model().model.layers[0]._slothnb_graphs.shared is not shared  # per model
+    del layers[1]._slothnb_graphs
+    apply_gradient_checkpointing(model, "slothnb")  # re-applied: a layer that lost its graphs joins the others
+    assert layers[1]._slothnb_graphs.shared is shared
     roles = sorted(role for role, _ in shared.banks)
     # one input set, one output set (forward output = backward output gradient), one input gradient:
     # shared by both graphed layers and both passes
