@@ -162,6 +162,11 @@ ax.set_title("memory by component")
 plt.show()"""),
     ("md", "The recorder's view of the same stages (GPU allocator on a GPU, process memory on CPU):"),
     ("code", IGNORE + """%vram --plot"""),
+    ("md", """**Speed for memory, the other way round.** On a GPU a small model's step is bound by the host
+(Python and kernel launches), not by the GPU. `get_peft_model(..., cuda_graphs=True)` (or
+`cuda_graphs: true` in `%%finetune`) replays each checkpointed layer as CUDA graphs: on an H100 the
+Llama-3.2-1B shape trains 2x faster, and pays for it with a graph memory pool (0.55 GiB there) that
+`%vram` shows under *reserved* and in NVML's figure, not under *allocated*. See `docs/benchmarks.md`."""),
 ]
 
 NOTEBOOKS["04_dpo.ipynb"] = [
