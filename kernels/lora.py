@@ -106,17 +106,17 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t
     if _PASS == 0:
         return t.to(dtype)
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A CUDA graph (slothnb.models.layer_graphs) must record the cast itself: a cached copy made
-        # outside it would be read at every replay after this pass has dropped it.
-        return t.detach().to(dtype) if t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
+    # A CUDA graph (slothnb.models.layer_graphs) must record the cast itself: a cached copy made
+    # outside it would be read at every replay after this pass has dropped it.
+    cached = not (t.is_cuda and torch.cuda.is_current_stream_capturing())
     key = id(t)
-    hit = _CASTS.get(key)
+    hit = _CASTS.get(key) if cached else None
     version = t._version
     if hit is not None and hit[0]() is t and hit[1:4] == (_PASS, version, dtype):
         return hit[4]
     copy = t.detach().to(dtype) if t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
-    _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), _PASS, version, dtype, copy)
+    if cached:
+        _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), _PASS, version, dtype, copy)
     return copy
 
 

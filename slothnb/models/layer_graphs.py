@@ -172,19 +172,10 @@ class LayerGraphs:
         """The layer's no-grad forward: what ``run(tensors)`` returns."""
         if not self.usable(tensors):
             return run(tensors)
-        key = _signature(tensors)
-        state = self._fwd.get(key) or self._admit(self._fwd, key)
-        if state == "eager":
+        state = self._graph(self._fwd, _signature(tensors), lambda: self._capture_forward(run, tensors),
+                            tensors[0].device)
+        if state is None:
             return run(tensors)
-        if state == "new":  # first call: eager, which also warms up the kernels
-            self._fwd[key] = "seen"
-            return run(tensors)
-        if state == "seen":
-            try:
-                state = self._fwd[key] = self._capture_forward(run, tensors)
-            except Exception as e:  # never fail a training step over a graph: run this layer eagerly
-                self._give_up(self._fwd, key, e, tensors[0].device)
-                return run(tensors)
         graph, inputs, outs, template, spec = state
         inputs.load(tensors)
         graph.replay()
@@ -219,19 +210,10 @@ class LayerGraphs:
         cannot run as a graph (the caller then runs its eager backward)."""
         if not self.usable(inputs) or any(g is None for g in grad_outs):
             return None
-        key = _signature(list(inputs) + list(grad_outs), needs_grad)
-        state = self._bwd.get(key) or self._admit(self._bwd, key)
-        if state == "eager":
+        state = self._graph(self._bwd, _signature(list(inputs) + list(grad_outs), needs_grad),
+                            lambda: self._capture_backward(run, inputs, grad_outs, needs_grad), inputs[0].device)
+        if state is None:
             return None
-        if state == "new":
-            self._bwd[key] = "seen"
-            return None
-        if state == "seen":
-            try:
-                state = self._bwd[key] = self._capture_backward(run, inputs, grad_outs, needs_grad)
-            except Exception as e:
-                self._give_up(self._bwd, key, e, inputs[0].device)
-                return None
         graph, static_in, static_grad_out, input_grads, holder = state
         static_in.load(inputs)
         static_grad_out.load(grad_outs)
@@ -272,6 +254,22 @@ class LayerGraphs:
         return graph, static_in, static_grad_out, input_grads, holder
 
     # --------------------------------------------------------------------------------------- utilities
+    def _graph(self, table, key, capture, device):
+        """The captured state for ``key``, or None when this call runs eagerly: the first call of a
+        signature (it also warms up the kernels), shapes beyond the limit, and a failed capture (a
+        training step never fails over a graph, unless the failure broke CUDA's generator)."""
+        state = table.get(key) or self._admit(table, key)
+        if state == "new":
+            table[key] = "seen"
+            return None
+        if state == "seen":
+            try:
+                state = table[key] = capture()
+            except Exception as e:
+                self._give_up(table, key, e, device)
+                return None
+        return None if state == "eager" else state
+
     def _admit(self, table, key) -> str:
         """The state of a signature seen for the first time: "new" (it may get a graph) while the layer
         has fewer than ``MAX_SIGNATURES``, else "eager". A graph per batch length would pile up graphs
