@@ -24,7 +24,8 @@ import triton.language as tl
 from ._utils import use_triton
 from ..errors import ConfigError
 
-BYTES_PER_PROGRAM = 1024  # 2048 outputs per program
+OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
+NUM_WARPS = 4
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -39,31 +40,39 @@ def _round_fp32_for_bf16(x):
 
 @triton.jit
 def _dequantize_nf4_kernel(
-    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len, out_row_stride,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
-    BYTES: tl.constexpr,
+    BLOCKS: tl.constexpr,
 ):
+    """BLOCKS quantisation blocks per program, one row each: the block's scale is decoded once, the
+    two nibbles of each byte are interleaved in registers, and a block's BLOCKSIZE outputs are stored
+    as one contiguous run (at ``row * out_row_stride + col`` of its first element, so the output may
+    be a slice of a wider buffer when rows are whole blocks)."""
     pid = tl.program_id(0).to(tl.int64)
-    byte_idx = pid * BYTES + tl.arange(0, BYTES)
-    side = tl.arange(0, 2)  # 0: high nibble (even element), 1: low nibble (odd element)
-    out_idx = 2 * byte_idx[:, None] + side[None, :]
-    mask = out_idx < n
+    block = pid * BLOCKS + tl.arange(0, BLOCKS)
+    first = block * BLOCKSIZE  # flat index of each block's first element
+    pair = tl.arange(0, BLOCKSIZE // 2)
+    byte_mask = (first[:, None] + 2 * pair[None, :]) < n
+    byte = tl.load(packed_ptr + first[:, None] // 2 + pair[None, :], mask=byte_mask, other=0).to(tl.int32)
 
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx * 2 < n, other=0).to(tl.int32)
-    nibble = (byte[:, None] >> (4 - 4 * side[None, :])) & 0xF
-    value = tl.load(code_ptr + nibble)
-
-    block = out_idx // BLOCKSIZE
+    block_mask = first < n
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        q = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=block_mask, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    value = value * scale
+        scale = tl.load(absmax_ptr + block, mask=block_mask, other=0.0).to(tl.float32)
+    high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]  # even elements
+    low = tl.load(code_ptr + (byte & 0xF)) * scale[:, None]  # odd elements
     if BF16:
-        value = _round_fp32_for_bf16(value)
-    tl.store(out_ptr + out_idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+        high, low = _round_fp32_for_bf16(high), _round_fp32_for_bf16(low)
+    value = tl.interleave(high, low)  # [BLOCKS, BLOCKSIZE] in flat order
+
+    col = tl.arange(0, BLOCKSIZE)
+    row, start = first // row_len, first % row_len
+    mask = (first[:, None] + col[None, :]) < n
+    tl.store(out_ptr + (row * out_row_stride + start)[:, None] + col[None, :], value.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def _resolve(packed, quant_state):
@@ -115,18 +124,35 @@ def dequantize_nf4_reference(packed, quant_state=None, dtype=None) -> torch.Tens
     return (values * scales).to(dtype).reshape(quant_state.shape)
 
 
-def dequantize_nf4(packed, quant_state=None, dtype=None) -> torch.Tensor:
+def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tensor:
     """The dense weight (``quant_state.shape``) in ``dtype`` (default: the dtype it was quantised from).
 
     ``packed``: the packed uint8 (or other ``quant_storage``) tensor, or a ``bnb.nn.Params4bit``.
+    ``out``: where to write it, e.g. the columns ``[:, r:r + in]`` of a wider buffer (the fused LoRA
+    ops put ``B`` beside ``W`` and run one matmul); a 2-D tensor of the weight's shape with unit-stride
+    columns, whose dtype is the output dtype. A strided ``out`` needs rows that are whole
+    quantisation blocks (true of every real model).
     """
     data, quant_state, n = _resolve(packed, quant_state)
+    shape = tuple(int(s) for s in quant_state.shape)
+    if out is not None:
+        dtype = dtype or out.dtype
+        if tuple(out.shape) != shape or out.dtype != dtype or (out.numel() and out.stride(-1) != 1):
+            raise ConfigError(f"dequantize_nf4 out= must be a {shape} {dtype} tensor with unit-stride columns, "
+                              f"got {tuple(out.shape)} {out.dtype} strides {tuple(out.stride())}.")
     dtype = dtype or quant_state.dtype
     if dtype not in OUT_DTYPES:
         raise ConfigError(f"dequantize_nf4 writes one of {OUT_DTYPES}, not {dtype}.")
+    blocksize = int(quant_state.blocksize)
+    strided = out is not None and len(shape) == 2 and not out.is_contiguous()
+    if strided and shape[1] % blocksize:
+        raise ConfigError(f"dequantize_nf4 into a strided out= needs rows of whole blocks: {shape[1]} columns, "
+                          f"blocks of {blocksize}.")
     if not use_triton(data):
-        return dequantize_nf4_reference(data, quant_state, dtype)
-    out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=data.device)
+        dense = dequantize_nf4_reference(data, quant_state, dtype)
+        return dense if out is None else out.copy_(dense)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=data.device)
     if n == 0:
         return out
     device = data.device
@@ -141,11 +167,13 @@ def dequantize_nf4(packed, quant_state=None, dtype=None) -> torch.Tensor:
         absmax = quant_state.absmax.to(device=device, dtype=torch.float32)
         absmax2 = code2 = offset = absmax  # unused placeholders
         blocksize2 = 1
-    grid = (triton.cdiv(triton.cdiv(n, 2), BYTES_PER_PROGRAM),)
+    row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
+    blocks = max(1, OUTPUTS_PER_PROGRAM // blocksize)
+    grid = (triton.cdiv(triton.cdiv(n, blocksize), blocks),)
     _dequantize_nf4_kernel[grid](
-        data, absmax, code, absmax2, code2, offset, out, n,
-        BLOCKSIZE=int(quant_state.blocksize), BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
-        BF16=dtype == torch.bfloat16, BYTES=BYTES_PER_PROGRAM, num_warps=4, enable_fp_fusion=False,
+        data, absmax, code, absmax2, code2, offset, out, n, row_len, row_stride,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
+        BF16=dtype == torch.bfloat16, BLOCKS=blocks, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
 

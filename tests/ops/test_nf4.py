@@ -89,6 +89,34 @@ def test_bad_input_is_refused():
         dequantize_nf4(packed, state, torch.int8)
 
 
+def _into_wider_buffer(packed, state, left=16, right=5, device="cpu"):
+    rows, cols = state.shape
+    buf = torch.full((rows, left + cols + right), 7.0, dtype=state.dtype, device=device)
+    out = dequantize_nf4(packed, state, out=buf[:, left:left + cols])
+    return buf, out
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_out_may_be_the_middle_columns_of_a_wider_buffer(nested):
+    # what the fused LoRA ops do: W next to B in one [out, r + in] buffer, one matmul
+    _, packed, state = quantized((48, 256), torch.bfloat16, nested)
+    buf, out = _into_wider_buffer(packed, state)
+    assert out.data_ptr() == buf[:, 16:].data_ptr()
+    assert torch.equal(buf[:, 16:272], bnbf.dequantize_4bit(packed, state))
+    assert (buf[:, :16] == 7).all() and (buf[:, 272:] == 7).all()  # nothing written outside
+
+
+def test_bad_out_is_refused():
+    _, packed, state = quantized((48, 256))
+    with pytest.raises(ConfigError, match="out= must be"):
+        dequantize_nf4(packed, state, out=torch.empty(48, 128, dtype=torch.bfloat16))
+    with pytest.raises(ConfigError, match="out= must be"):
+        dequantize_nf4(packed, state, torch.bfloat16, out=torch.empty(48, 256, dtype=torch.float16))
+    _, packed, state = quantized((48, 96), blocksize=64)  # rows of one and a half blocks
+    with pytest.raises(ConfigError, match="whole blocks"):
+        dequantize_nf4(packed, state, out=torch.empty(48, 100, dtype=torch.bfloat16)[:, :96])
+
+
 @pytest.mark.gpu
 # Every output dtype, both absmax layouts (each pair is its own Triton compilation).
 @pytest.mark.parametrize("dtype,nested", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True),
@@ -109,3 +137,11 @@ def test_gpu_params4bit_from_linear4bit():
     layer = layer.cuda()
     expected = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert torch.equal(dequantize_nf4(layer.weight), expected)
+
+
+@pytest.mark.gpu
+def test_gpu_out_into_a_wider_buffer_at_llama_8b_shape():
+    _, packed, state = quantized((14336, 4096), torch.bfloat16, True, device="cuda")
+    buf, _ = _into_wider_buffer(packed, state, device="cuda")
+    assert torch.equal(buf[:, 16:16 + 4096], bnbf.dequantize_4bit(packed, state))
+    assert (buf[:, :16] == 7).all() and (buf[:, 16 + 4096:] == 7).all()
