@@ -23,6 +23,7 @@ Dtypes: the matmuls run in the compute dtype, the autocast dtype when autocast i
 peft+autocast model would), else x's dtype. A and B may be fp32 master weights: they are cast for
 the matmuls and their gradients come back in their own dtype, as does x's.
 """
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -127,6 +128,56 @@ def _base(weight, quant_state, dtype) -> torch.Tensor:
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
+# Projections that share their input and have NF4 bases run as ``[X | xa_1 .. xa_k] @ [W_j | 0 | s_j B_j]^T``:
+# the adapter's contribution rides in the base matmul's reduction instead of a second pass over the
+# output (``y.addmm_(xa, B^T)`` reads and writes all of y: for the 8B gate and up projections at 4,096
+# tokens that is ~0.5 GB a pass). The dequantisation writes W straight into the wider buffer, so it
+# costs one copy of X. 16-bit bases keep the two-matmul form (widening W would copy it every call).
+# SLOTHNB_ADAPTER_IN_GEMM=0 turns it off (benchmarks).
+ADAPTER_IN_GEMM = os.environ.get("SLOTHNB_ADAPTER_IN_GEMM", "1") != "0"
+_ALIGN = 8  # row strides padded to 16 bytes of bf16, so cuBLAS keeps its fast kernels
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _adapter_in_gemm(X, parts) -> bool:
+    """Whether ``_forward_shared`` applies: NF4 bases whose rows are whole quantisation blocks."""
+    return ADAPTER_IN_GEMM and all(
+        qs is not None and qs.shape[1] % int(qs.blocksize) == 0 for _, qs, *_ in parts)
+
+
+def _forward_shared(X, parts, out_shapes):
+    """(Xa, [x A_j^T views], [y_j]) of projections ``parts`` = [(W, quant_state, scale, A, B)] sharing X.
+
+    ``Xa = [X | x A_1^T | ... | x A_k^T]`` is what the backward keeps (X and each ``x A_j^T`` are views
+    of it: no more memory than keeping them apart). Projection j reads the first ``H + r_1 + .. + r_j``
+    columns against ``[W_j | 0 | s_j B_j]``, so its output is one matmul with fp32 accumulation of the
+    base and adapter terms together.
+    """
+    n, h = X.shape
+    ranks = [p[3].shape[0] for p in parts]
+    Xa = torch.empty(n, _padded(h + sum(ranks)), dtype=X.dtype, device=X.device)
+    Xa[:, :h].copy_(X)
+    A_all = torch.cat([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]
+    Xa[:, h:h + sum(ranks)] = X @ A_all.t()
+    xas, ys, start = [], [], h
+    for (weight, quant_state, scale, _A, B), r, shape in zip(parts, ranks, out_shapes):
+        width = start + r
+        W = torch.empty(B.shape[0], _padded(width), dtype=X.dtype, device=X.device)[:, :width]
+        dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h])
+        W[:, h:start].zero_()
+        torch.mul(B, scale, out=W[:, start:width]) if scale != 1.0 else W[:, start:width].copy_(B)
+        y = torch.empty(shape, dtype=X.dtype, device=X.device)
+        torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
+        del W
+        xas.append(Xa[:, start:width])
+        ys.append(y)
+        start = width
+    return Xa, xas, ys
+
+
 def _forward(X, weight, quant_state, A, B, scale, out_shape=None):
     """(x A^T, x W^T + s (x A^T) B^T) for 2-D X; A and B already in X's dtype.
 
@@ -219,13 +270,23 @@ class LoraQKVFunction(torch.autograd.Function):
     def forward(ctx, x, bundles, *AB):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
-        outs, saved, bases = [], [X], []
-        for weight, quant_state, scale, Ac, Bc, dtypes in _prepared(dt, bundles, AB):
-            xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=(*x.shape[:-1], Bc.shape[0]))
-            outs.append(y)
+        parts = _prepared(dt, bundles, AB)
+        shapes = [(*x.shape[:-1], p[4].shape[0]) for p in parts]
+        if _adapter_in_gemm(X, parts):
+            Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes)
+            X, saved = Xa, [Xa]  # X itself is Xa[:, :in]
+        else:
+            xas, outs, saved = [], [], [X]
+            for (weight, quant_state, scale, Ac, Bc, _), shape in zip(parts, shapes):
+                xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=shape)
+                xas.append(xa)
+                outs.append(y)
+        bases = []
+        for (weight, quant_state, scale, Ac, Bc, dtypes), xa in zip(parts, xas):
             saved += [xa, Ac, Bc]
             bases.append((weight, quant_state, scale, dtypes))
         ctx.save_for_backward(*saved)
+        ctx.in_features = x.shape[-1]
         ctx.bases = bases
         ctx.x_meta = (x.shape, x.dtype)
         return tuple(outs)
@@ -233,6 +294,7 @@ class LoraQKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         X, *rest = ctx.saved_tensors
+        X = X[:, :ctx.in_features]  # a view when the forward kept [X | x A^T ...] together
         need_dx = ctx.needs_input_grad[0]
         dX, grads = None, []
         for i, dy in enumerate(dys):
@@ -251,8 +313,13 @@ class LoraMLPFunction(torch.autograd.Function):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
         (Wg, qg, sg, Ag, Bg, tg), (Wu, qu, su, Au, Bu, tu), (Wd, qd, sd, Ad, Bd, td) = _prepared(dt, bundles, AB)
-        xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
-        xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
+        gate_up = [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)]
+        if _adapter_in_gemm(X, gate_up):
+            n = X.shape[0]
+            X, (xa_g, xa_u), (G, U) = _forward_shared(X, gate_up, [(n, Bg.shape[0]), (n, Bu.shape[0])])
+        else:
+            xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
+            xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
         H = gated_forward(activation, G, U)
         out_shape = (*x.shape[:-1], Bd.shape[0])
         if output_needed:
@@ -261,6 +328,7 @@ class LoraMLPFunction(torch.autograd.Function):
             ha, y = H @ Ad.t(), torch.empty(out_shape, dtype=X.dtype, device=X.device)
         del H
         ctx.save_for_backward(X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd)
+        ctx.in_features = x.shape[-1]
         ctx.bases = [(Wg, qg, sg, tg), (Wu, qu, su, tu), (Wd, qd, sd, td)]
         ctx.activation = activation
         ctx.x_meta = (x.shape, x.dtype)
@@ -269,6 +337,7 @@ class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
+        X = X[:, :ctx.in_features]  # a view when the forward kept [X | x A^T ...] together
         (Wg, qg, sg, tg), (Wu, qu, su, tu), (Wd, qd, sd, td) = ctx.bases
         dt = X.dtype
         dY = _rows(dy, dt)

@@ -162,11 +162,38 @@ def test_nothing_dense_is_kept_between_forward_and_backward():
     y, *_ = mlp_case("nf4", torch.float32, "swiglu", case="2d")  # 7 tokens, hidden 64, inter 128
     saved = y.grad_fn.saved_tensors
     shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes.count((7, 128)) == 2 and (7, 64) in shapes  # G, U and x
+    assert shapes.count((7, 128)) == 2 and (7, 80) in shapes  # G, U and [x | x A_g^T | x A_u^T] (r 8 each)
     assert all(t.numel() < 128 * 64 for t in saved)  # never a [128, 64] dequantised weight
     p, _ = pair(96, 64, "nf4", torch.float32)
     x, _ = make_x("2d", 64, torch.float32)
     assert [tuple(t.shape) for t in lora_linear(x, p).grad_fn.saved_tensors] == [(7, 64), (7, 8), (8, 64), (96, 8)]
+
+
+@pytest.mark.parametrize("ranks", [(8, 8, 8), (3, 5, 16)])  # odd ranks: padded row strides
+def test_adapter_in_gemm_matches_the_two_matmul_form(ranks, monkeypatch):
+    """NF4 projections sharing x run as one matmul ``[x | xa_1 ..] @ [W | 0 | s B]^T``
+    (``ADAPTER_IN_GEMM``); it gives what ``x W^T + s (x A^T) B^T`` gives, outputs and gradients."""
+    import slothnb.kernels.lora as lora_mod
+
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(lora_mod, "ADAPTER_IN_GEMM", fused)
+        (q, _), (k, _), (v, _) = (pair(o, 64, "nf4", torch.float64, r=r, seed=s)
+                                  for s, (o, r) in enumerate(zip((64, 32, 32), ranks)))
+        (g, _), (u, _), (d, _) = (pair(o, i, "nf4", torch.float64, r=r, seed=s)
+                                  for s, (o, i, r) in enumerate(((128, 64, ranks[1]), (128, 64, ranks[2]),
+                                                                 (64, 128, ranks[0]))))
+        x, _ = make_x("noncontig", 64, torch.float64)
+        outs = list(lora_qkv(x, q, k, v)) + [lora_mlp(x, g, u, d)]
+        kept = [o.grad_fn.saved_tensors[0].shape[1] for o in (outs[0], outs[3])]  # x, or x beside its x A^T
+        pad = lora_mod._padded
+        assert kept == ([pad(64 + sum(ranks)), pad(64 + ranks[1] + ranks[2])] if fused else [64, 64])
+        gen = torch.Generator().manual_seed(3)
+        torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs])
+        results.append([o.detach() for o in outs] + [t.grad for t in (x, q.A, q.B, k.A, k.B, v.A, v.B,
+                                                                      g.A, g.B, u.A, u.B, d.A, d.B)])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_second_backward_through_overwritten_buffers_fails_loudly():
