@@ -178,13 +178,13 @@ def _forward_shared(X, parts, out_shapes):
     return Xa, xas, ys
 
 
-def _forward(X, weight, quant_state, A, B, scale, out_shape=None):
-    """(x A^T, x W^T + s (x A^T) B^T) for 2-D X; A and B already in X's dtype.
+def _forward(X, weight, quant_state, A, B, scale, out_shape=None, xa=None):
+    """(x A^T, x W^T + s (x A^T) B^T) for 2-D X; A and B already in X's dtype (``xa``: x A^T if known).
 
     With ``out_shape`` the result is allocated in that shape and filled through a 2-D view, so the
     caller gets a tensor that is not a view (RoPE may then rotate it in place under autograd).
     """
-    xa = X @ A.t()
+    xa = X @ A.t() if xa is None else xa
     W = _base(weight, quant_state, X.dtype)
     if out_shape is None:
         y = X @ W.t()
@@ -195,6 +195,25 @@ def _forward(X, weight, quant_state, A, B, scale, out_shape=None):
     torch.mm(X, W.t(), out=y2)
     y2.addmm_(xa, B.t(), alpha=scale)
     return xa, y
+
+
+# The MLP's ``h A_d^T`` is computed over row chunks of at most this many bytes of h. A recompute needs
+# only that product, not h itself (``output_needed=False``), so it never holds a whole [N, I] h beside
+# G and U: 8B at 8,192 tokens, h is 224 MiB. The forward uses the same chunks, so both get the same bits.
+H_CHUNK_BYTES = 64 << 20
+
+
+def _h_times_adapter(h_rows, n, width, A, like):
+    """``h_rows(start, end) @ A^T`` over row chunks of ``h`` (``[n, width]``, ``like``'s dtype and device)."""
+    chunks = -(-n * width * like.element_size() // H_CHUNK_BYTES)
+    if chunks <= 1:
+        return h_rows(0, n) @ A.t()
+    step = -(-n // chunks)
+    out = torch.empty(n, A.shape[0], dtype=like.dtype, device=like.device)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        torch.mm(h_rows(start, end), A.t(), out=out[start:end])
+    return out
 
 
 def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -320,13 +339,16 @@ class LoraMLPFunction(torch.autograd.Function):
         else:
             xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
             xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
-        H = gated_forward(activation, G, U)
         out_shape = (*x.shape[:-1], Bd.shape[0])
+        n, inter = G.shape
         if output_needed:
-            ha, y = _forward(H, Wd, qd, Ad, Bd, sd, out_shape=out_shape)
+            H = gated_forward(activation, G, U)
+            ha = _h_times_adapter(lambda a, b: H[a:b], n, inter, Ad, G)
+            ha, y = _forward(H, Wd, qd, Ad, Bd, sd, out_shape=out_shape, xa=ha)
+            del H
         else:  # backward needs only H A_d^T of the down projection: no dequantisation, no [N, I] x [I, H]
-            ha, y = H @ Ad.t(), torch.empty(out_shape, dtype=X.dtype, device=X.device)
-        del H
+            ha = _h_times_adapter(lambda a, b: gated_forward(activation, G[a:b], U[a:b]), n, inter, Ad, G)
+            y = torch.empty(out_shape, dtype=X.dtype, device=X.device)
         ctx.save_for_backward(X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd)
         ctx.in_features = x.shape[-1]
         ctx.bases = [(Wg, qg, sg, tg), (Wu, qu, su, tu), (Wd, qd, sd, td)]

@@ -313,12 +313,15 @@ def test_fused_outputs_are_not_views():
     assert lora_linear(x, ps[0])._base is None
 
 
+@pytest.mark.parametrize("h_chunk_bytes", [64 << 20, 512])  # 512 bytes: h A_d^T over 3 row chunks of 2 rows
 @pytest.mark.parametrize("base", ["16bit", "nf4"])
-def test_lora_mlp_without_output_gives_the_same_gradients(base, monkeypatch):
+def test_lora_mlp_without_output_gives_the_same_gradients(base, h_chunk_bytes, monkeypatch):
     """output_needed=False (a checkpoint's recompute): no down-projection base matmul or dequantisation,
-    yet the backward from the same dy is bit-identical to the full forward's."""
+    and h is never whole (``h A_d^T`` by row chunks), yet the backward from the same dy is bit-identical
+    to the full forward's."""
     import slothnb.kernels.lora as lora_mod
 
+    monkeypatch.setattr(lora_mod, "H_CHUNK_BYTES", h_chunk_bytes)
     grads = []
     for needed in (True, False):
         (g, _), (u, _), (d, _) = (pair(o, i, base, torch.float32, seed=s)
@@ -336,3 +339,11 @@ def test_lora_mlp_without_output_gives_the_same_gradients(base, monkeypatch):
         grads.append([t.grad.clone() for t in (x, g.A, g.B, u.A, u.B, d.A, d.B)])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+    if h_chunk_bytes == 512:  # and the chunks give what the whole h gives
+        monkeypatch.setattr(lora_mod, "H_CHUNK_BYTES", 64 << 20)
+        (g, _), (u, _), (d, _) = (pair(o, i, base, torch.float32, seed=s)
+                                  for o, i, s in ((128, 64, 0), (128, 64, 1), (64, 128, 2)))
+        x, _ = make_x("3d", 64, torch.float32)
+        lora_mlp(x, g, u, d).backward(torch.randn((2, 3, 64), generator=torch.Generator().manual_seed(5)))
+        for a, b in zip(grads[0], [t.grad for t in (x, g.A, g.B, u.A, u.B, d.A, d.B)]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)  # fp32 sums in another order
