@@ -104,7 +104,7 @@ def run(args, rec):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stats0 = torch.cuda.memory_stats()
-    times, losses = [], []
+    times, losses, peaks, reserved = [], [], [], []
     for i in range(n):
         x = data[i].cuda()
         torch.cuda.synchronize()
@@ -113,14 +113,18 @@ def run(args, rec):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(round(float(loss.detach().float()), 4))
+        # per-step peaks (the first steps also create the optimizer state), the maximum is the run's peak
+        peaks.append(torch.cuda.max_memory_allocated())
+        reserved.append(torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
     timed = times[args.warmup:]
     med = statistics.median(timed)
     tokens = args.batch * args.seq
     rec.update(first_step_s=round(times[0], 3), step_s_median=round(med, 4),
                step_times_s=[round(x, 4) for x in times], tokens_per_step=tokens,
                tokens_per_s=round(tokens / med, 1), losses=losses,
-               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3),
-               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
+               peak_alloc_gib=round(max(peaks) / GiB, 3), peak_reserved_gib=round(max(reserved) / GiB, 3),
+               peak_alloc_by_step_gib=[round(b / GiB, 3) for b in peaks],
                mem_after_train=mem_now(torch))
     rec["host"] = host_memory()
     from slothnb.models import layer_graphs
