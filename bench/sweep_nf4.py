@@ -31,16 +31,17 @@ def main():
         moved = rows * cols * 2.5  # bytes: 2 written + 0.5 read per weight (scales are ~1%)
         ref = device_ms(lambda _k: bnbf.dequantize_4bit(packed, state))
         print(f"# {rows}x{cols} bf16 nested: bitsandbytes {ref:.4f} ms ({moved / ref / 1e9:.2f} TB/s)", flush=True)
-        default = (nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS)
-        for outputs in (1024, 2048, 4096, 8192):
-            for warps in (2, 4, 8):
-                nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS = outputs, warps
-                out = nf4.dequantize_nf4(packed, state)
-                exact = torch.equal(out, expected)
-                ms = device_ms(lambda _k: nf4.dequantize_nf4(packed, state))
-                print(f"outputs/program {outputs:5d} warps {warps}: {ms:.4f} ms ({moved / ms / 1e9:.2f} TB/s, "
-                      f"{ref / ms:.2f}x bitsandbytes) exact={exact}", flush=True)
-        nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS = default
+        default = (nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES)
+        for paired in (False, True):  # 16-bit interleaved stores, or two bf16 per 32-bit word
+            for outputs in (1024, 2048, 4096, 8192):
+                for warps in (2, 4, 8):
+                    nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES = outputs, warps, paired
+                    out = nf4.dequantize_nf4(packed, state)
+                    exact = torch.equal(out, expected)
+                    ms = device_ms(lambda _k: nf4.dequantize_nf4(packed, state))
+                    print(f"paired {paired:d} outputs/program {outputs:5d} warps {warps}: {ms:.4f} ms "
+                          f"({moved / ms / 1e9:.2f} TB/s, {ref / ms:.2f}x bitsandbytes) exact={exact}", flush=True)
+        nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES = default
         wide = torch.empty(rows, cols + 16, dtype=torch.bfloat16, device="cuda")
         nf4.dequantize_nf4(packed, state, out=wide[:, 16:])
         ms = device_ms(lambda _k: nf4.dequantize_nf4(packed, state, out=wide[:, 16:]))

@@ -26,6 +26,9 @@ from ..errors import ConfigError
 
 OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
 NUM_WARPS = 4
+# bf16 outputs stored as 32-bit words of two values instead of interleaved 16-bit ones. Off until
+# bench/sweep_nf4.py has timed it on the GPU (it prints both); bit-identical either way.
+PAIRED_STORES = False
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -42,11 +45,11 @@ def _round_fp32_for_bf16(x):
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len, out_row_stride,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
-    BLOCKS: tl.constexpr,
+    BLOCKS: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """BLOCKS quantisation blocks per program, one row each: the block's scale is decoded once, the
-    two nibbles of each byte are interleaved in registers, and a block's BLOCKSIZE outputs are stored
-    as one contiguous run (at ``row * out_row_stride + col`` of its first element, so the output may
+    two nibbles of each byte are interleaved in registers (or, with PAIRS, packed into one 32-bit word
+    of two bf16s), and a block's BLOCKSIZE outputs are stored as one contiguous run (at ``row * out_row_stride + col`` of its first element, so the output may
     be a slice of a wider buffer when rows are whole blocks)."""
     pid = tl.program_id(0).to(tl.int64)
     block = pid * BLOCKS + tl.arange(0, BLOCKS)
@@ -66,13 +69,17 @@ def _dequantize_nf4_kernel(
     low = tl.load(code_ptr + (byte & 0xF)) * scale[:, None]  # odd elements
     if BF16:
         high, low = _round_fp32_for_bf16(high), _round_fp32_for_bf16(low)
-    value = tl.interleave(high, low)  # [BLOCKS, BLOCKSIZE] in flat order
-
-    col = tl.arange(0, BLOCKSIZE)
     row, start = first // row_len, first % row_len
-    mask = (first[:, None] + col[None, :]) < n
-    tl.store(out_ptr + (row * out_row_stride + start)[:, None] + col[None, :], value.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    if PAIRS:  # bf16 written as 32-bit words, even element in the low half (little-endian): no interleave
+        word = (high.to(tl.uint32, bitcast=True) >> 16) | (low.to(tl.uint32, bitcast=True) & 0xFFFF0000)
+        tl.store(out_ptr + ((row * out_row_stride + start) // 2)[:, None] + pair[None, :],
+                 word.to(tl.int32, bitcast=True), mask=byte_mask)
+    else:
+        value = tl.interleave(high, low)  # [BLOCKS, BLOCKSIZE] in flat order
+        col = tl.arange(0, BLOCKSIZE)
+        mask = (first[:, None] + col[None, :]) < n
+        tl.store(out_ptr + (row * out_row_stride + start)[:, None] + col[None, :],
+                 value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _resolve(packed, quant_state):
@@ -170,12 +177,19 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tens
     row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
     blocks = max(1, OUTPUTS_PER_PROGRAM // blocksize)
     grid = (triton.cdiv(triton.cdiv(n, blocksize), blocks),)
+    pairs = (PAIRED_STORES and dtype == torch.bfloat16 and n % 2 == 0 and row_stride % 2 == 0
+             and out.storage_offset() % 2 == 0)
     _dequantize_nf4_kernel[grid](
-        data, absmax, code, absmax2, code2, offset, out, n, row_len, row_stride,
+        data, absmax, code, absmax2, code2, offset, _as_words(out) if pairs else out, n, row_len, row_stride,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
-        BF16=dtype == torch.bfloat16, BLOCKS=blocks, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
+
+
+def _as_words(out: torch.Tensor) -> torch.Tensor:
+    """The same memory as int32 pairs of bf16 (the kernel indexes it in words from element offsets / 2)."""
+    return out.view(-1).view(torch.int32) if out.is_contiguous() else out.view(torch.int32)
 
 
 __all__ = ["dequantize_nf4", "dequantize_nf4_reference"]

@@ -106,6 +106,21 @@ def test_out_may_be_the_middle_columns_of_a_wider_buffer(nested):
     assert (buf[:, :16] == 7).all() and (buf[:, 272:] == 7).all()  # nothing written outside
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_paired_bf16_stores_give_the_same_bits(nested, monkeypatch):
+    """The kernel's other store layout (two bf16 in one 32-bit word), which bench/sweep_nf4.py times."""
+    from slothnb.kernels import nf4
+
+    monkeypatch.setattr(nf4, "PAIRED_STORES", True)
+    _, packed, state = quantized((48, 256), torch.bfloat16, nested)
+    expected = bnbf.dequantize_4bit(packed, state)
+    assert torch.equal(dequantize_nf4(packed, state), expected)
+    buf, _ = _into_wider_buffer(packed, state)
+    assert torch.equal(buf[:, 16:272], expected) and (buf[:, :16] == 7).all() and (buf[:, 272:] == 7).all()
+    _, packed, state = quantized((33, 65), torch.bfloat16, True, 128)  # odd count: the 16-bit stores
+    assert torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
+
+
 def test_bad_out_is_refused():
     _, packed, state = quantized((48, 256))
     with pytest.raises(ConfigError, match="out= must be"):
@@ -140,8 +155,13 @@ def test_gpu_params4bit_from_linear4bit():
 
 
 @pytest.mark.gpu
-def test_gpu_out_into_a_wider_buffer_at_llama_8b_shape():
+@pytest.mark.parametrize("paired", [False, True])
+def test_gpu_out_into_a_wider_buffer_at_llama_8b_shape(paired, monkeypatch):
+    from slothnb.kernels import nf4
+
+    monkeypatch.setattr(nf4, "PAIRED_STORES", paired)
     _, packed, state = quantized((14336, 4096), torch.bfloat16, True, device="cuda")
     buf, _ = _into_wider_buffer(packed, state, device="cuda")
     assert torch.equal(buf[:, 16:16 + 4096], bnbf.dequantize_4bit(packed, state))
     assert (buf[:, :16] == 7).all() and (buf[:, 16 + 4096:] == 7).all()
+    assert torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
