@@ -142,7 +142,7 @@ def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _adapter_in_gemm(X, parts) -> bool:
+def _adapter_in_gemm(parts) -> bool:
     """Whether ``_forward_shared`` applies: NF4 bases whose rows are whole quantisation blocks."""
     return ADAPTER_IN_GEMM and all(
         qs is not None and qs.shape[1] % int(qs.blocksize) == 0 for _, qs, *_ in parts)
@@ -168,7 +168,8 @@ def _forward_shared(X, parts, out_shapes):
         W = torch.empty(B.shape[0], _padded(width), dtype=X.dtype, device=X.device)[:, :width]
         dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h])
         W[:, h:start].zero_()
-        torch.mul(B, scale, out=W[:, start:width]) if scale != 1.0 else W[:, start:width].copy_(B)
+        W[:, start:width].copy_(B)
+        _scaled(W[:, start:width], scale)
         y = torch.empty(shape, dtype=X.dtype, device=X.device)
         torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
         del W
@@ -291,7 +292,7 @@ class LoraQKVFunction(torch.autograd.Function):
         X = _rows(x, dt)
         parts = _prepared(dt, bundles, AB)
         shapes = [(*x.shape[:-1], p[4].shape[0]) for p in parts]
-        if _adapter_in_gemm(X, parts):
+        if _adapter_in_gemm(parts):
             Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes)
             X, saved = Xa, [Xa]  # X itself is Xa[:, :in]
         else:
@@ -333,7 +334,7 @@ class LoraMLPFunction(torch.autograd.Function):
         X = _rows(x, dt)
         (Wg, qg, sg, Ag, Bg, tg), (Wu, qu, su, Au, Bu, tu), (Wd, qd, sd, Ad, Bd, td) = _prepared(dt, bundles, AB)
         gate_up = [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)]
-        if _adapter_in_gemm(X, gate_up):
+        if _adapter_in_gemm(gate_up):
             n = X.shape[0]
             X, (xa_g, xa_u), (G, U) = _forward_shared(X, gate_up, [(n, Bg.shape[0]), (n, Bu.shape[0])])
         else:
