@@ -49,8 +49,9 @@ def _dequantize_nf4_kernel(
 ):
     """BLOCKS quantisation blocks per program, one row each: the block's scale is decoded once, the
     two nibbles of each byte are interleaved in registers (or, with PAIRS, packed into one 32-bit word
-    of two bf16s), and a block's BLOCKSIZE outputs are stored as one contiguous run (at ``row * out_row_stride + col`` of its first element, so the output may
-    be a slice of a wider buffer when rows are whole blocks)."""
+    of two bf16s), and a block's BLOCKSIZE outputs are stored as one contiguous run at
+    ``row * out_row_stride + col`` of its first element, so the output may be a slice of a wider
+    buffer when rows are whole blocks."""
     pid = tl.program_id(0).to(tl.int64)
     block = pid * BLOCKS + tl.arange(0, BLOCKS)
     first = block * BLOCKSIZE  # flat index of each block's first element
