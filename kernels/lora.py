@@ -265,11 +265,14 @@ def _prepared(dt, bundles, tensors):
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bundles, A, B):
+    def forward(ctx, x, bundles, given, A, B):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
         ((weight, quant_state, scale, Ac, Bc, dtypes),) = _prepared(dt, bundles, (A, B))
-        xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=(*x.shape[:-1], Bc.shape[0]))
+        if given[0] is not None:  # the output's values are known: only x A^T, which backward needs
+            xa, y = X @ Ac.t(), given[0]
+        else:
+            xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=(*x.shape[:-1], Bc.shape[0]))
         ctx.save_for_backward(X, xa, Ac, Bc)
         ctx.base = (weight, quant_state, scale, dtypes)
         ctx.x_meta = (x.shape, x.dtype)
@@ -282,7 +285,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dY = _rows(dy, X.dtype)
         dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, need_dx=ctx.needs_input_grad[0])
         dx = None if dX is None else dX.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return dx, None, dA, dB
+        return dx, None, None, dA, dB
 
 
 class LoraQKVFunction(torch.autograd.Function):
@@ -382,11 +385,21 @@ class LoraMLPFunction(torch.autograd.Function):
         return (dx, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
-def lora_linear(x: torch.Tensor, p: LoraWeights) -> torch.Tensor:
-    """``x W^T + scale (x A^T) B^T`` for x ``[..., in]``: one autograd node, grads for x, A, B."""
+def lora_linear(x: torch.Tensor, p: LoraWeights, output: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + scale (x A^T) B^T`` for x ``[..., in]``: one autograd node, grads for x, A, B.
+
+    ``output``: that result's values when they are already known (a checkpoint's recompute handed the
+    forward's own output, ``checkpointing.carried``): it is returned as the node's output and neither
+    the base matmul nor its dequantisation runs. The gradients are the same.
+    """
     _check(p, x.shape[-1], "p")
+    if output is not None:
+        want = (*x.shape[:-1], p.out_features)
+        if tuple(output.shape) != want or output.dtype != _compute_dtype(x) or output.device != x.device:
+            raise ConfigError(f"lora_linear output= must be a {want} {_compute_dtype(x)} tensor on {x.device}, "
+                              f"got {tuple(output.shape)} {output.dtype} on {output.device}.")
     tensors, bundles = _adapters((p,))
-    return LoraLinearFunction.apply(x, bundles, *tensors)
+    return LoraLinearFunction.apply(x, bundles, [output], *tensors)
 
 
 def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights):

@@ -14,8 +14,10 @@ layers that fit keep their activations (no recompute cost), the rest are offload
 from __future__ import annotations
 
 import contextlib
+import collections
 import functools
 import math
+import os
 import threading
 
 import torch
@@ -66,6 +68,56 @@ def _recomputing():
         _RECOMPUTE.depth -= 1
 
 
+# ------------------------------------------------------------------- what a forward hands its recompute
+# A checkpointed layer's no-grad forward may hand values it computed to its own recompute (``carry``,
+# then ``carried`` in the same order), in pinned host memory like the layer input. The recompute then
+# need not compute them, and since they are the forward's own values the gradients are bit-identical.
+# The patched attention hands over its output projection's result (``arch.common._project_out``), so
+# the recompute skips that projection's base matmul and dequantisation (~10% of a Llama-3.1-8B
+# recompute's matmul FLOPs). Off until timed on a GPU: SLOTHNB_CARRY_ATTN_OUTPUT=1.
+CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "0") == "1"
+_CARRY = threading.local()
+
+
+def carry(t: torch.Tensor) -> None:
+    """In an offload-checkpointed layer's forward: hand ``t``'s values to the layer's recompute. On the
+    GPU they go to pinned host memory if the host budget has room for them and as much again (a layer
+    input of the same size comes first); otherwise the recompute computes them as usual."""
+    entries = getattr(_CARRY, "record", None)
+    if entries is None:
+        return
+    if not host_offload.worth_offloading(t):
+        entries.append(t)  # a CPU tensor: nothing to move
+    elif host_offload.HOST_BUDGET.admit(t.nbytes, reserve=t.nbytes):
+        entries.append(host_offload.OffloadedTensor(t, carried=True))
+    else:
+        entries.append(None)
+
+
+def carried() -> torch.Tensor | None:
+    """In a recompute: what its forward handed over at this point (``carry``, same call order), or None."""
+    entries = getattr(_CARRY, "replay", None)
+    return entries.popleft() if entries else None
+
+
+@contextlib.contextmanager
+def _carry_scope(role: str, entries):
+    """``role`` "record" (a forward collects into ``entries``) or "replay" (a recompute pops them)."""
+    previous = getattr(_CARRY, role, None)
+    setattr(_CARRY, role, entries)
+    try:
+        yield
+    finally:
+        setattr(_CARRY, role, previous)
+
+
+def _restore_carried(entries) -> collections.deque:
+    """The carried values back on the device, restored last-first: each restore prefetches what the
+    forward offloaded just before it (this layer's earlier entries, then the previous layer's input)."""
+    restored = [e.restore() if isinstance(e, host_offload.OffloadedTensor) else e for e in reversed(entries)]
+    return collections.deque(reversed(restored))
+
+
 class _Call:
     """What forward and backward share about one checkpointed call: how to run it and its pytrees."""
 
@@ -90,7 +142,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, call: _Call, anchor, *tensors):
         ctx.call = call
         ctx.state = RecomputeState(tensors, call.preserve_rng)
-        with torch.no_grad():
+        ctx.carried = [] if CARRY and call.graphs is None else None  # a graph would bake host addresses
+        with torch.no_grad(), _carry_scope("record", ctx.carried):
             out = call.graphs.forward(call.run, tensors) if call.graphs is not None else call.run(tensors)
         out_leaves, call.out_spec = tree_flatten(out)
         call.out_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
@@ -119,7 +172,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
             x = x.detach()
             x.requires_grad_(ctx.needs_input_grad[i + 2] and x.is_floating_point())
             inputs.append(x)
-        with ctx.state.replay(), _recomputing():
+        carried = _restore_carried(ctx.carried or [])
+        ctx.carried = None
+        with ctx.state.replay(), _recomputing(), _carry_scope("replay", carried):
             if call.graphs is not None:
                 grads = call.graphs.backward(call.run, inputs, grad_outs, [x.requires_grad for x in inputs])
                 if grads is not None:

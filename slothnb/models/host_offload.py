@@ -83,10 +83,12 @@ class HostBudget:
     def __init__(self, limit_bytes: int | None = None):
         self.limit, self.in_use, self.peak = limit_bytes, 0, 0
 
-    def admit(self, nbytes: int) -> bool:
+    def admit(self, nbytes: int, reserve: int = 0) -> bool:
+        """Count ``nbytes`` if they fit with ``reserve`` bytes still free afterwards (room kept for
+        the layer inputs when something of lower priority asks)."""
         if self.limit is None:
             self.limit = default_host_budget_bytes()
-        if self.in_use + nbytes > self.limit:
+        if self.in_use + nbytes + reserve > self.limit:
             return False
         self.in_use += nbytes
         self.peak = max(self.peak, self.in_use)
@@ -140,17 +142,20 @@ class OffloadedTensor:
     event has passed, then dropped in stream order. (``record_stream`` would do the same for the
     allocator, but a block freed that way is withheld until the side stream catches up with all it
     was given by then; with memory tight the allocator then grows or flushes its cache mid-step.)
-    Backward: ``restore`` is called when a layer's backward starts; it queues that layer's host->device copy (if not already prefetched) and
-    also the one of the layer offloaded just before it in forward (the next backward), so that copy
-    runs while this layer recomputes. Only the compute stream waits (on an event); the host never
+    Backward: ``restore`` is called when a layer's backward starts; it queues that layer's host->device
+    copy (if not already prefetched) and also the one of the layer offloaded just before it in forward
+    (the next backward), with the values that layer carries, so those copies run while this layer
+    recomputes. Only the compute stream waits (on an event); the host never
     synchronises. The prefetch holds one extra layer input on the GPU.
     """
 
     _last = None  # weakref to the most recent OffloadedTensor: the previous layer for the next one
 
-    def __init__(self, x: torch.Tensor):
-        """Only after ``HOST_BUDGET.admit(x.nbytes)``: the bytes are released by restore or on GC."""
-        self.device, self.gpu, self.ready = x.device, None, None
+    def __init__(self, x: torch.Tensor, carried: bool = False):
+        """Only after ``HOST_BUDGET.admit(x.nbytes)``: the bytes are released by restore or on GC.
+        ``carried``: a value a layer's forward hands its recompute (``checkpointing.carry``), restored
+        right after that layer's input."""
+        self.device, self.gpu, self.ready, self.carried = x.device, None, None, carried
         self.nbytes, self.buf = x.nbytes, None
         try:
             self.buf = _POOL.take(x.shape, x.dtype)
@@ -183,15 +188,27 @@ class OffloadedTensor:
     def restore(self) -> torch.Tensor:
         release_finished_copies()
         self.prefetch()
-        prev = self.prev() if self.prev is not None else None
-        if prev is not None and prev.device == self.device:
-            prev.prefetch()
+        self._prefetch_next_layer()
         torch.cuda.current_stream(self.device).wait_event(self.ready)
         x, self.gpu, self.prev = self.gpu, None, None
         _POOL.give(self.buf)  # reused only by a later forward, whose copy is ordered after this one
         self.buf = None
         HOST_BUDGET.release(self.nbytes)
         return x
+
+    def _prefetch_next_layer(self) -> None:
+        """Queue the copies the backward restores next, up to and including the next layer's input and
+        the values carried with it (restore order: input, then carried ones), so they all travel while
+        this layer recomputes."""
+        seen_input = False
+        p = self.prev() if self.prev is not None else None
+        while p is not None and p.device == self.device:
+            if not p.carried:
+                if seen_input:
+                    break
+                seen_input = True
+            p.prefetch()
+            p = p.prev() if p.prev is not None else None
 
     def __del__(self):  # a forward that never reached backward: its bytes are no longer in use
         if getattr(self, "buf", None) is not None:

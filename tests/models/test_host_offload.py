@@ -74,6 +74,41 @@ def test_restore_prefetches_the_previous_layer_on_gpu():
     assert torch.equal(back_b, b) and torch.equal(back_a, a)
 
 
+@pytest.mark.gpu
+def test_carried_values_travel_with_their_layer_input_on_gpu():
+    x0, c1, x1 = (torch.randn(8, 128, device="cuda") for _ in range(3))
+    off_x0 = host_offload.OffloadedTensor(x0)
+    off_c1 = host_offload.OffloadedTensor(c1, carried=True)
+    off_x1 = host_offload.OffloadedTensor(x1)
+    back_x1 = off_x1.restore()  # the last layer's backward: layer 0's input is queued, nothing beyond
+    assert off_c1.gpu is not None and off_x0.gpu is not None
+    back_c1, back_x0 = off_c1.restore(), off_x0.restore()
+    torch.cuda.synchronize()
+    assert torch.equal(back_x1, x1) and torch.equal(back_c1, c1) and torch.equal(back_x0, x0)
+
+
+def test_a_restore_prefetches_the_next_layer_input_and_what_it_carries(monkeypatch):
+    """Forward order: input 0, [carried 1, input 1], [carried 2, input 2] (a layer's carried values are
+    offloaded during its forward, its input after it). Restoring input 2 must queue carried 2, input 1 and
+    carried 1 (the next layer's group), not input 0."""
+    import weakref
+
+    fetched = []
+    monkeypatch.setattr(host_offload.OffloadedTensor, "prefetch", lambda self: fetched.append(self.name))
+    chain, prev = [], None
+    for name, carried in (("in0", False), ("c1", True), ("in1", False), ("c2", True), ("in2", False)):
+        t = object.__new__(host_offload.OffloadedTensor)
+        t.name, t.carried, t.device, t.prev, t.buf = name, carried, "cuda:0", prev, None
+        chain.append(t)
+        prev = weakref.ref(t)
+    chain[-1]._prefetch_next_layer()
+    assert fetched == ["c2", "in1", "c1"]
+    fetched.clear()
+    chain[1].carried = chain[3].carried = False  # nothing carried: one layer input ahead, as before
+    chain[-1]._prefetch_next_layer()
+    assert fetched == ["c2"]
+
+
 def test_host_budget_admits_until_full_and_counts_bytes_in_use():
     budget = host_offload.HostBudget(limit_bytes=100)
     assert [budget.admit(40) for _ in range(3)] == [True, True, False]  # 120 > 100: stays on the GPU

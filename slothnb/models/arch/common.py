@@ -133,10 +133,15 @@ def _project_qkv(self, x):
 
 def _project_out(self, x):
     part = lora_fusion.lora_weights(self.o_proj, allow_bias=True)
-    if part is not None:
-        out = _ops.lora_linear(x, part[0])
-        return out if part[1] is None else out + part[1]
-    return self.o_proj(x)
+    if part is None:
+        return self.o_proj(x)
+    if part[1] is not None:
+        return _ops.lora_linear(x, part[0]) + part[1]
+    # an offload-checkpointed layer's forward hands this output to its recompute, which then skips the
+    # base matmul (checkpointing.carry; both calls do nothing elsewhere)
+    out = _ops.lora_linear(x, part[0], output=checkpointing.carried())
+    checkpointing.carry(out)
+    return out
 
 
 def _repeat_kv(x, n_rep):

@@ -1,0 +1,109 @@
+"""A checkpointed layer's forward hands its attention output projection's result to its recompute
+(``checkpointing.carry`` / ``carried``, ``SLOTHNB_CARRY_ATTN_OUTPUT=1``): the recompute skips that
+projection's base matmul, and the loss and every gradient stay bit-identical."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from slothnb.errors import ConfigError
+from slothnb.kernels import lora as lora_kernels
+from slothnb.kernels.lora import LoraWeights, lora_linear
+from slothnb.models import checkpointing, host_offload
+from slothnb.models.checkpointing import apply_gradient_checkpointing
+from slothnb.models.patching import patch_model
+from tiny_models import tiny_model
+
+
+def _lora_model(arch, layers=2, device="cpu", dtype=torch.float32):
+    model = tiny_model(arch, seed=0, num_hidden_layers=layers).to(device, dtype).train()
+    patch_model(model)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules="all-linear")
+    model = get_peft_model(model, cfg)
+    apply_gradient_checkpointing(model, "slothnb")  # every layer but the last offload-checkpointed
+    return model
+
+
+def _loss_and_grads(model, seq=16, device="cpu"):
+    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _base_matmuls(monkeypatch):
+    """Counts lora_linear forwards that compute their output (the base matmul) and those handed one."""
+    counts = {"computed": 0, "handed": 0}
+    real = lora_kernels.LoraLinearFunction.forward
+
+    def spy(ctx, x, bundles, given, *ab):
+        counts["handed" if given[0] is not None else "computed"] += 1
+        return real(ctx, x, bundles, given, *ab)
+
+    monkeypatch.setattr(lora_kernels.LoraLinearFunction, "forward", staticmethod(spy))
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma", "phi3", "gemma2"])
+def test_carried_attention_output_skips_the_recompute_matmul_with_identical_gradients(arch, monkeypatch):
+    model = _lora_model(arch)
+    monkeypatch.setattr(checkpointing, "CARRY", False)
+    ref_loss, ref = _loss_and_grads(model)
+    monkeypatch.setattr(checkpointing, "CARRY", True)
+    counts = _base_matmuls(monkeypatch)
+    loss, got = _loss_and_grads(model)
+    # 2 layers: 2 forwards compute o_proj; the recompute of layer 0 is handed it
+    assert counts == {"computed": 2, "handed": 1}
+    assert torch.equal(loss, ref_loss)
+    assert got.keys() == ref.keys() and any("o_proj.lora_A" in n for n in got)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+
+
+def test_nothing_is_carried_when_off_or_outside_a_checkpoint(monkeypatch):
+    model = _lora_model("llama")
+    monkeypatch.setattr(checkpointing, "CARRY", False)
+    counts = _base_matmuls(monkeypatch)
+    _loss_and_grads(model)
+    assert counts == {"computed": 3, "handed": 0}  # 2 forwards + 1 recompute
+    checkpointing.carry(torch.ones(2))  # no layer forward is recording: a no-op
+    assert checkpointing.carried() is None
+
+
+def test_host_budget_keeps_room_for_the_layer_inputs():
+    budget = host_offload.HostBudget(limit_bytes=100)
+    assert budget.admit(40, reserve=40) and budget.in_use == 40
+    assert not budget.admit(40, reserve=40)  # 40 + 40 + 40 > 100: the next layer input comes first
+    assert budget.admit(40) and budget.in_use == 80
+
+
+def test_lora_linear_refuses_an_output_of_the_wrong_shape():
+    p = LoraWeights(torch.randn(6, 4), None, torch.randn(2, 4, requires_grad=True),
+                    torch.randn(6, 2, requires_grad=True), 1.0)
+    x = torch.randn(3, 4)
+    with pytest.raises(ConfigError, match="output= must be"):
+        lora_linear(x, p, output=torch.empty(3, 5))
+    y = lora_linear(x, p, output=x @ p.weight.t() + (x @ p.A.t()) @ p.B.t())
+    y.sum().backward()
+    assert p.A.grad is not None and p.B.grad is not None
+
+
+@pytest.mark.gpu
+def test_carry_on_gpu_goes_through_host_memory_and_trains_identically(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = _lora_model("llama", layers=4, device="cuda")
+    monkeypatch.setattr(checkpointing, "CARRY", False)
+    ref_loss, ref = _loss_and_grads(model, seq=128, device="cuda")
+    monkeypatch.setattr(checkpointing, "CARRY", True)
+    offloaded = []
+    real = host_offload.OffloadedTensor.__init__
+    monkeypatch.setattr(host_offload.OffloadedTensor, "__init__",
+                        lambda self, x: offloaded.append(tuple(x.shape)) or real(self, x))
+    loss, got = _loss_and_grads(model, seq=128, device="cuda")
+    hidden = model.config.hidden_size
+    assert offloaded.count((2, 128, hidden)) == 6  # 3 layer inputs + 3 attention outputs
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
