@@ -13,8 +13,8 @@ layers that fit keep their activations (no recompute cost), the rest are offload
 """
 from __future__ import annotations
 
-import contextlib
 import collections
+import contextlib
 import functools
 import math
 import os
