@@ -3,46 +3,24 @@
 projection's base matmul, and the loss and every gradient stay bit-identical."""
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
+from checkpoint_checks import checkpointed_lora_model as _lora_model
+from checkpoint_checks import loss_and_grads as _loss_and_grads
+from checkpoint_checks import spy as _spy
 from slothnb.errors import ConfigError
 from slothnb.kernels import lora as lora_kernels
 from slothnb.kernels.lora import LoraWeights, lora_linear
 from slothnb.models import checkpointing, host_offload
-from slothnb.models.checkpointing import apply_gradient_checkpointing
-from slothnb.models.patching import patch_model
-from tiny_models import tiny_model
-
-
-def _lora_model(arch, layers=2, device="cpu", dtype=torch.float32):
-    model = tiny_model(arch, seed=0, num_hidden_layers=layers).to(device, dtype).train()
-    patch_model(model)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules="all-linear")
-    model = get_peft_model(model, cfg)
-    apply_gradient_checkpointing(model, "slothnb")  # every layer but the last offload-checkpointed
-    return model
-
-
-def _loss_and_grads(model, seq=16, device="cpu"):
-    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    model.zero_grad(set_to_none=True)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _base_matmuls(monkeypatch):
-    """Counts lora_linear forwards that compute their output (the base matmul) and those handed one."""
-    counts = {"computed": 0, "handed": 0}
-    real = lora_kernels.LoraLinearFunction.forward
+    """Per lora_linear forward: whether it was handed its output (no base matmul) instead of computing it."""
+    return _spy(monkeypatch, lora_kernels.LoraLinearFunction, 2)  # the ``given`` argument: [output or None]
 
-    def spy(ctx, x, bundles, given, *ab):
-        counts["handed" if given[0] is not None else "computed"] += 1
-        return real(ctx, x, bundles, given, *ab)
 
-    monkeypatch.setattr(lora_kernels.LoraLinearFunction, "forward", staticmethod(spy))
-    return counts
+def _counts(given):
+    handed = sum(g[0] is not None for g in given)
+    return {"computed": len(given) - handed, "handed": handed}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma", "phi3", "gemma2"])
@@ -51,10 +29,10 @@ def test_carried_attention_output_skips_the_recompute_matmul_with_identical_grad
     monkeypatch.setattr(checkpointing, "CARRY", False)
     ref_loss, ref = _loss_and_grads(model)
     monkeypatch.setattr(checkpointing, "CARRY", True)
-    counts = _base_matmuls(monkeypatch)
+    given = _base_matmuls(monkeypatch)
     loss, got = _loss_and_grads(model)
     # 2 layers: 2 forwards compute o_proj; the recompute of layer 0 is handed it
-    assert counts == {"computed": 2, "handed": 1}
+    assert _counts(given) == {"computed": 2, "handed": 1}
     assert torch.equal(loss, ref_loss)
     assert got.keys() == ref.keys() and any("o_proj.lora_A" in n for n in got)
     for name in ref:
@@ -64,9 +42,9 @@ def test_carried_attention_output_skips_the_recompute_matmul_with_identical_grad
 def test_nothing_is_carried_when_off_or_outside_a_checkpoint(monkeypatch):
     model = _lora_model("llama")
     monkeypatch.setattr(checkpointing, "CARRY", False)
-    counts = _base_matmuls(monkeypatch)
+    given = _base_matmuls(monkeypatch)
     _loss_and_grads(model)
-    assert counts == {"computed": 3, "handed": 0}  # 2 forwards + 1 recompute
+    assert _counts(given) == {"computed": 3, "handed": 0}  # 2 forwards + 1 recompute
     checkpointing.carry(torch.ones(2))  # no layer forward is recording: a no-op
     assert checkpointing.carried() is None
 

@@ -2,39 +2,14 @@
 to the residual (every supported decoder but Gemma-2), and the gradients stay bit-identical."""
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
+from checkpoint_checks import checkpointed_lora_model as _lora_model
+from checkpoint_checks import loss_and_grads as _loss_and_grads
+from checkpoint_checks import spy as _spy
 from slothnb.kernels import lora as lora_kernels
 from slothnb.kernels import lora_chunked
 from slothnb.models.arch import common
-from slothnb.models.checkpointing import apply_gradient_checkpointing, recomputing
-from slothnb.models.patching import patch_model
-from tiny_models import tiny_model
-
-
-def _lora_model(arch, layers=2):
-    model = tiny_model(arch, seed=0, num_hidden_layers=layers).train()
-    patch_model(model)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules="all-linear")
-    model = get_peft_model(model, cfg)
-    apply_gradient_checkpointing(model, "slothnb")  # every layer but the last offload-checkpointed
-    return model
-
-
-def _loss_and_grads(model, seq=16):
-    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _spy(monkeypatch, cls, index):
-    """Records argument ``index`` of every ``cls.forward`` call."""
-    seen = []
-    real = cls.forward
-    monkeypatch.setattr(cls, "forward", staticmethod(lambda ctx, *a: seen.append(a[index]) or real(ctx, *a)))
-    return seen
+from slothnb.models.checkpointing import recomputing
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma", "phi3", "gemma2"])
