@@ -156,15 +156,11 @@ def _forward_shared(X, parts, out_shapes):
     columns against ``[W_j | 0 | s_j B_j]``, so its output is one matmul with fp32 accumulation of the
     base and adapter terms together.
     """
-    n, h = X.shape
-    ranks = [p[3].shape[0] for p in parts]
-    Xa = torch.empty(n, _padded(h + sum(ranks)), dtype=X.dtype, device=X.device)
-    Xa[:, :h].copy_(X)
-    A_all = torch.cat([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]
-    Xa[:, h:h + sum(ranks)] = X @ A_all.t()
-    xas, ys, start = [], [], h
-    for (weight, quant_state, scale, _A, B), r, shape in zip(parts, ranks, out_shapes):
-        width = start + r
+    h = X.shape[1]
+    Xa, xas = _widened_input(X, [p[3] for p in parts])
+    ys, start = [], h
+    for (weight, quant_state, scale, _A, B), xa, shape in zip(parts, xas, out_shapes):
+        width = start + xa.shape[1]
         W = torch.empty(B.shape[0], _padded(width), dtype=X.dtype, device=X.device)[:, :width]
         dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h])
         W[:, h:start].zero_()
@@ -173,10 +169,23 @@ def _forward_shared(X, parts, out_shapes):
         y = torch.empty(shape, dtype=X.dtype, device=X.device)
         torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
         del W
-        xas.append(Xa[:, start:width])
         ys.append(y)
         start = width
     return Xa, xas, ys
+
+
+def _widened_input(X, As):
+    """(``Xa = [X | X A_1^T | ...]``, the ``X A_j^T`` as views of it), rows padded to ``_ALIGN``."""
+    n, h = X.shape
+    ranks = [A.shape[0] for A in As]
+    Xa = torch.empty(n, _padded(h + sum(ranks)), dtype=X.dtype, device=X.device)
+    Xa[:, :h].copy_(X)
+    Xa[:, h:h + sum(ranks)] = X @ (torch.cat(As) if len(As) > 1 else As[0]).t()
+    xas, start = [], h
+    for r in ranks:
+        xas.append(Xa[:, start:start + r])
+        start += r
+    return Xa, xas
 
 
 def _forward(X, weight, quant_state, A, B, scale, out_shape=None, xa=None):
@@ -332,17 +341,27 @@ class LoraQKVFunction(torch.autograd.Function):
 
 class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, activation, output_needed, bundles, *AB):
+    def forward(ctx, x, activation, output_needed, gate_up_io, bundles, *AB):
         dt = _compute_dtype(x)
         X = _rows(x, dt)
         (Wg, qg, sg, Ag, Bg, tg), (Wu, qu, su, Au, Bu, tu), (Wd, qd, sd, Ad, Bd, td) = _prepared(dt, bundles, AB)
         gate_up = [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)]
-        if _adapter_in_gemm(gate_up):
+        given, keep = gate_up_io
+        shared = _adapter_in_gemm(gate_up)
+        if given is not None:  # G and U are known (a recompute handed the forward's): only the adapter inputs
+            G, U = given
+            if shared:
+                X, (xa_g, xa_u) = _widened_input(X, [Ag, Au])
+            else:
+                xa_g, xa_u = X @ Ag.t(), X @ Au.t()
+        elif shared:
             n = X.shape[0]
             X, (xa_g, xa_u), (G, U) = _forward_shared(X, gate_up, [(n, Bg.shape[0]), (n, Bu.shape[0])])
         else:
             xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
             xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
+        if keep is not None:
+            keep(G, U)
         out_shape = (*x.shape[:-1], Bd.shape[0])
         n, inter = G.shape
         if output_needed:
@@ -382,7 +401,7 @@ class LoraMLPFunction(torch.autograd.Function):
         del dG
         dX, dA_u, dB_u = _backward(dU, X, xa_u, Wu, qu, Au, Bu, su, tu, dX=dX, need_dx=need_dx)
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
-        return (dx, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
+        return (dx, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 
 
 def lora_linear(x: torch.Tensor, p: LoraWeights, output: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -415,13 +434,18 @@ def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights):
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
-             activation: str = "swiglu", output_needed: bool = True) -> torch.Tensor:
+             activation: str = "swiglu", output_needed: bool = True, gate_up=None, keep_gate_up=None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA on all three; activation: swiglu | geglu | geglu_tanh.
 
     ``output_needed=False`` is for a checkpoint's recompute, whose outputs only carry the autograd
     graph: the result is then an *uninitialised* tensor of the right shape, and the down projection's
     base matmul (a quarter of a Llama layer's FLOPs) and its NF4 dequantisation are skipped. Everything
     the backward reads is computed as usual, so the gradients are bit-identical.
+
+    ``gate_up=(G, U)``: the gate and up outputs (``[tokens, intermediate]``, compute dtype) when they
+    are already known (a recompute handed the forward's own): their matmuls are skipped; the backward
+    overwrites them. ``keep_gate_up(G, U)`` is called with them once computed (the forward handing
+    them on). The gradients are the same.
     """
     if activation not in ACTIVATIONS:
         raise ConfigError(f"lora_mlp activation must be one of {ACTIVATIONS}, got {activation!r}.")
@@ -430,8 +454,13 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     if up.out_features != gate.out_features:
         raise ConfigError(f"gate and up must have the same width, got {gate.out_features} and {up.out_features}.")
     _check(down, gate.out_features, "down")
+    if gate_up is not None:
+        want = (x.numel() // x.shape[-1], gate.out_features)
+        if any(tuple(t.shape) != want or t.dtype != _compute_dtype(x) or t.device != x.device for t in gate_up):
+            raise ConfigError(f"lora_mlp gate_up= must be two {want} {_compute_dtype(x)} tensors on {x.device}, "
+                              f"got {[(tuple(t.shape), t.dtype, str(t.device)) for t in gate_up]}.")
     tensors, bundles = _adapters((gate, up, down))
-    return LoraMLPFunction.apply(x, activation, bool(output_needed), bundles, *tensors)
+    return LoraMLPFunction.apply(x, activation, bool(output_needed), (gate_up, keep_gate_up), bundles, *tensors)
 
 
 def lora_linear_reference(x, p: LoraWeights, dequantized_weight=None):

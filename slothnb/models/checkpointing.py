@@ -75,18 +75,23 @@ def _recomputing():
 # The patched attention hands over its output projection's result (``arch.common._project_out``), so
 # the recompute skips that projection's base matmul and dequantisation (~10% of a Llama-3.1-8B
 # recompute's matmul FLOPs). Off until timed on a GPU: SLOTHNB_CARRY_ATTN_OUTPUT=1.
+# The MLP can hand over its gate and up outputs too (``carry_gate_up``: 74% of a Llama-3.1-8B recompute's
+# matmul FLOPs, but 7x the bytes of a layer input, so PCIe-bound): SLOTHNB_CARRY_MLP=1, off until timed.
 CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "0") == "1"
+CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "0") == "1"
 _CARRY = threading.local()
 
 
-def carry(t: torch.Tensor) -> None:
+def carry(t: torch.Tensor, allowed: bool = True) -> None:
     """In an offload-checkpointed layer's forward: hand ``t``'s values to the layer's recompute. On the
     GPU they go to pinned host memory if the host budget has room for them and as much again (a layer
-    input of the same size comes first); otherwise the recompute computes them as usual."""
+    input of the same size comes first); otherwise (or not ``allowed``) the recompute computes them."""
     entries = getattr(_CARRY, "record", None)
     if entries is None:
         return
-    if not host_offload.worth_offloading(t):
+    if not allowed:
+        entries.append(None)
+    elif not host_offload.worth_offloading(t):
         entries.append(t)  # a CPU tensor: nothing to move
     elif host_offload.HOST_BUDGET.admit(t.nbytes, reserve=t.nbytes):
         entries.append(host_offload.OffloadedTensor(t, carried=True))
@@ -98,6 +103,28 @@ def carried() -> torch.Tensor | None:
     """In a recompute: what its forward handed over at this point (``carry``, same call order), or None."""
     entries = getattr(_CARRY, "replay", None)
     return entries.popleft() if entries else None
+
+
+def carry_gate_up():
+    """``(gate_up, keep_gate_up)`` for ``lora_mlp`` in an offload-checkpointed layer (``CARRY_MLP``):
+    in its forward, a callback that carries G and U; in its recompute, the (G, U) carried, if both were.
+    Called at the same point of both passes (the unchunked fused MLP)."""
+    if not CARRY_MLP:
+        return None, None
+    if getattr(_CARRY, "record", None) is not None:
+        return None, _keep_gate_up
+    if getattr(_CARRY, "replay", None) is not None:
+        g, u = carried(), carried()
+        return ((g, u) if g is not None and u is not None else None), None
+    return None, None
+
+
+def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
+    """Carry G and U unless the copies already queued exceed one layer's worth: the link then sets the
+    pace (layers it cannot take are recomputed) and GPU memory held for copies stays bounded."""
+    allowed = not host_offload.worth_offloading(G) or host_offload.in_flight_bytes() <= G.nbytes + U.nbytes
+    carry(G, allowed)
+    carry(U, allowed)
 
 
 @contextlib.contextmanager

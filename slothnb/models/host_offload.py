@@ -226,5 +226,11 @@ def release_finished_copies() -> None:
         _IN_FLIGHT.popleft()
 
 
+def in_flight_bytes() -> int:
+    """Bytes of GPU tensors still held for device->host copies that have not finished."""
+    release_finished_copies()
+    return sum(t.nbytes for _, t in _IN_FLIGHT)
+
+
 def worth_offloading(t: torch.Tensor) -> bool:
     return t.is_cuda  # a CPU tensor is already where the copy would go

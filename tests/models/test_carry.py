@@ -85,3 +85,68 @@ def test_carry_on_gpu_goes_through_host_memory_and_trains_identically(monkeypatc
     assert torch.equal(loss, ref_loss)
     for name in ref:
         assert torch.equal(got[name], ref[name]), name
+
+
+# --------------------------------------------------------------------------------- the MLP's G and U
+def _mlp_handed(monkeypatch):
+    """Per lora_mlp forward: whether it was handed G and U (``(gate_up, keep)``, argument 3)."""
+    return _spy(monkeypatch, lora_kernels.LoraMLPFunction, 3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma", "phi3", "gemma2"])
+def test_carried_gate_and_up_skip_their_recompute_with_identical_gradients(arch, monkeypatch):
+    model = _lora_model(arch)
+    ref_loss, ref = _loss_and_grads(model)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    monkeypatch.setattr(checkpointing, "CARRY", True)  # both at once: one FIFO, popped in call order
+    io = _mlp_handed(monkeypatch)
+    loss, got = _loss_and_grads(model)
+    handed = [g is not None for g, _ in io]
+    # 2 forwards + the recompute of layer 0; Phi-3's fused gate_up_proj does not carry
+    assert handed == ([False, False, False] if arch == "phi3" else [False, False, True])
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+
+
+def test_gate_and_up_are_not_carried_per_token_chunk_or_over_the_copy_limit(monkeypatch):
+    from slothnb.models.arch import common
+
+    model = _lora_model("llama", layers=3)
+    ref_loss, ref = _loss_and_grads(model, seq=24)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    monkeypatch.setattr(common, "MLP_CHUNK_TOKENS", 16)  # 48 tokens: chunked, whose recompute runs per chunk
+    io = _mlp_handed(monkeypatch)
+    loss, got = _loss_and_grads(model, seq=24)
+    assert not any(g is not None for g, _ in io)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    # on the GPU, copies still queued beyond one layer's G and U: this layer's are not carried (recomputed)
+    monkeypatch.setattr(host_offload, "worth_offloading", lambda t: True)
+    monkeypatch.setattr(host_offload, "in_flight_bytes", lambda: 1 << 40)
+    entries = []
+    with checkpointing._carry_scope("record", entries):
+        checkpointing._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+    assert entries == [None, None]
+
+
+def test_lora_mlp_refuses_gate_up_of_the_wrong_shape():
+    ps = [LoraWeights(torch.randn(o, i), None, torch.randn(2, i, requires_grad=True),
+                      torch.randn(o, 2, requires_grad=True), 1.0) for o, i in ((8, 4), (8, 4), (4, 8))]
+    x = torch.randn(3, 4)
+    with pytest.raises(ConfigError, match="gate_up= must be"):
+        lora_kernels.lora_mlp(x, *ps, gate_up=(torch.empty(3, 8), torch.empty(3, 7)))
+
+
+@pytest.mark.gpu
+def test_carried_gate_and_up_on_gpu_train_identically(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = _lora_model("llama", layers=4, device="cuda")
+    ref_loss, ref = _loss_and_grads(model, seq=128, device="cuda")
+    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    io = _mlp_handed(monkeypatch)
+    loss, got = _loss_and_grads(model, seq=128, device="cuda")
+    assert any(g is not None for g, _ in io)  # at least one recompute was handed G and U
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name

@@ -76,12 +76,14 @@ def mlp_forward(self, x):
         skip = functools.partial(_mlp, self, output_needed=False) if RECOMPUTE_SKIP else None
         return token_chunked(functools.partial(_mlp, self), x, params, MLP_CHUNK_TOKENS, recompute_fn=skip,
                              output_needed=output_needed, out_features=x.shape[-1])
-    return _mlp(self, x, output_needed)
+    return _mlp(self, x, output_needed, carry=True)
 
 
-def _mlp(self, x, output_needed=True):
+def _mlp(self, x, output_needed=True, carry=False):
     """The MLP; ``output_needed=False`` lets the fused path leave the output's values unset (its graph
-    is exact). Unfused paths (plain linears, DoRA, dropout...) compute the output regardless."""
+    is exact). Unfused paths (plain linears, DoRA, dropout...) compute the output regardless. ``carry``:
+    the fused path may hand G and U from a checkpointed forward to its recompute
+    (``checkpointing.carry_gate_up``; never per token chunk, whose recompute runs elsewhere)."""
     act_module = getattr(self, "act_fn", None) or self.activation_fn
     activation = _ACTIVATIONS.get(type(act_module).__name__)
     if getattr(act_module, "use_gelu_python", False) or getattr(act_module, "use_gelu_tanh_python", False):
@@ -91,8 +93,9 @@ def _mlp(self, x, output_needed=True):
     if activation is not None:
         parts = [lora_fusion.lora_weights(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(p is not None for p in parts):
+            gate_up, keep = checkpointing.carry_gate_up() if carry else (None, None)
             return _ops.lora_mlp(x, parts[0][0], parts[1][0], parts[2][0], activation=activation,
-                                 output_needed=output_needed)
+                                 output_needed=output_needed, gate_up=gate_up, keep_gate_up=keep)
     gate, up = self.gate_proj(x), self.up_proj(x)
     hidden = _gated(activation, gate, up) if activation else act_module(gate) * up
     return self.down_proj(hidden)
