@@ -104,7 +104,9 @@ def run(args, rec):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stats0 = torch.cuda.memory_stats()
-    times, losses, peaks, reserved = [], [], [], []
+    from slothnb.models import host_offload
+
+    times, losses, peaks, reserved, counts = [], [], [], [], []
     for i in range(n):
         x = data[i].cuda()
         torch.cuda.synchronize()
@@ -117,6 +119,8 @@ def run(args, rec):
         peaks.append(torch.cuda.max_memory_allocated())
         reserved.append(torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
+        counts.append(dict(host_offload.COUNTS))  # what each step offloaded, carried and pinned
+        host_offload.COUNTS.clear()
     timed = times[args.warmup:]
     med = statistics.median(timed)
     tokens = args.batch * args.seq
@@ -124,7 +128,7 @@ def run(args, rec):
                step_times_s=[round(x, 4) for x in times], tokens_per_step=tokens,
                tokens_per_s=round(tokens / med, 1), losses=losses,
                peak_alloc_gib=round(max(peaks) / GiB, 3), peak_reserved_gib=round(max(reserved) / GiB, 3),
-               peak_alloc_by_step_gib=[round(b / GiB, 3) for b in peaks],
+               peak_alloc_by_step_gib=[round(b / GiB, 3) for b in peaks], offload_counts_by_step=counts,
                mem_after_train=mem_now(torch))
     rec["host"] = host_memory()
     from slothnb.models import layer_graphs

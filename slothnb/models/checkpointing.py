@@ -84,8 +84,8 @@ _CARRY = threading.local()
 
 def carry(t: torch.Tensor, allowed: bool = True) -> None:
     """In an offload-checkpointed layer's forward: hand ``t``'s values to the layer's recompute. On the
-    GPU they go to pinned host memory if the host budget has room for them and as much again (a layer
-    input of the same size comes first); otherwise (or not ``allowed``) the recompute computes them."""
+    GPU they go to pinned host memory when ``host_offload.offload_carried`` finds room and a free pinned
+    buffer; otherwise (or not ``allowed``) the recompute computes them."""
     entries = getattr(_CARRY, "record", None)
     if entries is None:
         return
@@ -93,10 +93,8 @@ def carry(t: torch.Tensor, allowed: bool = True) -> None:
         entries.append(None)
     elif not host_offload.worth_offloading(t):
         entries.append(t)  # a CPU tensor: nothing to move
-    elif host_offload.HOST_BUDGET.admit(t.nbytes, reserve=t.nbytes):
-        entries.append(host_offload.OffloadedTensor(t, carried=True))
     else:
-        entries.append(None)
+        entries.append(host_offload.offload_carried(t))
 
 
 def carried() -> torch.Tensor | None:
@@ -122,9 +120,15 @@ def carry_gate_up():
 def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
     """Carry G and U unless the copies already queued exceed one layer's worth: the link then sets the
     pace (layers it cannot take are recomputed) and GPU memory held for copies stays bounded."""
-    allowed = not host_offload.worth_offloading(G) or host_offload.in_flight_bytes() <= G.nbytes + U.nbytes
+    on_gpu = host_offload.worth_offloading(G)
+    allowed = not on_gpu or host_offload.in_flight_bytes() <= G.nbytes + U.nbytes
+    if allowed and on_gpu:  # both or neither: pinned buffers for both must be free
+        allowed = host_offload.pinned_buffers_ready(G, 2)
+    entries = getattr(_CARRY, "record", None)
     carry(G, allowed)
     carry(U, allowed)
+    if entries is not None and on_gpu:
+        host_offload.COUNTS["gate_up_carried" if entries[-1] is not None else "gate_up_recomputed"] += 1
 
 
 @contextlib.contextmanager
@@ -169,7 +173,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, call: _Call, anchor, *tensors):
         ctx.call = call
         ctx.state = RecomputeState(tensors, call.preserve_rng)
-        ctx.carried = [] if CARRY and call.graphs is None else None  # a graph would bake host addresses
+        ctx.carried = [] if (CARRY or CARRY_MLP) and call.graphs is None else None  # a graph would bake host addresses
         with torch.no_grad(), _carry_scope("record", ctx.carried):
             out = call.graphs.forward(call.run, tensors) if call.graphs is not None else call.run(tensors)
         out_leaves, call.out_spec = tree_flatten(out)

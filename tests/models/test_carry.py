@@ -75,10 +75,12 @@ def test_carry_on_gpu_goes_through_host_memory_and_trains_identically(monkeypatc
     monkeypatch.setattr(checkpointing, "CARRY", False)
     ref_loss, ref = _loss_and_grads(model, seq=128, device="cuda")
     monkeypatch.setattr(checkpointing, "CARRY", True)
+    _loss_and_grads(model, seq=128, device="cuda")  # the first pass requests pinned buffers ...
+    host_offload._POOL.wait_for_pinning()  # ... pinned in the background, free for the next one
     offloaded = []
     real = host_offload.OffloadedTensor.__init__
     monkeypatch.setattr(host_offload.OffloadedTensor, "__init__",
-                        lambda self, x: offloaded.append(tuple(x.shape)) or real(self, x))
+                        lambda self, x, **kw: offloaded.append(tuple(x.shape)) or real(self, x, **kw))
     loss, got = _loss_and_grads(model, seq=128, device="cuda")
     hidden = model.config.hidden_size
     assert offloaded.count((2, 128, hidden)) == 6  # 3 layer inputs + 3 attention outputs
@@ -94,11 +96,14 @@ def _mlp_handed(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma", "phi3", "gemma2"])
-def test_carried_gate_and_up_skip_their_recompute_with_identical_gradients(arch, monkeypatch):
+@pytest.mark.parametrize("with_attention_output", [True, False])
+def test_carried_gate_and_up_skip_their_recompute_with_identical_gradients(arch, with_attention_output,
+                                                                           monkeypatch):
     model = _lora_model(arch)
     ref_loss, ref = _loss_and_grads(model)
     monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
-    monkeypatch.setattr(checkpointing, "CARRY", True)  # both at once: one FIFO, popped in call order
+    # both at once share one FIFO, popped in call order; alone, the MLP still records
+    monkeypatch.setattr(checkpointing, "CARRY", with_attention_output)
     io = _mlp_handed(monkeypatch)
     loss, got = _loss_and_grads(model)
     handed = [g is not None for g, _ in io]
@@ -144,6 +149,8 @@ def test_carried_gate_and_up_on_gpu_train_identically(monkeypatch):
     model = _lora_model("llama", layers=4, device="cuda")
     ref_loss, ref = _loss_and_grads(model, seq=128, device="cuda")
     monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    _loss_and_grads(model, seq=128, device="cuda")  # pinned buffers requested, pinned in the background
+    host_offload._POOL.wait_for_pinning()
     io = _mlp_handed(monkeypatch)
     loss, got = _loss_and_grads(model, seq=128, device="cuda")
     assert any(g is not None for g, _ in io)  # at least one recompute was handed G and U

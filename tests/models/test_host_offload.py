@@ -140,3 +140,61 @@ def test_an_offload_never_restored_releases_its_bytes(monkeypatch):
     off.nbytes, off.buf = 8, torch.empty(2)
     del off  # its forward was dropped without a backward
     assert budget.in_use == 0
+
+
+def _fake_pinning(monkeypatch):
+    """A fresh pool whose 'pinned' buffers are plain CPU tensors (this CPU has no pinned memory)."""
+    made = []
+
+    def pinned_empty(shape, dtype, touch=False):
+        made.append((tuple(shape), touch))
+        return torch.empty(shape, dtype=dtype)
+
+    pool = host_offload._PinnedPool()
+    monkeypatch.setattr(host_offload, "pinned_empty", pinned_empty)
+    monkeypatch.setattr(host_offload, "_POOL", pool)
+    return pool, made
+
+
+def test_carried_values_never_wait_for_pinning_the_pool_grows_in_the_background(monkeypatch):
+    pool, made = _fake_pinning(monkeypatch)
+    x = torch.ones(4, 8)
+    assert not pool.ready(x.shape, x.dtype, 2)  # nothing free: two buffers are requested, none made inline
+    pool.wait_for_pinning()
+    assert made == [((4, 8), True), ((4, 8), True)]  # pages touched off the training thread
+    assert pool.ready(x.shape, x.dtype, 2)
+    a, b = pool.take_ready(x.shape, x.dtype), pool.take_ready(x.shape, x.dtype)
+    assert a is not None and b is not None and a is not b
+    assert pool.take_ready(x.shape, x.dtype, grow=False) is None  # both taken, nothing requested
+    pool.give(a)
+    assert pool.take_ready(x.shape, x.dtype) is a  # reused, not re-pinned
+    # a layer input cannot wait: it pins inline on a miss
+    assert pool.take((2, 2), x.dtype).shape == (2, 2) and made[-1] == ((2, 2), False)
+
+
+def test_background_pinning_requests_are_bounded(monkeypatch):
+    pool, made = _fake_pinning(monkeypatch)
+    gate = __import__("threading").Event()
+    real = host_offload.pinned_empty
+    monkeypatch.setattr(host_offload, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
+    pool.max_pending = 3
+    assert not pool.ready((4, 8), torch.float32, 5)
+    assert not pool.ready((4, 8), torch.float32, 5)  # asked again while pending: no new requests
+    assert sum(pool._pending.values()) == 3
+    gate.set()
+    pool.wait_for_pinning()
+    assert len(made) == 3 and len(pool._free[((4, 8), torch.float32)]) == 3
+
+
+def test_offload_carried_refuses_without_a_free_buffer_and_releases_the_budget(monkeypatch):
+    pool, _ = _fake_pinning(monkeypatch)
+    budget = host_offload.HostBudget(limit_bytes=1 << 20)
+    monkeypatch.setattr(host_offload, "HOST_BUDGET", budget)
+    made = []
+    monkeypatch.setattr(host_offload, "OffloadedTensor",
+                        lambda x, carried=False, buf=None: made.append((carried, buf)) or "offloaded")
+    x = torch.ones(4, 8)
+    assert host_offload.offload_carried(x) is None and budget.in_use == 0  # recomputed this time
+    pool.wait_for_pinning()
+    assert host_offload.offload_carried(x) == "offloaded" and budget.in_use == x.nbytes
+    assert made[0][0] is True and made[0][1].shape == x.shape  # handed the pooled buffer
