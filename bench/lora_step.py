@@ -101,6 +101,12 @@ def run(args, rec):
     rec["trainable_dtypes"] = sorted({str(p.dtype) for p in params})
     opt = torch.optim.AdamW(params, lr=args.lr)
     rec["mem_before_train"] = mem_now(torch)
+    if os.environ.get("LORA_STEP_GC_FREEZE") == "1":  # diagnosis: are the step-time outliers Python's GC?
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        rec["gc_frozen"] = gc.get_freeze_count()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stats0 = torch.cuda.memory_stats()

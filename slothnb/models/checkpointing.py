@@ -103,6 +103,17 @@ def carried() -> torch.Tensor | None:
     return entries.popleft() if entries else None
 
 
+def carry_attention_output(out: torch.Tensor) -> None:
+    """The attention output projection's result, carried when ``CARRY`` is on (a no-op otherwise)."""
+    if CARRY:
+        carry(out)
+
+
+def carried_attention_output() -> torch.Tensor | None:
+    """In a recompute with ``CARRY`` on: the attention output its forward carried, or None."""
+    return carried() if CARRY else None
+
+
 def carry_gate_up():
     """``(gate_up, keep_gate_up)`` for ``lora_mlp`` in an offload-checkpointed layer (``CARRY_MLP``):
     in its forward, a callback that carries G and U; in its recompute, the (G, U) carried, if both were.

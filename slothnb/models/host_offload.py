@@ -92,13 +92,14 @@ class _PinnedPool:
 
     def ready(self, shape, dtype, n: int) -> bool:
         """Whether ``n`` buffers of this kind are free; if not, the missing ones are requested in the
-        background (up to ``max_pending`` requests in all)."""
+        background (each call is one more value that could not be carried, so requests add up, to at
+        most ``max_pending`` at once)."""
         key = (tuple(shape), dtype)
         with self._lock:
             free = len(self._free.get(key, ()))
             if free >= n:
                 return True
-            missing = min(n - free - self._pending[key], self.max_pending - sum(self._pending.values()))
+            missing = min(n - free, self.max_pending - sum(self._pending.values()))
             if missing <= 0:
                 return False
             self._pending[key] += missing

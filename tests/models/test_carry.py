@@ -105,10 +105,12 @@ def test_carried_gate_and_up_skip_their_recompute_with_identical_gradients(arch,
     # both at once share one FIFO, popped in call order; alone, the MLP still records
     monkeypatch.setattr(checkpointing, "CARRY", with_attention_output)
     io = _mlp_handed(monkeypatch)
+    given = _base_matmuls(monkeypatch)
     loss, got = _loss_and_grads(model)
     handed = [g is not None for g, _ in io]
     # 2 forwards + the recompute of layer 0; Phi-3's fused gate_up_proj does not carry
     assert handed == ([False, False, False] if arch == "phi3" else [False, False, True])
+    assert _counts(given)["handed"] == int(with_attention_output)  # only when asked for
     assert torch.equal(loss, ref_loss)
     for name in ref:
         assert torch.equal(got[name], ref[name]), name

@@ -177,13 +177,15 @@ def test_background_pinning_requests_are_bounded(monkeypatch):
     gate = __import__("threading").Event()
     real = host_offload.pinned_empty
     monkeypatch.setattr(host_offload, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
-    pool.max_pending = 3
-    assert not pool.ready((4, 8), torch.float32, 5)
-    assert not pool.ready((4, 8), torch.float32, 5)  # asked again while pending: no new requests
-    assert sum(pool._pending.values()) == 3
+    pool.max_pending = 5
+    assert not pool.ready((4, 8), torch.float32, 2)  # one layer's G and U missing: two requests
+    assert not pool.ready((4, 8), torch.float32, 2)  # the next layer's too: two more
+    assert not pool.ready((4, 8), torch.float32, 2)  # only one more fits under max_pending
+    assert not pool.ready((4, 8), torch.float32, 2)  # none
+    assert sum(pool._pending.values()) == 5
     gate.set()
     pool.wait_for_pinning()
-    assert len(made) == 3 and len(pool._free[((4, 8), torch.float32)]) == 3
+    assert len(made) == 5 and len(pool._free[((4, 8), torch.float32)]) == 5
 
 
 def test_offload_carried_refuses_without_a_free_buffer_and_releases_the_budget(monkeypatch):

@@ -141,9 +141,9 @@ def _project_out(self, x):
     if part[1] is not None:
         return _ops.lora_linear(x, part[0]) + part[1]
     # an offload-checkpointed layer's forward hands this output to its recompute, which then skips the
-    # base matmul (checkpointing.carry; both calls do nothing elsewhere)
-    out = _ops.lora_linear(x, part[0], output=checkpointing.carried())
-    checkpointing.carry(out)
+    # base matmul (SLOTHNB_CARRY_ATTN_OUTPUT=1; both calls do nothing elsewhere)
+    out = _ops.lora_linear(x, part[0], output=checkpointing.carried_attention_output())
+    checkpointing.carry_attention_output(out)
     return out
 
 
