@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_power_of_2, tanh, use_triton
+from ._utils import fast_launch, next_power_of_2, tanh, use_triton
 from ..errors import ConfigError, DatasetError
 
 MAX_BLOCK = 16384  # vocabulary chunk one program handles per loop step
@@ -36,6 +36,7 @@ TORCH_CHUNK_BYTES = 64 << 20  # fp32 working set of the PyTorch path per chunk o
 REDUCTIONS = ("mean", "sum", "none")
 
 
+@fast_launch
 @triton.jit
 def _ce_kernel(
     logits_ptr, logits_stride, labels_ptr, loss_ptr, lse_ptr, grad_ptr, grad_stride,

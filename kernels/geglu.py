@@ -19,7 +19,7 @@ import triton
 
 from slothnb.errors import ConfigError
 
-from ._utils import use_triton
+from ._utils import fast_launch, use_triton
 from .swiglu import check_glu_inputs, glu_backward, glu_forward, may_overwrite
 
 # constexpr: compiled Triton kernels may only read globals annotated so (the interpreter is laxer).
@@ -44,6 +44,7 @@ def _gelu_and_grad(g, TANH: tl.constexpr):
     return gelu, dgelu
 
 
+@fast_launch
 @triton.jit
 def _geglu_fwd(G, U, H, g_stride, u_stride, h_stride, n_cols, TANH: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -55,6 +56,7 @@ def _geglu_fwd(G, U, H, g_stride, u_stride, h_stride, n_cols, TANH: tl.constexpr
     tl.store(H + row * h_stride + cols, (gelu * u).to(H.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _geglu_bwd(DH, G, U, DG, DU, dh_stride, g_stride, u_stride, dg_stride, du_stride, n_cols,
                TANH: tl.constexpr, BLOCK: tl.constexpr):

@@ -12,9 +12,10 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, row_block, row_split, use_triton
+from ._utils import as_rows, fast_launch, row_block, row_split, use_triton
 
 
+@fast_launch
 @triton.jit
 def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, eps,
                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
@@ -33,6 +34,7 @@ def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, eps,
     tl.store(Y + row * y_stride + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, dy_stride, x_stride, dx_stride,
                     n_rows, n_cols, rows_per_program, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_power_of_2, use_triton
+from ._utils import fast_launch, next_power_of_2, use_triton
 from .geglu import _gelu_and_grad, geglu
 from .swiglu import swiglu
 
@@ -21,6 +21,7 @@ ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 BLOCK = 1024
 
 
+@fast_launch
 @triton.jit
 def _gated_backward_inplace(DH, G, U, n_cols, ACT: tl.constexpr, BLOCK: tl.constexpr):
     """ACT 0: silu, 1: gelu (erf), 2: gelu (tanh). Writes h -> DH, dg -> G, du -> U."""

@@ -17,11 +17,14 @@ The Triton kernel reads each byte once per output pair and decodes both absmax l
 registers, so nothing but the output is written. ``dequantize_nf4`` is what the fused LoRA ops call
 in forward AND backward (the dequantised copy is never kept between them).
 """
+import weakref
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import use_triton
+from ._utils import fast_launch, use_triton
 from ..errors import ConfigError
 
 OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
@@ -41,6 +44,7 @@ def _round_fp32_for_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@fast_launch
 @triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len, out_row_stride,
@@ -132,6 +136,61 @@ def dequantize_nf4_reference(packed, quant_state=None, dtype=None) -> torch.Tens
     return (values * scales).to(dtype).reshape(quant_state.shape)
 
 
+class _Decoded(NamedTuple):
+    """What a launch needs of one NF4 weight, on its device (see ``_decoded``)."""
+    data: torch.Tensor  # flat uint8
+    shape: tuple
+    n: int
+    dtype: torch.dtype  # the dtype it was quantised from
+    blocksize: int
+    nested: bool
+    absmax: torch.Tensor
+    code: torch.Tensor
+    absmax2: torch.Tensor
+    code2: torch.Tensor
+    offset: torch.Tensor
+    blocksize2: int
+
+
+_DECODED: dict = {}  # id(packed) -> (weakref(packed), quant_state, data_ptr, _Decoded)
+
+
+def _decoded(packed, quant_state) -> _Decoded:
+    """The checked, flattened weight and its device-side tables, cached per weight.
+
+    A training step dequantises every projection three times (forward, recompute, backward): ~650
+    calls a step for Llama-3.1-8B, each of which would otherwise re-check the state and make five
+    ``.to(device)`` calls. The weights are frozen, so the entry stays valid while the same tensor
+    (same storage) and quant_state are passed; anything else decodes afresh.
+    """
+    key = id(packed)
+    hit = _DECODED.get(key)
+    if hit is not None and hit[0]() is packed and (quant_state is None or hit[1] is quant_state) \
+            and hit[2] == packed.data_ptr():
+        return hit[3]
+    data, qs, n = _resolve(packed, quant_state)
+    device = data.device
+    code = qs.code.to(device=device, dtype=torch.float32)
+    if qs.nested:
+        s2 = qs.state2
+        absmax, absmax2 = qs.absmax.to(device), s2.absmax.to(device=device, dtype=torch.float32)
+        code2 = s2.code.to(device=device, dtype=torch.float32)
+        offset = qs.offset.to(device=device, dtype=torch.float32).reshape(1)
+        blocksize2 = int(s2.blocksize)
+    else:
+        absmax = qs.absmax.to(device=device, dtype=torch.float32)
+        absmax2 = code2 = offset = absmax  # unused placeholders
+        blocksize2 = 1
+    decoded = _Decoded(data, tuple(int(s) for s in qs.shape), n, qs.dtype, int(qs.blocksize), bool(qs.nested),
+                       absmax, code, absmax2, code2, offset, blocksize2)
+    try:
+        ref = weakref.ref(packed, lambda _, k=key: _DECODED.pop(k, None))
+    except TypeError:  # not weak-referenceable: not cached
+        return decoded
+    _DECODED[key] = (ref, qs, packed.data_ptr(), decoded)
+    return decoded
+
+
 def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tensor:
     """The dense weight (``quant_state.shape``) in ``dtype`` (default: the dtype it was quantised from).
 
@@ -141,51 +200,46 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tens
     columns, whose dtype is the output dtype. A strided ``out`` needs rows that are whole
     quantisation blocks (true of every real model).
     """
-    data, quant_state, n = _resolve(packed, quant_state)
-    shape = tuple(int(s) for s in quant_state.shape)
+    if not use_triton(packed):
+        data, quant_state, _ = _resolve(packed, quant_state)
+        dense = dequantize_nf4_reference(data, quant_state, dtype or (out.dtype if out is not None else None))
+        if out is None:
+            return dense
+        _check_out(out, tuple(dense.shape), dense.dtype)
+        return out.copy_(dense)
+    w = _decoded(packed, quant_state)
+    shape, n = w.shape, w.n
     if out is not None:
         dtype = dtype or out.dtype
-        if tuple(out.shape) != shape or out.dtype != dtype or (out.numel() and out.stride(-1) != 1):
-            raise ConfigError(f"dequantize_nf4 out= must be a {shape} {dtype} tensor with unit-stride columns, "
-                              f"got {tuple(out.shape)} {out.dtype} strides {tuple(out.stride())}.")
-    dtype = dtype or quant_state.dtype
+        _check_out(out, shape, dtype)
+    dtype = dtype or w.dtype
     if dtype not in OUT_DTYPES:
         raise ConfigError(f"dequantize_nf4 writes one of {OUT_DTYPES}, not {dtype}.")
-    blocksize = int(quant_state.blocksize)
     strided = out is not None and len(shape) == 2 and not out.is_contiguous()
-    if strided and shape[1] % blocksize:
+    if strided and shape[1] % w.blocksize:
         raise ConfigError(f"dequantize_nf4 into a strided out= needs rows of whole blocks: {shape[1]} columns, "
-                          f"blocks of {blocksize}.")
-    if not use_triton(data):
-        dense = dequantize_nf4_reference(data, quant_state, dtype)
-        return dense if out is None else out.copy_(dense)
+                          f"blocks of {w.blocksize}.")
     if out is None:
-        out = torch.empty(shape, dtype=dtype, device=data.device)
+        out = torch.empty(shape, dtype=dtype, device=w.data.device)
     if n == 0:
         return out
-    device = data.device
-    code = quant_state.code.to(device=device, dtype=torch.float32)
-    if quant_state.nested:
-        s2 = quant_state.state2
-        absmax, absmax2 = quant_state.absmax.to(device), s2.absmax.to(device=device, dtype=torch.float32)
-        code2 = s2.code.to(device=device, dtype=torch.float32)
-        offset = quant_state.offset.to(device=device, dtype=torch.float32).reshape(1)
-        blocksize2 = int(s2.blocksize)
-    else:
-        absmax = quant_state.absmax.to(device=device, dtype=torch.float32)
-        absmax2 = code2 = offset = absmax  # unused placeholders
-        blocksize2 = 1
     row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
-    blocks = max(1, OUTPUTS_PER_PROGRAM // blocksize)
-    grid = (triton.cdiv(triton.cdiv(n, blocksize), blocks),)
+    blocks = max(1, OUTPUTS_PER_PROGRAM // w.blocksize)
+    grid = (triton.cdiv(triton.cdiv(n, w.blocksize), blocks),)
     pairs = (PAIRED_STORES and dtype == torch.bfloat16 and n % 2 == 0 and row_stride % 2 == 0
              and out.storage_offset() % 2 == 0)
     _dequantize_nf4_kernel[grid](
-        data, absmax, code, absmax2, code2, offset, _as_words(out) if pairs else out, n, row_len, row_stride,
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
+        w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset, _as_words(out) if pairs else out, n, row_len,
+        row_stride, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
         BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
+
+
+def _check_out(out, shape, dtype):
+    if tuple(out.shape) != shape or out.dtype != dtype or (out.numel() and out.stride(-1) != 1):
+        raise ConfigError(f"dequantize_nf4 out= must be a {shape} {dtype} tensor with unit-stride columns, "
+                          f"got {tuple(out.shape)} {out.dtype} strides {tuple(out.stride())}.")
 
 
 def _as_words(out: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,10 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, row_block, row_split, use_triton
+from ._utils import as_rows, fast_launch, row_block, row_split, use_triton
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
                   GEMMA: tl.constexpr, BLOCK: tl.constexpr):
@@ -38,6 +39,7 @@ def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
     tl.store(Y + row * y_stride + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride, n_rows, n_cols,
                   offset, rows_per_program, GEMMA: tl.constexpr, COMPUTE_DW: tl.constexpr,

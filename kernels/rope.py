@@ -19,7 +19,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import next_power_of_2, use_triton
+from ._utils import fast_launch, next_power_of_2, use_triton
 
 
 @triton.jit
@@ -38,6 +38,7 @@ def _rotate_tile(X, x_off, heads, n_heads, head_stride, d, half, c1, c2, s1, s2,
     tl.store(ptr + half, y2.to(X.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _rope_kernel(Q, K, COS, SIN, POS, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sc_b, sc_s, sp_b, sp_s,
                  seq_len, n_q_heads, n_k_heads, half, GATHER: tl.constexpr, BACKWARD: tl.constexpr,

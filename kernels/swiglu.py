@@ -17,7 +17,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, next_power_of_2, use_triton
+from ._utils import as_rows, fast_launch, next_power_of_2, use_triton
 
 # Columns per program: a 2-D grid (rows, column blocks) keeps row strides free. 4096 columns with
 # 16 warps was the fastest of 512-4096 x 2-16 warps on an H100 at 8192 x 14336 bf16
@@ -30,6 +30,7 @@ def glu_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
+@fast_launch
 @triton.jit
 def _swiglu_fwd(G, U, H, g_stride, u_stride, h_stride, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -41,6 +42,7 @@ def _swiglu_fwd(G, U, H, g_stride, u_stride, h_stride, n_cols, BLOCK: tl.constex
     tl.store(H + row * h_stride + cols, h.to(H.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _swiglu_bwd(DH, G, U, DG, DU, dh_stride, g_stride, u_stride, dg_stride, du_stride, n_cols,
                 BLOCK: tl.constexpr):

@@ -165,3 +165,26 @@ def test_gpu_out_into_a_wider_buffer_at_llama_8b_shape(paired, monkeypatch):
     assert torch.equal(buf[:, 16:16 + 4096], bnbf.dequantize_4bit(packed, state))
     assert (buf[:, :16] == 7).all() and (buf[:, 16 + 4096:] == 7).all()
     assert torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
+
+
+def test_a_weight_is_checked_and_decoded_once_then_served_from_the_cache(monkeypatch):
+    from slothnb.kernels import nf4
+
+    if not nf4.use_triton(torch.empty(0)):
+        pytest.skip("the cache serves the Triton path (TRITON_INTERPRET=1 on CPU)")
+    _, packed, state = quantized((32, 128), torch.bfloat16, True)
+    resolved = []
+    real = nf4._resolve
+    monkeypatch.setattr(nf4, "_resolve", lambda *a: resolved.append(1) or real(*a))
+    first = dequantize_nf4(packed, state)
+    second = dequantize_nf4(packed, state)
+    assert len(resolved) == 1 and torch.equal(first, second)
+    # another tensor (here: the same codes, another storage) is decoded afresh, and right
+    other = packed.clone()
+    assert torch.equal(dequantize_nf4(other, state), first) and len(resolved) == 2
+    # a different quant_state for the same tensor is not served the cached one
+    _, _, state2 = quantized((32, 128), torch.bfloat16, False)
+    dequantize_nf4(packed, state2)
+    assert len(resolved) == 3
+    del other  # a dead weight leaves the cache
+    assert all(ref() is not None for ref, *_ in nf4._DECODED.values())

@@ -1,0 +1,126 @@
+"""kernels._utils.FastLaunch: a compiled specialisation is launched directly, never for another one.
+
+On CPU the launch goes through a stand-in for a Triton JIT function (the interpreter never takes the
+fast path); on the GPU real kernels must give the same bits with the fast path on and off.
+"""
+import pytest
+import torch
+
+from slothnb.kernels import _utils
+
+
+class FakeCompiled:
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        return lambda *params, stream=None: self.launches.append(("direct", grid, params, stream))
+
+
+class FakeJit:
+    """Records Triton's own launches; returns a 'compiled kernel' like JITFunction.run does."""
+    arg_names = ["X", "n", "eps", "BLOCK"]
+    params = [type("P", (), {"is_constexpr": name == "BLOCK"})() for name in arg_names]
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append(("triton", grid, args, kwargs))
+            return FakeCompiled(self.launches)
+        return run
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    monkeypatch.setattr(_utils, "FAST_LAUNCH", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 77})())
+    fake = FakeJit()
+    return _utils.fast_launch(fake), fake.launches
+
+
+def test_the_second_launch_of_a_specialisation_skips_triton(kernel):
+    k, launches = kernel
+    x = torch.zeros(64)
+    k[(4,)](x, 32, 1e-5, BLOCK=128, num_warps=4)
+    k[(4,)](x, 48, 1e-6, BLOCK=128, num_warps=4)  # another multiple of 16, another float: same kernel
+    assert [l[0] for l in launches] == ["triton", "direct"]
+    assert launches[1][1] == (4, 1, 1)  # the grid padded to three dimensions
+    assert launches[1][2] == (x, 48, 1e-6, 128) and launches[1][3] == 77  # constexpr in place, current stream
+
+
+@pytest.mark.parametrize("change", ["alignment", "int_is_one", "int_divisibility", "int_width", "dtype",
+                                    "constexpr", "option"])
+def test_any_change_triton_specialises_on_goes_back_through_triton(kernel, change):
+    k, launches = kernel
+    x = torch.zeros(64)
+    base = dict(args=(x, 32, 1e-5), kw=dict(BLOCK=128, num_warps=4))
+    k[(1,)](*base["args"], **base["kw"])
+    args, kw = list(base["args"]), dict(base["kw"])
+    if change == "alignment":
+        args[0] = x[1:]  # 4 bytes in: not 16-byte aligned
+    elif change == "int_is_one":
+        args[1] = 1
+    elif change == "int_divisibility":
+        args[1] = 33
+    elif change == "int_width":
+        args[1] = 2**32
+    elif change == "dtype":
+        args[0] = torch.zeros(64, dtype=torch.float64)
+    elif change == "constexpr":
+        kw["BLOCK"] = 256
+    else:
+        kw["num_warps"] = 8
+    k[(1,)](*args, **kw)
+    assert [l[0] for l in launches] == ["triton", "triton"]
+
+
+def test_interpreter_callable_grid_and_switch_off_always_use_triton(kernel, monkeypatch):
+    k, launches = kernel
+    x = torch.zeros(64)
+    for _ in range(2):
+        k[lambda meta: (1,)](x, 32, 1e-5, BLOCK=128)
+    monkeypatch.setattr(_utils, "FAST_LAUNCH", False)
+    k[(1,)](x, 32, 1e-5, BLOCK=128)
+    k[(1,)](x, 32, 1e-5, BLOCK=128)
+    assert [l[0] for l in launches] == ["triton"] * 4
+
+
+@pytest.mark.gpu
+def test_fast_and_triton_launches_give_the_same_bits_on_gpu(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from slothnb.kernels.rms_norm import rms_norm
+    from slothnb.kernels.swiglu import swiglu
+
+    torch.manual_seed(0)
+    buf = torch.randn(64 * 4096 + 8, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        outs = []
+        for offset in (0, 8, 3):  # aligned, aligned, 6 bytes off
+            x = buf[offset:offset + 64 * 4096].view(64, 4096)
+            outs.append(rms_norm(x, w, 1e-6))
+            outs.append(swiglu(x[:, :2048], x[:, 2048:]))
+        return outs
+
+    monkeypatch.setattr(_utils, "FAST_LAUNCH", False)
+    expected = run()
+    monkeypatch.setattr(_utils, "FAST_LAUNCH", True)
+    run()  # compiles / records each specialisation
+    got = run()  # launched directly
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+def test_a_compiled_kernel_that_launches_differently_switches_the_fast_path_off(kernel, monkeypatch):
+    k, launches = kernel
+    x = torch.zeros(64)
+    k[(1,)](x, 32, 1e-5, BLOCK=128)
+    monkeypatch.setattr(FakeCompiled, "__getitem__", lambda self, grid: (lambda *a: None))  # no stream= keyword
+    k[(1,)](x, 32, 1e-5, BLOCK=128)
+    assert _utils.FAST_LAUNCH is False and [l[0] for l in launches] == ["triton", "triton"]
