@@ -200,3 +200,28 @@ def test_offload_carried_refuses_without_a_free_buffer_and_releases_the_budget(m
     pool.wait_for_pinning()
     assert host_offload.offload_carried(x) == "offloaded" and budget.in_use == x.nbytes
     assert made[0][0] is True and made[0][1].shape == x.shape  # handed the pooled buffer
+
+
+def test_the_host_waits_for_copies_more_than_a_few_layers_old(monkeypatch):
+    """The host queues a forward far ahead of the GPU; each tensor waiting for its copy stays allocated.
+    Past LAYERS_AHEAD layer inputs in flight, the host waits for the oldest copy."""
+    waited = []
+
+    class Event:
+        def __init__(self, i):
+            self.i = i
+
+        def synchronize(self):
+            waited.append(self.i)
+
+        def query(self):
+            return self.i in waited
+
+    monkeypatch.setattr(host_offload, "_LAYER_COPIES", __import__("collections").deque())
+    monkeypatch.setattr(host_offload, "_IN_FLIGHT", __import__("collections").deque())
+    monkeypatch.setattr(host_offload, "LAYERS_AHEAD", 3)
+    for i in range(6):
+        host_offload._IN_FLIGHT.append((Event(i), torch.empty(1)))
+        host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0])
+    assert waited == [0, 1, 2]  # layers 3, 4 and 5 may still be copying
+    assert [e.i for e, _ in host_offload._IN_FLIGHT] == [3, 4, 5]  # the finished ones are dropped
