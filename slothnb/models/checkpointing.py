@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import math
 import os
 import threading
@@ -74,11 +75,16 @@ def _recomputing():
 # need not compute them, and since they are the forward's own values the gradients are bit-identical.
 # The patched attention hands over its output projection's result (``arch.common._project_out``), so
 # the recompute skips that projection's base matmul and dequantisation (~10% of a Llama-3.1-8B
-# recompute's matmul FLOPs). Off until timed on a GPU: SLOTHNB_CARRY_ATTN_OUTPUT=1.
-# The MLP can hand over its gate and up outputs too (``carry_gate_up``: 74% of a Llama-3.1-8B recompute's
-# matmul FLOPs, but 7x the bytes of a layer input, so PCIe-bound): SLOTHNB_CARRY_MLP=1, off until timed.
-CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "0") == "1"
-CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "0") == "1"
+# recompute's matmul FLOPs): SLOTHNB_CARRY_ATTN_OUTPUT=0 turns it off. The MLP hands over its gate and
+# up outputs (``carry_gate_up``: 74% of a recompute's matmul FLOPs, but 7x the bytes of a layer input)
+# in one layer of every ``CARRY_MLP_EVERY``: the PCIe link takes no more without the forward waiting
+# for it (H100, 8B, 4,096 tokens a step: every layer made the step 10-30% slower, one in three ~4%
+# faster). SLOTHNB_CARRY_MLP=0 turns it off. Values over ``CARRY_MAX_BYTES`` are not carried: at long
+# context the host memory is the layer inputs' (400K tokens need 27 of 32 of them there).
+CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
+CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "1") == "1"
+CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "3")))
+CARRY_MAX_BYTES = 512 << 20
 _CARRY = threading.local()
 
 
@@ -89,7 +95,7 @@ def carry(t: torch.Tensor, allowed: bool = True) -> None:
     entries = getattr(_CARRY, "record", None)
     if entries is None:
         return
-    if not allowed:
+    if not allowed or t.nbytes > CARRY_MAX_BYTES:
         entries.append(None)
     elif not host_offload.worth_offloading(t):
         entries.append(t)  # a CPU tensor: nothing to move
@@ -128,11 +134,16 @@ def carry_gate_up():
     return None, None
 
 
+_GATE_UP_SEEN = itertools.count()  # MLP forwards offered G and U: one in CARRY_MLP_EVERY carries them
+
+
 def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
-    """Carry G and U unless the copies already queued exceed one layer's worth: the link then sets the
-    pace (layers it cannot take are recomputed) and GPU memory held for copies stays bounded."""
+    """Carry G and U in one layer of every ``CARRY_MLP_EVERY``, unless the copies already queued exceed
+    one layer's G and U (a slower link: that layer is recomputed, and GPU memory held for copies stays
+    bounded) or no pinned buffers are free yet (they are pinned in the background for later steps)."""
     on_gpu = host_offload.worth_offloading(G)
-    allowed = not on_gpu or host_offload.in_flight_bytes() <= G.nbytes + U.nbytes
+    allowed = next(_GATE_UP_SEEN) % CARRY_MLP_EVERY == 0
+    allowed = allowed and (not on_gpu or host_offload.in_flight_bytes() <= G.nbytes + U.nbytes)
     if allowed and on_gpu:  # both or neither: pinned buffers for both must be free
         allowed = host_offload.pinned_buffers_ready(G, 2)
     entries = getattr(_CARRY, "record", None)

@@ -103,6 +103,7 @@ def test_carried_gate_and_up_skip_their_recompute_with_identical_gradients(arch,
     model = _lora_model(arch)
     ref_loss, ref = _loss_and_grads(model)
     monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
     # both at once share one FIFO, popped in call order; alone, the MLP still records
     monkeypatch.setattr(checkpointing, "CARRY", with_attention_output)
     io = _mlp_handed(monkeypatch)
@@ -123,6 +124,7 @@ def test_gate_and_up_are_not_carried_per_token_chunk_or_over_the_copy_limit(monk
     model = _lora_model("llama", layers=3)
     ref_loss, ref = _loss_and_grads(model, seq=24)
     monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
     monkeypatch.setattr(common, "MLP_CHUNK_TOKENS", 16)  # 48 tokens: chunked, whose recompute runs per chunk
     io = _mlp_handed(monkeypatch)
     loss, got = _loss_and_grads(model, seq=24)
@@ -152,6 +154,7 @@ def test_carried_gate_and_up_on_gpu_train_identically(monkeypatch):
     model = _lora_model("llama", layers=4, device="cuda")
     ref_loss, ref = _loss_and_grads(model, seq=128, device="cuda")
     monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
     _loss_and_grads(model, seq=128, device="cuda")  # pinned buffers requested, pinned in the background
     host_offload._POOL.wait_for_pinning()
     io = _mlp_handed(monkeypatch)
@@ -160,3 +163,25 @@ def test_carried_gate_and_up_on_gpu_train_identically(monkeypatch):
     assert torch.equal(loss, ref_loss)
     for name in ref:
         assert torch.equal(got[name], ref[name]), name
+
+
+def test_gate_and_up_are_carried_in_one_layer_of_every_few(monkeypatch):
+    """Every layer's G and U would be ~7x a layer input's bytes over PCIe each way: the forward would wait."""
+    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 3)
+    monkeypatch.setattr(checkpointing, "_GATE_UP_SEEN", __import__("itertools").count())
+    entries = []
+    with checkpointing._carry_scope("record", entries):
+        for _ in range(7):
+            checkpointing._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+    carried = [entries[i] is not None for i in range(0, 14, 2)]
+    assert carried == [True, False, False, True, False, False, True]
+    assert all((entries[i] is None) == (entries[i + 1] is None) for i in range(0, 14, 2))  # G and U together
+
+
+def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
+    monkeypatch.setattr(checkpointing, "CARRY_MAX_BYTES", 64)
+    entries = []
+    with checkpointing._carry_scope("record", entries):
+        checkpointing.carry(torch.ones(16))  # 64 bytes: carried
+        checkpointing.carry(torch.ones(17))  # 68 bytes: recomputed
+    assert entries[0] is not None and entries[1] is None
