@@ -106,14 +106,17 @@ class _PinnedPool:
         if self._requests is None:
             self._requests = queue.SimpleQueue()
             threading.Thread(target=self._pin_requested, name="slothnb-pinning", daemon=True).start()
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
         for _ in range(missing):
-            self._requests.put(key)
+            self._requests.put((key, device))
         return False
 
     def _pin_requested(self):
         while True:
-            key = self._requests.get()
+            key, device = self._requests.get()
             try:
+                if device is not None:  # pin in the requester's CUDA context, not a new one on device 0
+                    torch.cuda.set_device(device)
                 buf = pinned_empty(*key, touch=True)
                 COUNTS["pinned_background"] += 1
             except Exception:  # no pinned memory to be had: the values are recomputed instead
