@@ -85,6 +85,10 @@ CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
 CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "1") == "1"
 CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "3")))
 CARRY_MAX_BYTES = 512 << 20
+# Carrying pays where the GPU sets the step's pace. Below this many bytes of input to the attention
+# output projection or the MLP (the Llama-3.2-1B shape at 4,096 tokens a step: 16 MiB) the step is
+# host-bound and its memory target tight, so nothing is carried; 7-9B shapes at 4,096 tokens: 28-32 MiB.
+CARRY_MIN_BYTES = 24 << 20
 _CARRY = threading.local()
 
 
@@ -109,22 +113,27 @@ def carried() -> torch.Tensor | None:
     return entries.popleft() if entries else None
 
 
-def carry_attention_output(out: torch.Tensor) -> None:
-    """The attention output projection's result, carried when ``CARRY`` is on (a no-op otherwise)."""
-    if CARRY:
+def _worth_carrying(x: torch.Tensor) -> bool:
+    """By the size of a layer part's input (the same in a forward and its recompute)."""
+    return x.numel() * x.element_size() >= CARRY_MIN_BYTES
+
+
+def carry_attention_output(x: torch.Tensor, out: torch.Tensor) -> None:
+    """The attention output projection's result (``out``; ``x`` its input), carried when ``CARRY`` is on."""
+    if CARRY and _worth_carrying(x):
         carry(out)
 
 
-def carried_attention_output() -> torch.Tensor | None:
-    """In a recompute with ``CARRY`` on: the attention output its forward carried, or None."""
-    return carried() if CARRY else None
+def carried_attention_output(x: torch.Tensor) -> torch.Tensor | None:
+    """In a recompute: the attention output projection's result its forward carried, or None."""
+    return carried() if CARRY and _worth_carrying(x) else None
 
 
-def carry_gate_up():
-    """``(gate_up, keep_gate_up)`` for ``lora_mlp`` in an offload-checkpointed layer (``CARRY_MLP``):
-    in its forward, a callback that carries G and U; in its recompute, the (G, U) carried, if both were.
-    Called at the same point of both passes (the unchunked fused MLP)."""
-    if not CARRY_MLP:
+def carry_gate_up(x: torch.Tensor):
+    """``(gate_up, keep_gate_up)`` for ``lora_mlp`` of input ``x`` in an offload-checkpointed layer
+    (``CARRY_MLP``): in its forward, a callback that carries G and U; in its recompute, the (G, U)
+    carried, if both were. Called at the same point of both passes (the unchunked fused MLP)."""
+    if not CARRY_MLP or not _worth_carrying(x):
         return None, None
     if getattr(_CARRY, "record", None) is not None:
         return None, _keep_gate_up

@@ -13,6 +13,12 @@ from slothnb.kernels.lora import LoraWeights, lora_linear
 from slothnb.models import checkpointing, host_offload
 
 
+@pytest.fixture(autouse=True)
+def _tiny_models_carry_too(monkeypatch):
+    """These tiny models are far below the size from which carrying pays (``CARRY_MIN_BYTES``)."""
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+
+
 def _base_matmuls(monkeypatch):
     """Per lora_linear forward: whether it was handed its output (no base matmul) instead of computing it."""
     return _spy(monkeypatch, lora_kernels.LoraLinearFunction, 2)  # the ``given`` argument: [output or None]
@@ -185,3 +191,19 @@ def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
         checkpointing.carry(torch.ones(16))  # 64 bytes: carried
         checkpointing.carry(torch.ones(17))  # 68 bytes: recomputed
     assert entries[0] is not None and entries[1] is None
+
+
+def test_small_layers_carry_nothing(monkeypatch):
+    """Below CARRY_MIN_BYTES of input (the host-bound 1B shape) neither client carries, in both passes."""
+    model = _lora_model("llama")
+    ref_loss, ref = _loss_and_grads(model)
+    monkeypatch.setattr(checkpointing, "CARRY", True)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 1 << 30)
+    io, given = _mlp_handed(monkeypatch), _base_matmuls(monkeypatch)
+    loss, got = _loss_and_grads(model)
+    assert not any(g is not None for g, _ in io) and _counts(given)["handed"] == 0
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name

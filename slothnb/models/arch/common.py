@@ -93,7 +93,7 @@ def _mlp(self, x, output_needed=True, carry=False):
     if activation is not None:
         parts = [lora_fusion.lora_weights(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(p is not None for p in parts):
-            gate_up, keep = checkpointing.carry_gate_up() if carry else (None, None)
+            gate_up, keep = checkpointing.carry_gate_up(x) if carry else (None, None)
             return _ops.lora_mlp(x, parts[0][0], parts[1][0], parts[2][0], activation=activation,
                                  output_needed=output_needed, gate_up=gate_up, keep_gate_up=keep)
     gate, up = self.gate_proj(x), self.up_proj(x)
@@ -142,8 +142,8 @@ def _project_out(self, x):
         return _ops.lora_linear(x, part[0]) + part[1]
     # an offload-checkpointed layer's forward hands this output to its recompute, which then skips the
     # base matmul (SLOTHNB_CARRY_ATTN_OUTPUT=1; both calls do nothing elsewhere)
-    out = _ops.lora_linear(x, part[0], output=checkpointing.carried_attention_output())
-    checkpointing.carry_attention_output(out)
+    out = _ops.lora_linear(x, part[0], output=checkpointing.carried_attention_output(x))
+    checkpointing.carry_attention_output(x, out)
     return out
 
 
