@@ -9,6 +9,10 @@ disagreement is what people ask about:
 - ``nvml_used``: what ``nvidia-smi`` shows for the whole GPU. ``gap = nvml_used - reserved`` is the CUDA
   context, cuBLAS/Triton workspaces and other processes, memory PyTorch does not see.
 
+Beside them, ``pinned_host``: the page-locked host memory slothnb's offloaded checkpointing holds
+(layer inputs and carried values between forward and backward, and its buffer pool): part of
+``cpu_rss`` that the OS can never swap out.
+
 Without a GPU every GPU field is None and ``has_gpu`` is False. nvidia-ml-py (``pynvml``) is optional:
 without it the NVML fields are None.
 """
@@ -38,6 +42,7 @@ class MemorySnapshot:
     nvml_total: int | None = None
     gap: int | None = None  # nvml_used - reserved: CUDA context, workspaces, other processes
     nvml_per_gpu: list[dict] = field(default_factory=list)  # [{index, name, used, total}] every visible GPU
+    pinned_host: int | None = None  # page-locked host memory of the offloaded checkpoints
     cpu_rss: int | None = None
 
 
@@ -121,6 +126,9 @@ def snapshot(device=None) -> MemorySnapshot:
     snap.reserved = torch.cuda.memory_reserved(index)
     snap.peak_allocated = torch.cuda.max_memory_allocated(index)
     snap.peak_reserved = torch.cuda.max_memory_reserved(index)
+    from slothnb.models import host_offload  # engine level: the offloading owns its pinned pool
+
+    snap.pinned_host = host_offload.pinned_bytes()
     nvml = _nvml()
     if nvml is not None:
         try:
@@ -145,6 +153,7 @@ _COLUMNS = [  # (header, row key)
     ("peak resv GiB", "peak_reserved"),
     ("nvml used GiB", "nvml_used"),
     ("gap GiB", "gap"),
+    ("pinned GiB", "pinned_host"),
     ("cpu rss GiB", "cpu_rss"),
 ]
 
@@ -182,7 +191,8 @@ class MemoryRecorder:
                 "stage": rec.stage, "time": s.time, "has_gpu": s.has_gpu, "device": s.device,
                 "allocated": s.allocated, "reserved": s.reserved,
                 "peak_allocated": rec.peak_allocated, "peak_reserved": rec.peak_reserved,
-                "nvml_used": s.nvml_used, "nvml_total": s.nvml_total, "gap": s.gap, "cpu_rss": s.cpu_rss,
+                "nvml_used": s.nvml_used, "nvml_total": s.nvml_total, "gap": s.gap,
+                "pinned_host": s.pinned_host, "cpu_rss": s.cpu_rss,
             })
         return rows
 

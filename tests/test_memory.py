@@ -47,7 +47,7 @@ def test_stages_recorded_in_order_with_rows_and_dict():
     assert [r["stage"] for r in rows] == names
     for row in rows:
         assert set(row) >= {"stage", "allocated", "reserved", "peak_allocated", "peak_reserved",
-                            "nvml_used", "nvml_total", "gap", "cpu_rss", "has_gpu", "device"}
+                            "nvml_used", "nvml_total", "gap", "pinned_host", "cpu_rss", "has_gpu", "device"}
         assert row["has_gpu"] == torch.cuda.is_available()
     d = rec.as_dict()
     assert [s["stage"] for s in d["stages"]] == names
@@ -67,11 +67,11 @@ def test_format_table_prints_gib_with_two_decimals():
     row = lines[2]
     assert row.startswith("loaded model")
     cells = row[len("loaded model"):].split()
-    assert len(cells) == 7
+    assert len(cells) == 8
     expected_rss = rec.to_rows()[0]["cpu_rss"] / GIB
     assert cells[-1] == f"{expected_rss:.2f}"
     if not torch.cuda.is_available():
-        assert cells[:-1] == ["-"] * 6
+        assert cells[:-1] == ["-"] * 7
     # all rows have the same column layout (right-aligned numbers end at the same column)
     assert len(lines[2]) == len(lines[3]) == len(lines[0])
 

@@ -69,6 +69,17 @@ class _PinnedPool:
         self._pending = collections.Counter()  # key -> buffers being pinned in the background
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue | None = None
+        self._made = weakref.WeakSet()  # every buffer this pool pinned and someone still holds
+
+    def _track(self, buf: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self._made.add(buf)
+        return buf
+
+    def pinned_bytes(self) -> int:
+        """Bytes of pinned host memory in this pool's buffers, free or in use (not yet freed)."""
+        with self._lock:
+            return sum(b.numel() * b.element_size() for b in list(self._made))
 
     def take(self, shape, dtype) -> torch.Tensor:
         buf = self.take_ready(shape, dtype, grow=False)
@@ -78,7 +89,7 @@ class _PinnedPool:
             with self._lock:
                 self._free.clear()
         COUNTS["pinned_inline"] += 1
-        return pinned_empty(shape, dtype)
+        return self._track(pinned_empty(shape, dtype))
 
     def take_ready(self, shape, dtype, grow: bool = True) -> torch.Tensor | None:
         """A free buffer, or None (and, if ``grow``, one is pinned in the background for later)."""
@@ -117,7 +128,7 @@ class _PinnedPool:
             try:
                 if device is not None:  # pin in the requester's CUDA context, not a new one on device 0
                     torch.cuda.set_device(device)
-                buf = pinned_empty(*key, touch=True)
+                buf = self._track(pinned_empty(*key, touch=True))
                 COUNTS["pinned_background"] += 1
             except Exception:  # no pinned memory to be had: the values are recomputed instead
                 buf = None
@@ -125,6 +136,7 @@ class _PinnedPool:
                 self._pending[key] -= 1
                 if buf is not None:
                     self._free[key].append(buf)
+            del buf  # the pool owns it now: dropped with it
 
     def wait_for_pinning(self, timeout: float = 60.0) -> None:
         """Until no background pinning is pending (tests, and benchmarks that want a settled pool)."""
@@ -296,6 +308,12 @@ class OffloadedTensor:
             HOST_BUDGET.release(self.nbytes)
         if getattr(self, "gpu", None) is not None:  # an unconsumed prefetch: free it only after its copy
             torch.cuda.current_stream(self.device).wait_event(self.ready)
+
+
+def pinned_bytes() -> int:
+    """Pinned host memory the offloaded checkpoints hold now (pooled buffers, free or in use): what
+    the memory stage table shows beside the GPU figures."""
+    return _POOL.pinned_bytes()
 
 
 def pinned_buffers_ready(x: torch.Tensor, n: int) -> bool:

@@ -64,7 +64,7 @@ def report_html(report: dict, plot: bool) -> str:
     if rows:
         cols = [("stage", "stage"), ("allocated", "allocated"), ("reserved", "reserved"),
                 ("peak alloc", "peak_allocated"), ("peak reserved", "peak_reserved"), ("nvml used", "nvml_used"),
-                ("gap", "gap"), ("cpu rss", "cpu_rss")]
+                ("gap", "gap"), ("pinned host", "pinned_host"), ("cpu rss", "cpu_rss")]
         th = "".join(f"<th>{h}</th>" for h, _ in cols)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[k])) if k == 'stage' else _gib(r[k])}</td>"
                                         for _, k in cols) + "</tr>" for r in rows)

@@ -225,3 +225,26 @@ def test_the_host_waits_for_copies_more_than_a_few_layers_old(monkeypatch):
         host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0])
     assert waited == [0, 1, 2]  # layers 3, 4 and 5 may still be copying
     assert [e.i for e, _ in host_offload._IN_FLIGHT] == [3, 4, 5]  # the finished ones are dropped
+
+
+def test_the_pool_counts_the_pinned_bytes_it_holds(monkeypatch):
+    pool, _ = _fake_pinning(monkeypatch)
+    a = pool.take((4, 8), torch.float32)  # pinned inline: 128 bytes, in use
+    assert not pool.ready((2, 8), torch.float32, 1)  # one more requested, pinned in the background
+    pool.wait_for_pinning()
+    assert pool.pinned_bytes() == 128 + 64
+    pool.give(a)
+    assert pool.pinned_bytes() == 192  # back in the pool: still pinned
+    del a
+    pool._free.clear()  # a buffer nobody holds any more is freed, and no longer counted
+    assert pool.pinned_bytes() == 0
+
+
+@pytest.mark.gpu
+def test_memory_snapshots_show_the_pinned_host_memory_on_gpu():
+    from slothnb.memory import snapshot
+
+    before = snapshot().pinned_host
+    off = host_offload.OffloadedTensor(torch.randn(3 * 2**20 + 16, device="cuda"))
+    assert snapshot().pinned_host >= before + off.nbytes
+    off.restore()
