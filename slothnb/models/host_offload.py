@@ -1,9 +1,11 @@
 """Layer inputs held in pinned host memory between a checkpointed layer's forward and backward.
 
 The machinery under ``"slothnb"`` checkpointing (``slothnb.models.checkpointing``): a pool of pinned
-buffers, a host-memory budget (long sequences must not exhaust RAM), one side stream per device
-for the copies, and ``OffloadedTensor``, which copies a CUDA tensor out in forward and back
-(prefetched one layer ahead) in backward without ever synchronising the host.
+buffers (grown in the background for carried values), a host-memory budget (long sequences must not
+exhaust RAM), one side stream per device for the copies, and ``OffloadedTensor``, which copies a CUDA
+tensor out in forward and back (prefetched one layer ahead) in backward; the compute stream never
+waits for a copy, and the host waits only when it has queued more than ``LAYERS_AHEAD`` layers of
+copies ahead of the GPU.
 """
 from __future__ import annotations
 
