@@ -201,8 +201,7 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tens
     quantisation blocks (true of every real model).
     """
     if not use_triton(packed):
-        data, quant_state, _ = _resolve(packed, quant_state)
-        dense = dequantize_nf4_reference(data, quant_state, dtype or (out.dtype if out is not None else None))
+        dense = dequantize_nf4_reference(packed, quant_state, dtype or (out.dtype if out is not None else None))
         if out is None:
             return dense
         _check_out(out, tuple(dense.shape), dense.dtype)

@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import threading
+import time
 import weakref
 from collections import defaultdict
 
@@ -142,8 +143,6 @@ class _PinnedPool:
 
     def wait_for_pinning(self, timeout: float = 60.0) -> None:
         """Until no background pinning is pending (tests, and benchmarks that want a settled pool)."""
-        import time
-
         end = time.monotonic() + timeout
         while sum(self._pending.values()) and time.monotonic() < end:
             time.sleep(0.001)
