@@ -8,9 +8,9 @@ adapters, bf16 autocast): Python function calls (cProfile, deterministic), aten 
 (deterministic; casts/copies separately: on a GPU each is a kernel launch) and the step's wall time
 (min over repeats; the machine is shared, so compare counts first).
 
-    python bench/host_bench.py [slothnb|true|none] [--ops] [--profile]
+    python bench/host_bench.py [slothnb|true|none] [--ops] [--profile] [--no-pack]
 
-``--ops``: the most dispatched aten ops; ``--profile``: the functions with the most own time.
+``--no-pack``: leave the adapters unpacked (``pack_adapters``; get_peft_model packs them). ``--ops``: the most dispatched aten ops; ``--profile``: the functions with the most own time.
 Point PYTHONPATH at a ``git archive`` of an older commit for a 'before' column.
 """
 import collections
@@ -27,6 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from tiny_models import tiny_model  # noqa: E402
 
+from slothnb.kernels.lora import pack_adapters  # noqa: E402
+from slothnb.models.lora import _adapters_in_pack_order  # noqa: E402
 from slothnb.models.checkpointing import apply_gradient_checkpointing  # noqa: E402
 from slothnb.models.patching import patch_model  # noqa: E402
 
@@ -44,10 +46,12 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(mode):
+def build(mode, pack=True):
     model = tiny_model("llama", seed=0, num_hidden_layers=LAYERS).train()
     patch_model(model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN))
+    if pack:
+        pack_adapters(_adapters_in_pack_order(model))
     if mode != "none":
         apply_gradient_checkpointing(model, mode if mode != "true" else True, layers=list(range(LAYERS)))
         model.get_base_model().enable_input_require_grads()
@@ -57,7 +61,7 @@ def build(mode):
 def main(argv):
     mode = next((a for a in argv if not a.startswith("--")), "slothnb")
     torch.set_num_threads(1)
-    model = build(mode)
+    model = build(mode, pack="--no-pack" not in argv)
     ids = torch.randint(0, 300, (1, 8))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 

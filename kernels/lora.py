@@ -115,10 +115,88 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     version = t._version
     if hit is not None and hit[0]() is t and hit[1:4] == (_PASS, version, dtype):
         return hit[4]
-    copy = t.detach().to(dtype) if t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
+    copy = _packed_cast(t, dtype) if cached else None
+    if copy is None:
+        copy = t.detach().to(dtype) if t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
     if cached:
         _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), _PASS, version, dtype, copy)
     return copy
+
+
+class _Pack:
+    """Where ``pack_adapters`` put a group of adapters: one storage (by address and size), their dtype,
+    and this pass's cast of all of them. No reference to the storage is kept: if the adapters move
+    (``model.to(...)``) the old one is freed, and the address check sends them down the plain path."""
+
+    __slots__ = ("ptr", "nbytes", "numel", "dtype", "members", "cast")
+
+    def __init__(self, flat: torch.Tensor):
+        self.ptr, self.nbytes = flat.untyped_storage().data_ptr(), flat.untyped_storage().nbytes()
+        self.numel, self.dtype = flat.numel(), flat.dtype
+        self.members = []  # weakrefs to the parameters
+        self.cast = None  # (pass, dtype, the whole group in dtype, each member's _version when cast)
+
+    def cast_for_pass(self, storage, dtype):
+        """(the group in ``dtype``, the members' versions then): made by this pass's first request."""
+        if self.cast is None or self.cast[:2] != (_PASS, dtype):
+            flat = torch.empty(0, dtype=self.dtype, device=storage.device).set_(storage, 0, (self.numel,))
+            versions = [p._version if p is not None else None for p in (m() for m in self.members)]
+            self.cast = (_PASS, dtype, flat.to(dtype), versions)
+        return self.cast[2], self.cast[3]
+
+
+_PACKS: dict = {}  # id(param) -> (weakref(param), _Pack, offset in the pack, index among its members)
+
+
+def pack_adapters(params) -> int:
+    """Store ``params`` as views of one flat tensor per (device, dtype); returns how many were packed.
+
+    Why: under bf16 autocast every fp32 adapter is cast once per pass (``_cast``), one launch each:
+    224 launches a step for a 1B Llama, 448 for an 8B, on a host that sets the 1B step's pace. Packed,
+    the first cast of a pass casts the whole group in one launch and the others are views of it (same
+    values, same bits). The parameters stay the same objects (``p.data`` is re-pointed), so optimizers,
+    state dicts and peft's saving work as before; non-contiguous or non-floating ones are left alone.
+    ``SLOTHNB_PACK_ADAPTERS=0`` leaves all of them alone (benchmarks).
+    """
+    if os.environ.get("SLOTHNB_PACK_ADAPTERS", "1") == "0":
+        return 0
+    groups: dict = {}
+    for p in params:
+        if p.is_floating_point() and p.is_contiguous() and p.numel():
+            groups.setdefault((p.device, p.dtype), {})[id(p)] = p  # by id: each parameter once
+    packed = 0
+    with torch.no_grad():
+        for (device, dtype), members in groups.items():
+            members = list(members.values())
+            flat = torch.empty(sum(p.numel() for p in members), dtype=dtype, device=device)
+            pack, offset = _Pack(flat), 0
+            for i, p in enumerate(members):
+                n = p.numel()
+                flat[offset:offset + n].copy_(p.reshape(-1))
+                p.data = flat[offset:offset + n].view(p.shape)
+                ref = weakref.ref(p, lambda _, k=id(p): _PACKS.pop(k, None))
+                pack.members.append(ref)
+                _PACKS[id(p)] = (ref, pack, offset, i)
+                offset += n
+            packed += len(members)
+    return packed
+
+
+def _packed_cast(t: torch.Tensor, dtype: torch.dtype):
+    """``t`` in ``dtype`` as a view of its pack's cast for this pass, or None when ``t`` is not packed
+    (or no longer lives where ``pack_adapters`` put it)."""
+    entry = _PACKS.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    _, pack, offset, index = entry
+    storage = t.untyped_storage()
+    if (storage.data_ptr() != pack.ptr or storage.nbytes() != pack.nbytes or t.dtype != pack.dtype
+            or t.storage_offset() != offset or not t.is_contiguous()):
+        return None
+    cast, versions = pack.cast_for_pass(storage, dtype)
+    if versions[index] != t._version:  # changed in place since the group was cast
+        return None
+    return cast[offset:offset + t.numel()].view(t.shape)
 
 
 def _base(weight, quant_state, dtype) -> torch.Tensor:
@@ -174,13 +252,38 @@ def _forward_shared(X, parts, out_shapes):
     return Xa, xas, ys
 
 
+def _stacked(As) -> torch.Tensor:
+    """``torch.cat(As)`` (adapters of one input, ``[r_j, in]`` each), as a view when they already lie
+    one after another in memory (casts of adapters that ``pack_adapters`` placed side by side)."""
+    if len(As) == 1:
+        return As[0]
+    first, end, storage = As[0], As[0].data_ptr(), As[0].untyped_storage().data_ptr()
+    for A in As:
+        if (A.data_ptr() != end or A.untyped_storage().data_ptr() != storage or not A.is_contiguous()
+                or A.shape[1:] != first.shape[1:] or A.dtype != first.dtype):
+            return torch.cat(As)
+        end += A.numel() * A.element_size()
+    return first.as_strided((sum(A.shape[0] for A in As), *first.shape[1:]), first.stride())
+
+
+def _adapter_inputs(X, As):
+    """The ``x A_j^T`` of adapters sharing X, from one matmul (column views of ``x [A_1; ..]^T``)."""
+    if len(As) == 1:
+        return [X @ As[0].t()]
+    xa, out, start = X @ _stacked(As).t(), [], 0
+    for A in As:
+        out.append(xa[:, start:start + A.shape[0]])
+        start += A.shape[0]
+    return out
+
+
 def _widened_input(X, As):
     """(``Xa = [X | X A_1^T | ...]``, the ``X A_j^T`` as views of it), rows padded to ``_ALIGN``."""
     n, h = X.shape
     ranks = [A.shape[0] for A in As]
     Xa = torch.empty(n, _padded(h + sum(ranks)), dtype=X.dtype, device=X.device)
     Xa[:, :h].copy_(X)
-    Xa[:, h:h + sum(ranks)] = X @ (torch.cat(As) if len(As) > 1 else As[0]).t()
+    Xa[:, h:h + sum(ranks)] = X @ _stacked(As).t()
     xas, start = [], h
     for r in ranks:
         xas.append(Xa[:, start:start + r])
@@ -231,13 +334,36 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1.0 else t.mul_(scale)
 
 
+# torch.mm(..., out_dtype=) for adapter gradients; switched off at its first refusal.
+# SLOTHNB_MM_OUT_DTYPE=0 turns it off (benchmarks).
+_MM_OUT_DTYPE = os.environ.get("SLOTHNB_MM_OUT_DTYPE", "1") != "0"
+
+
+def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``dtype``: an adapter's gradient in its parameter's own dtype.
+
+    On CUDA a 16-bit product wanted in fp32 comes straight out of cuBLAS's fp32 accumulator: one
+    launch instead of a matmul and a cast (14 launches a Llama layer), and no 16-bit rounding on the
+    way. Elsewhere (CPU, or a torch without ``out_dtype``) it is the matmul and the cast.
+    """
+    global _MM_OUT_DTYPE
+    if a.dtype == dtype:
+        return a @ b
+    if _MM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return (a @ b).to(dtype)
+
+
 def _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, dX=None, need_dx=True):
     """(dX, dA, dB) of one LoRA linear (A, B in dY's dtype; ``dtypes`` = the params' own dtypes for
     dA, dB); dX is accumulated into ``dX`` when given."""
     dt = dY.dtype
-    dB = _scaled(dY.t() @ xa, scale).to(dtypes[1])
+    dB = _scaled(_mm_as(dY.t(), xa, dtypes[1]), scale)
     dyb = dY @ B
-    dA = _scaled(dyb.t() @ X, scale).to(dtypes[0])
+    dA = _scaled(_mm_as(dyb.t(), X, dtypes[0]), scale)
     if need_dx:
         W = _base(weight, quant_state, dt)
         if dX is None:
@@ -308,11 +434,9 @@ class LoraQKVFunction(torch.autograd.Function):
             Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes)
             X, saved = Xa, [Xa]  # X itself is Xa[:, :in]
         else:
-            xas, outs, saved = [], [], [X]
-            for (weight, quant_state, scale, Ac, Bc, _), shape in zip(parts, shapes):
-                xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=shape)
-                xas.append(xa)
-                outs.append(y)
+            xas, outs, saved = _adapter_inputs(X, [p[3] for p in parts]), [], [X]
+            for (weight, quant_state, scale, Ac, Bc, _), shape, xa in zip(parts, shapes, xas):
+                outs.append(_forward(X, weight, quant_state, Ac, Bc, scale, out_shape=shape, xa=xa)[1])
         bases = []
         for (weight, quant_state, scale, Ac, Bc, dtypes), xa in zip(parts, xas):
             saved += [xa, Ac, Bc]
@@ -353,13 +477,14 @@ class LoraMLPFunction(torch.autograd.Function):
             if shared:
                 X, (xa_g, xa_u) = _widened_input(X, [Ag, Au])
             else:
-                xa_g, xa_u = X @ Ag.t(), X @ Au.t()
+                xa_g, xa_u = _adapter_inputs(X, [Ag, Au])
         elif shared:
             n = X.shape[0]
             X, (xa_g, xa_u), (G, U) = _forward_shared(X, gate_up, [(n, Bg.shape[0]), (n, Bu.shape[0])])
         else:
-            xa_g, G = _forward(X, Wg, qg, Ag, Bg, sg)
-            xa_u, U = _forward(X, Wu, qu, Au, Bu, su)
+            xa_g, xa_u = _adapter_inputs(X, [Ag, Au])
+            G = _forward(X, Wg, qg, Ag, Bg, sg, xa=xa_g)[1]
+            U = _forward(X, Wu, qu, Au, Bu, su, xa=xa_u)[1]
         if keep is not None:
             keep(G, U)
         out_shape = (*x.shape[:-1], Bd.shape[0])
@@ -387,14 +512,14 @@ class LoraMLPFunction(torch.autograd.Function):
         dt = X.dtype
         dY = _rows(dy, dt)
         # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
-        dB_d = _scaled(dY.t() @ ha, sd).to(td[1])
+        dB_d = _scaled(_mm_as(dY.t(), ha, td[1]), sd)
         dyb = dY @ Bd
         dH = dY @ _base(Wd, qd, dt)
         dH.addmm_(dyb, Ad, alpha=sd)
         del dY, ha
         H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U
-        dA_d = _scaled(dyb.t() @ H, sd).to(td[0])
+        dA_d = _scaled(_mm_as(dyb.t(), H, td[0]), sd)
         del H, dyb
         need_dx = ctx.needs_input_grad[0]
         dX, dA_g, dB_g = _backward(dG, X, xa_g, Wg, qg, Ag, Bg, sg, tg, need_dx=need_dx)
@@ -469,5 +594,5 @@ def lora_linear_reference(x, p: LoraWeights, dequantized_weight=None):
     return x @ W.to(x.dtype).t() + p.scale * (x @ p.A.to(x.dtype).t()) @ p.B.to(x.dtype).t()
 
 
-__all__ = ["LoraWeights", "lora_linear", "lora_qkv", "lora_mlp", "lora_linear_reference",
+__all__ = ["LoraWeights", "pack_adapters", "lora_linear", "lora_qkv", "lora_mlp", "lora_linear_reference",
            "LoraLinearFunction", "LoraQKVFunction", "LoraMLPFunction"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from slothnb.errors import ConfigError, HardwareError
+from slothnb.kernels.lora import pack_adapters
 from slothnb.models.checkpointing import apply_gradient_checkpointing, normalize_mode
 from slothnb.models.embedding_offload import MIN_BYTES, offload_input_embedding, should_offload
 
@@ -217,6 +218,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
         peft_model = peft.get_peft_model(model, config)
 
     hf = peft_model.get_base_model()
+    pack_adapters(_adapters_in_pack_order(peft_model))
     offloaded = _offload_embedding(hf, offload_embedding)
     chosen = apply_gradient_checkpointing(peft_model, mode, layers=checkpoint_layers,
                                           budget_gib=checkpoint_budget_gib, seq_len=max_seq_length,
@@ -236,6 +238,25 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     hf._slothnb_lora = settings
     peft_model._slothnb_lora = settings
     return peft_model
+
+
+def _adapters_in_pack_order(peft_model) -> list:
+    """The trainable LoRA A and B matrices in the order ``pack_adapters`` lays them out.
+
+    The packed adapters are cast with one launch per pass (``slothnb.kernels.lora``). The A matrices of
+    one parent module come first and side by side (q, k, v, o of an attention; gate, up, down of an MLP).
+    Projections that share an input (q/k/v, gate/up) then get ``x [A_q; A_k; A_v]^T`` from one matmul
+    over a view, with no concatenation.
+    """
+    by_parent, bs = {}, []
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_A." in name:
+            by_parent.setdefault(name.split(".lora_A.")[0].rpartition(".")[0], []).append(p)
+        elif ".lora_B." in name:
+            bs.append(p)
+    return [p for group in by_parent.values() for p in group] + bs
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -230,3 +230,47 @@ def test_loftq_on_gpu_initialises_both_factors():
     assert not torch.equal(after, before)  # the base now holds the 4-bit-representable weight
     assert (recon - before).norm() < 0.9 * (after - before).norm()
     assert pm._slothnb_lora["loftq"]
+
+
+def test_adapters_are_packed_and_train_and_save_as_before(tmp_path):
+    """get_peft_model packs the adapters (one storage per dtype, the A's of q/k/v and of gate/up side by
+    side): the fused forward then casts them once a pass and reads x [A_q; A_k; A_v]^T from one matmul.
+    Loss and gradients are bit-identical to unpacked adapters, and a saved adapter loads back."""
+    from slothnb.kernels import lora as lora_mod
+    from slothnb.models.patching import patch_model
+
+    def build(pack):
+        model = tiny_model("llama", dtype=torch.bfloat16)
+        assert patch_model(model)
+        pm = get_peft_model(model, use_gradient_checkpointing=False)
+        _randomize_b(pm)
+        if not pack:
+            for p in pm.parameters():
+                p.data = p.data.clone()
+        return pm
+
+    packed, plain = build(True), build(False)
+    adapters = [p for n, p in packed.named_parameters() if p.requires_grad]
+    assert {p.dtype for p in adapters} == {torch.float32}
+    assert len({p.untyped_storage().data_ptr() for p in adapters}) == 1
+    attn = packed.get_base_model().model.layers[0].self_attn
+    As = [getattr(attn, f"{k}_proj").lora_A["default"].weight for k in "qkv"]
+    assert all(a.data_ptr() + a.numel() * 4 == b.data_ptr() for a, b in zip(As, As[1:]))
+    lora_mod.begin_pass()
+    assert lora_mod._stacked([lora_mod._cast(a, torch.bfloat16) for a in As]).data_ptr() == \
+        lora_mod._cast(As[0], torch.bfloat16).data_ptr()
+
+    results = []
+    for pm in (packed, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_lora_grads(pm))
+    (loss, grads), (ref_loss, ref) = results
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref.keys()
+    assert all(torch.equal(grads[n], ref[n]) for n in ref)
+
+    packed.save_pretrained(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama", dtype=torch.bfloat16), tmp_path / "adapter")
+    saved = dict(packed.named_parameters())
+    for n, p in loaded.named_parameters():
+        if ".lora_" in n:
+            assert torch.equal(p, saved[n].to(p.dtype)), n

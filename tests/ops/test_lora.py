@@ -347,3 +347,86 @@ def test_lora_mlp_without_output_gives_the_same_gradients(base, h_chunk_bytes, m
         lora_mlp(x, g, u, d).backward(torch.randn((2, 3, 64), generator=torch.Generator().manual_seed(5)))
         for a, b in zip(grads[0], [t.grad for t in (x, g.A, g.B, u.A, u.B, d.A, d.B)]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)  # fp32 sums in another order
+
+
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func.overloadpacket is torch.ops.aten._to_copy
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_adapters_are_cast_with_one_launch_a_pass():
+    """pack_adapters: the parameters become views of one tensor (same objects, same values); a pass
+    casts them all with one cast, each ``_cast`` is a view of it with the bits of its own ``.to()``."""
+    from slothnb.kernels import lora as lora_mod
+
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in ((4, 16), (2, 16), (16, 4), (16, 2))]
+    values = [p.detach().clone() for p in ps]
+    ids = [id(p) for p in ps]
+    assert lora_mod.pack_adapters(ps) == 4
+    assert [id(p) for p in ps] == ids and all(torch.equal(p, v) for p, v in zip(ps, values))
+    assert len({p.untyped_storage().data_ptr() for p in ps}) == 1
+    lora_mod.begin_pass()
+    with _CountCasts() as counted:
+        casts = [lora_mod._cast(p, torch.bfloat16) for p in ps]
+    assert counted.casts == 1
+    assert all(torch.equal(c, p.detach().to(torch.bfloat16)) for c, p in zip(casts, ps))
+    stacked = lora_mod._stacked(casts[:2])  # the A's lie side by side: a view, no concatenation
+    assert stacked.data_ptr() == casts[0].data_ptr() and torch.equal(stacked, torch.cat(casts[:2]))
+
+    ps[0].grad = torch.ones_like(ps[0])
+    torch.optim.AdamW(ps[:1], lr=0.5, fused=True).step()  # in place, no version bump: the next pass sees it
+    lora_mod.begin_pass()
+    assert torch.equal(lora_mod._cast(ps[0], torch.bfloat16), ps[0].detach().to(torch.bfloat16))
+
+    with torch.no_grad():
+        ps[1].add_(1.0)  # changed in place within a pass: cast alone, not served the pack's old values
+    fresh = lora_mod._cast(ps[1], torch.bfloat16)
+    assert torch.equal(fresh, ps[1].detach().to(torch.bfloat16))
+    ps[2].data = ps[2].data.clone()  # moved away from the pack (as model.to() does): the plain path
+    lora_mod.begin_pass()
+    moved = lora_mod._cast(ps[2], torch.bfloat16)
+    assert torch.equal(moved, ps[2].detach().to(torch.bfloat16))
+    assert moved.untyped_storage().data_ptr() != lora_mod._cast(ps[3], torch.bfloat16).untyped_storage().data_ptr()
+    key = id(ps[3])
+    del ps[3]
+    assert key not in lora_mod._PACKS  # dropped with the parameter
+
+
+def test_stacked_adapters_of_separate_tensors_are_concatenated():
+    from slothnb.kernels.lora import _adapter_inputs, _stacked
+
+    As = [torch.randn(3, 8), torch.randn(5, 8)]
+    assert torch.equal(_stacked(As), torch.cat(As))
+    X = torch.randn(6, 8, dtype=torch.float64)
+    for xa, A in zip(_adapter_inputs(X, [A.double() for A in As]), As):
+        torch.testing.assert_close(xa, X @ A.double().t())
+
+
+def test_adapter_gradient_in_its_own_dtype_on_cpu():
+    from slothnb.kernels import lora as lora_mod
+
+    a, b = torch.randn(32, 64, dtype=torch.bfloat16), torch.randn(64, 4, dtype=torch.bfloat16)
+    assert torch.equal(lora_mod._mm_as(a, b, torch.float32), (a @ b).float())
+    assert torch.equal(lora_mod._mm_as(a, b, torch.bfloat16), a @ b)
+
+
+@pytest.mark.gpu
+def test_adapter_gradient_comes_out_of_the_matmul_in_fp32_on_gpu():
+    """On CUDA the fp32 gradient of a bf16 product is cuBLAS's fp32 accumulator (``out_dtype``): one
+    launch, and closer to the exact product than the bf16-rounded one."""
+    from slothnb.kernels import lora as lora_mod
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(16, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    b = torch.randn(4096, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    exact = a.double() @ b.double()
+    got = lora_mod._mm_as(a, b, torch.float32)
+    assert lora_mod._MM_OUT_DTYPE and got.dtype == torch.float32
+    rounded = (a @ b).float()
+    assert (got.double() - exact).abs().max() < 0.5 * (rounded.double() - exact).abs().max()
