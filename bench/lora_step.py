@@ -12,7 +12,10 @@ the four systems' numbers can sit in one table from one GPU run:
 - peak allocated / reserved over the steps, counters reset after load, LoRA wrap and optimizer.
 
 It writes one JSON line per case in the peers' record format ("kind": "bench"), so the
-peers' `summarize.py` prints slothnb beside them.
+peers' `summarize.py` prints slothnb beside them. Beyond the peers' fields: per-step peaks and
+offload counts, ``host_queued_s`` (per step, how long the host took to queue it: about the step time
+when the step is host-bound; a synchronisation inside the step, such as the 8B's offloaded embedding
+lookup, adds its wait) and ``host_probe`` (this process's host speed before and after the steps).
 
     python bench/lora_step.py --model 8b --quant nf4 --seq 2048 --batch 2 --out results.jsonl
 """
@@ -61,6 +64,43 @@ def host_memory():
             "offload_limit_gib": round((HOST_BUDGET.limit or 0) / GiB, 1)}
 
 
+def host_probe(repeats: int = 3) -> dict:
+    """How fast this process's host thread is: a pure-Python loop (ns an iteration), a tiny CPU torch op
+    (µs each) and, on CUDA, the host side of a tiny kernel launch (µs each); the best of ``repeats``.
+
+    Why: a host-bound step (the 1B case) runs at the host's pace, and session 13 saw the same code run
+    at 26-48K tok/s on H100 machines whose processes each held a different steady pace. Recorded before
+    and after the timed steps, so a slow run can be told from a slow host.
+    """
+    import torch
+
+    def best(fn, n):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(n)
+            times.append((time.perf_counter() - t) / n)
+        return min(times)
+
+    def loop(n):
+        s = 0
+        for i in range(n):
+            s += i
+
+    def ops(n, x=torch.zeros(1)):
+        for _ in range(n):
+            x.add_(1)
+
+    out = {"python_ns_per_iter": round(best(loop, 200_000) * 1e9, 2),
+           "cpu_op_us": round(best(ops, 2_000) * 1e6, 2), "cuda_launch_us": None}
+    if torch.cuda.is_available():
+        y = torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+        out["cuda_launch_us"] = round(best(lambda n: ops(n, y), 2_000) * 1e6, 2)
+        torch.cuda.synchronize()
+    return out
+
+
 def train_step(model, opt, x):
     """The step every system is timed on: forward with labels=input_ids under bf16 autocast, backward,
     AdamW step, zero_grad. No synchronisation inside. Returns the loss."""
@@ -107,17 +147,19 @@ def run(args, rec):
         gc.collect()
         gc.freeze()
         rec["gc_frozen"] = gc.get_freeze_count()
+    probe_before = host_probe()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stats0 = torch.cuda.memory_stats()
     from slothnb.models import host_offload
 
-    times, losses, peaks, reserved, counts = [], [], [], [], []
+    times, queued, losses, peaks, reserved, counts = [], [], [], [], [], []
     for i in range(n):
         x = data[i].cuda()
         torch.cuda.synchronize()
         t = time.perf_counter()
         loss = train_step(model, opt, x)
+        queued.append(time.perf_counter() - t)  # the host's share: ~ the step time when host-bound
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(round(float(loss.detach().float()), 4))
@@ -131,12 +173,14 @@ def run(args, rec):
     med = statistics.median(timed)
     tokens = args.batch * args.seq
     rec.update(first_step_s=round(times[0], 3), step_s_median=round(med, 4),
-               step_times_s=[round(x, 4) for x in times], tokens_per_step=tokens,
+               step_times_s=[round(x, 4) for x in times], host_queued_s=[round(x, 4) for x in queued],
+               tokens_per_step=tokens,
                tokens_per_s=round(tokens / med, 1), losses=losses,
                peak_alloc_gib=round(max(peaks) / GiB, 3), peak_reserved_gib=round(max(reserved) / GiB, 3),
                peak_alloc_by_step_gib=[round(b / GiB, 3) for b in peaks], offload_counts_by_step=counts,
                mem_after_train=mem_now(torch))
     rec["host"] = host_memory()
+    rec["host_probe"] = {"before": probe_before, "after": host_probe()}
     from slothnb.models import layer_graphs
 
     # CUDA graphs' temporaries live in their own pool, outside peak_alloc: counted here (SLOTHNB_CUDA_GRAPHS=1)

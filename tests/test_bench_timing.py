@@ -61,3 +61,11 @@ def test_copy_sites_name_the_python_line_or_the_autograd_node():
     here = [site for site in rows if "test_bench_timing.py" in site]
     assert here and rows[here[0]] >= 1
     assert any(site.startswith("backward of ToCopyBackward") for site in rows), rows
+
+
+def test_lora_step_host_probe_measures_this_host():
+    import lora_step
+
+    probe = lora_step.host_probe(repeats=1)
+    assert probe["python_ns_per_iter"] > 0 and probe["cpu_op_us"] > 0
+    assert (probe["cuda_launch_us"] is None) == (not torch.cuda.is_available())
