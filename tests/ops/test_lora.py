@@ -105,6 +105,34 @@ def test_lora_qkv_gqa_shapes(base, dtype):
     compare(outs, refs, [x, q.A, q.B, k.A, k.B, v.A, v.B], [x64, rq.A, rq.B, rk.A, rk.B, rv.A, rv.B], dtype)
 
 
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+def test_shared_input_projections_with_their_own_ranks_scales_and_dtypes(base):
+    """q/k/v (and gate/up) take their adapter gradients from one matmul over all of them: each keeps its
+    own rank and scale. A's of different dtypes take the per-projection path. Both match float64."""
+    dtype = torch.float64
+    (q, rq), (k, rk), (v, rv) = (pair(o, 64, base, dtype, r=r, scale=sc, seed=s)
+                                 for o, r, sc, s in ((128, 4, 0.5, 0), (64, 8, 1.0, 1), (64, 2, 3.0, 2)))
+    x, x64 = make_x("3d", 64, dtype)
+    refs = [ref_proj(x64, r) for r in (rq, rk, rv)]
+    compare(lora_qkv(x, q, k, v), refs, [x, q.A, q.B, k.A, k.B, v.A, v.B],
+            [x64, rq.A, rq.B, rk.A, rk.B, rv.A, rv.B], dtype)
+
+    (g, rg), (u, ru), (d, rd) = (pair(o, i, base, dtype, r=r, scale=sc, seed=s)
+                                 for o, i, r, sc, s in ((128, 64, 4, 2.0, 3), (128, 64, 6, 0.25, 4), (64, 128, 4, 1.0, 5)))
+    u = LoraWeights(u.weight, u.quant_state, u.A.detach().float().requires_grad_(), u.B, u.scale)  # fp32 A: own path
+    ru.A = u.A.detach().double().requires_grad_()
+    x, x64 = make_x("3d", 64, dtype)
+    y = lora_mlp(x, g, u, d)
+    ref = ref_proj(F.silu(ref_proj(x64, rg)) * ref_proj(x64, ru), rd)
+    close(y, ref, TOL[dtype], "output")
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    y.backward(dy)
+    ref.backward(dy)
+    for leaf, ref_leaf in zip([x, g.A, g.B, u.A, u.B, d.A, d.B], [x64, rg.A, rg.B, ru.A, ru.B, rd.A, rd.B]):
+        assert leaf.grad.dtype == leaf.dtype
+        close(leaf.grad, ref_leaf.grad, TOL[leaf.dtype], f"grad of shape {tuple(leaf.shape)}")
+
+
 def mlp_case(base, dtype, activation, case="3d", ab_dtype=None, hidden=64, inter=128):
     (g, rg), (u, ru), (d, rd) = (pair(o, i, base, dtype, ab_dtype, seed=s)
                                  for o, i, s in ((inter, hidden, 0), (inter, hidden, 1), (hidden, inter, 2)))
