@@ -383,8 +383,7 @@ def _backward_shared(dYs: list, X, xas, parts, dtypes, need_dx=True):
     terms of all of them come from one matmul each: ``dA = [dY_j B_j]^T X`` for every j together, then
     split into row views, and ``dX += [dY_j B_j] [A_j]``. That is four launches fewer for q/k/v and
     two for gate/up; the A's are one view when packed (``_stacked``). ``dYs`` entries are dropped as
-    they are used, so a caller that hands over its only references frees each ``dY_j`` (gate/up: ~0.1
-    GB each on an 8B layer) before the next projection's dequantised W exists.
+    they are used: no dY_j is held longer than in the per-projection order.
     """
     n, dt = X.shape[0], X.dtype
     ranks = [p[3].shape[0] for p in parts]
@@ -576,7 +575,7 @@ class LoraMLPFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         if _one_dtype([tg, tu]):
             dYs = [dG, dU]
-            del dG, dU  # _backward_shared frees each as it is used
+            del dG, dU  # _backward_shared drops each as it is used
             dX, ((dA_g, dB_g), (dA_u, dB_u)) = _backward_shared(
                 dYs, X, [xa_g, xa_u], [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)], [tg, tu], need_dx=need_dx)
         else:
