@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from tiny_models import tiny_model  # noqa: E402
 
-from slothnb.kernels.lora import pack_adapters  # noqa: E402
+from slothnb.kernels.adapter_casts import pack_adapters  # noqa: E402
 from slothnb.models.lora import _adapters_in_pack_order  # noqa: E402
 from slothnb.models.checkpointing import apply_gradient_checkpointing  # noqa: E402
 from slothnb.models.patching import patch_model  # noqa: E402

@@ -22,7 +22,7 @@ How (per layer, per input signature: shapes, dtypes, autocast, which inputs need
   captures, later ones replay. A layer with active dropout, or inputs that are not all CUDA
   tensors, runs eagerly.
 
-What a capture must not see: cached casts (``kernels.lora._cast`` and autocast's cache) made outside
+What a capture must not see: cached casts (``kernels.adapter_casts._cast`` and autocast's cache) made outside
 the graph would be read at replay after they are gone, so casts are made inside the graph afresh;
 parameters are updated in place by the optimizer, so the graph reads their current values.
 

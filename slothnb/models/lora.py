@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from slothnb.errors import ConfigError, HardwareError
-from slothnb.kernels.lora import pack_adapters
+from slothnb.kernels.adapter_casts import pack_adapters
 from slothnb.models.checkpointing import apply_gradient_checkpointing, normalize_mode
 from slothnb.models.embedding_offload import MIN_BYTES, offload_input_embedding, should_offload
 

@@ -236,7 +236,7 @@ def test_adapters_are_packed_and_train_and_save_as_before(tmp_path):
     """get_peft_model packs the adapters (one storage per dtype, the A's of q/k/v and of gate/up side by
     side): the fused forward then casts them once a pass and reads x [A_q; A_k; A_v]^T from one matmul.
     Loss and gradients are bit-identical to unpacked adapters, and a saved adapter loads back."""
-    from slothnb.kernels import lora as lora_mod
+    from slothnb.kernels import adapter_casts as casts
     from slothnb.models.patching import patch_model
 
     def build(pack):
@@ -256,9 +256,9 @@ def test_adapters_are_packed_and_train_and_save_as_before(tmp_path):
     attn = packed.get_base_model().model.layers[0].self_attn
     As = [getattr(attn, f"{k}_proj").lora_A["default"].weight for k in "qkv"]
     assert all(a.data_ptr() + a.numel() * 4 == b.data_ptr() for a, b in zip(As, As[1:]))
-    lora_mod.begin_pass()
-    assert lora_mod._stacked([lora_mod._cast(a, torch.bfloat16) for a in As]).data_ptr() == \
-        lora_mod._cast(As[0], torch.bfloat16).data_ptr()
+    casts.begin_pass()
+    assert casts._stacked([casts._cast(a, torch.bfloat16) for a in As]).data_ptr() == \
+        casts._cast(As[0], torch.bfloat16).data_ptr()
 
     results = []
     for pm in (packed, plain):

@@ -311,26 +311,6 @@ def test_gpu_lora_qkv_llama_8b(base):
     _gpu_check(run, dtype)
 
 
-def test_adapter_casts_live_for_one_model_pass():
-    """fp32 adapters under a 16-bit compute dtype are cast once per model pass, and a fused AdamW
-    step (which updates in place without bumping ``_version``) is never served a stale copy."""
-    from slothnb.kernels import lora as lora_mod
-
-    A = torch.nn.Parameter(torch.randn(4, 16))
-    lora_mod.begin_pass()
-    first = lora_mod._cast(A, torch.bfloat16)
-    assert lora_mod._cast(A, torch.bfloat16) is first and torch.equal(first, A.detach().to(torch.bfloat16))
-    assert lora_mod._cast(A, torch.float32) is A  # nothing to cast
-    A.grad = torch.ones_like(A)
-    torch.optim.AdamW([A], lr=0.5, fused=True).step()
-    assert A._version == 0  # why the cache cannot key on the version alone
-    lora_mod.begin_pass()
-    second = lora_mod._cast(A, torch.bfloat16)
-    assert second is not first and torch.equal(second, A.detach().to(torch.bfloat16))
-    key = id(A)
-    del A
-    assert key not in lora_mod._CASTS  # dropped with the parameter
-
 
 def test_fused_outputs_are_not_views():
     """lora_qkv outputs are plain tensors, so RoPE may rotate them in place under autograd."""
@@ -376,64 +356,6 @@ def test_lora_mlp_without_output_gives_the_same_gradients(base, h_chunk_bytes, m
         for a, b in zip(grads[0], [t.grad for t in (x, g.A, g.B, u.A, u.B, d.A, d.B)]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)  # fp32 sums in another order
 
-
-class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.casts = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.casts += func.overloadpacket is torch.ops.aten._to_copy
-        return func(*args, **(kwargs or {}))
-
-
-def test_packed_adapters_are_cast_with_one_launch_a_pass():
-    """pack_adapters: the parameters become views of one tensor (same objects, same values); a pass
-    casts them all with one cast, each ``_cast`` is a view of it with the bits of its own ``.to()``."""
-    from slothnb.kernels import lora as lora_mod
-
-    gen = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in ((4, 16), (2, 16), (16, 4), (16, 2))]
-    values = [p.detach().clone() for p in ps]
-    ids = [id(p) for p in ps]
-    assert lora_mod.pack_adapters(ps) == 4
-    assert [id(p) for p in ps] == ids and all(torch.equal(p, v) for p, v in zip(ps, values))
-    assert len({p.untyped_storage().data_ptr() for p in ps}) == 1
-    lora_mod.begin_pass()
-    with _CountCasts() as counted:
-        casts = [lora_mod._cast(p, torch.bfloat16) for p in ps]
-    assert counted.casts == 1
-    assert all(torch.equal(c, p.detach().to(torch.bfloat16)) for c, p in zip(casts, ps))
-    stacked = lora_mod._stacked(casts[:2])  # the A's lie side by side: a view, no concatenation
-    assert stacked.data_ptr() == casts[0].data_ptr() and torch.equal(stacked, torch.cat(casts[:2]))
-
-    ps[0].grad = torch.ones_like(ps[0])
-    torch.optim.AdamW(ps[:1], lr=0.5, fused=True).step()  # in place, no version bump: the next pass sees it
-    lora_mod.begin_pass()
-    assert torch.equal(lora_mod._cast(ps[0], torch.bfloat16), ps[0].detach().to(torch.bfloat16))
-
-    with torch.no_grad():
-        ps[1].add_(1.0)  # changed in place within a pass: cast alone, not served the pack's old values
-    fresh = lora_mod._cast(ps[1], torch.bfloat16)
-    assert torch.equal(fresh, ps[1].detach().to(torch.bfloat16))
-    ps[2].data = ps[2].data.clone()  # moved away from the pack (as model.to() does): the plain path
-    lora_mod.begin_pass()
-    moved = lora_mod._cast(ps[2], torch.bfloat16)
-    assert torch.equal(moved, ps[2].detach().to(torch.bfloat16))
-    assert moved.untyped_storage().data_ptr() != lora_mod._cast(ps[3], torch.bfloat16).untyped_storage().data_ptr()
-    key = id(ps[3])
-    del ps[3]
-    assert key not in lora_mod._PACKS  # dropped with the parameter
-
-
-def test_stacked_adapters_of_separate_tensors_are_concatenated():
-    from slothnb.kernels.lora import _adapter_inputs, _stacked
-
-    As = [torch.randn(3, 8), torch.randn(5, 8)]
-    assert torch.equal(_stacked(As), torch.cat(As))
-    X = torch.randn(6, 8, dtype=torch.float64)
-    for xa, A in zip(_adapter_inputs(X, [A.double() for A in As]), As):
-        torch.testing.assert_close(xa, X @ A.double().t())
 
 
 def test_adapter_gradient_in_its_own_dtype_on_cpu():

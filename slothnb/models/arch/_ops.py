@@ -6,7 +6,8 @@ import torch
 from slothnb.kernels.cross_entropy import cross_entropy
 from slothnb.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from slothnb.kernels.geglu import geglu
-from slothnb.kernels.lora import begin_pass, lora_linear, lora_mlp, lora_qkv
+from slothnb.kernels.adapter_casts import begin_pass
+from slothnb.kernels.lora import lora_linear, lora_mlp, lora_qkv
 from slothnb.kernels.rms_norm import rms_norm
 from slothnb.kernels.rope import apply_rope, apply_rope_projections, rope_in_place_ok
 from slothnb.kernels.softcap_attention import HEAD_DIMS as SOFTCAP_HEAD_DIMS
