@@ -15,6 +15,8 @@
 #                                 env LORA_STEP_ARGS (e.g. "--rank 32 --alpha 32 --warmup 0 --steps 1"), CASE_TIMEOUT (300 s)
 #   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt;
 #                                 env PROFILE_ARGS (e.g. "--host": the host's Python hot spots)
+#   base:COMMIT:MODEL:QUANT:SEQ[:BATCH]  the same step with an older commit's code (bench/ab_base.sh), for
+#                                 same-machine A/B runs alternating with slothnb:...; -> $OUT/results-base.jsonl
 #   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
 # Results: $OUT/results.jsonl (peers' format), summarised at the end.
@@ -55,6 +57,9 @@ for step in "$@"; do
       timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" \
         --batch "$batch" --grad-ckpt "${gc:-slothnb}" ${LORA_STEP_ARGS:-} \
         ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" | cut -c1-400 ;;
+    base:*)
+      IFS=: read -r _ commit model quant seq batch <<<"$step"
+      bash bench/ab_base.sh "$commit" "$model" "$quant" "$seq" "${batch:-2}" ;;
     profile:*)
       IFS=: read -r _ model quant seq batch gc <<<"$step"
       timeout -k 10 240 python3 bench/profile_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" \
