@@ -23,6 +23,7 @@ Dtypes: the matmuls run in the compute dtype, the autocast dtype when autocast i
 peft+autocast model would), else x's dtype. A and B may be fp32 master weights: they are cast for
 the matmuls and their gradients come back in their own dtype, as does x's.
 """
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -138,8 +139,6 @@ def _forward_shared(X, parts, out_shapes):
 
 def _adapter_inputs(X, As):
     """The ``x A_j^T`` of adapters sharing X, from one matmul (column views of ``x [A_1; ..]^T``)."""
-    if len(As) == 1:
-        return [X @ As[0].t()]
     xa, out, start = X @ _stacked(As).t(), [], 0
     for A in As:
         out.append(xa[:, start:start + A.shape[0]])
@@ -227,33 +226,15 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-def _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, dX=None, need_dx=True):
-    """(dX, dA, dB) of one LoRA linear (A, B in dY's dtype; ``dtypes`` = the params' own dtypes for
-    dA, dB); dX is accumulated into ``dX`` when given."""
-    dt = dY.dtype
-    dB = _scaled(_mm_as(dY.t(), xa, dtypes[1]), scale)
-    dyb = dY @ B
-    dA = _scaled(_mm_as(dyb.t(), X, dtypes[0]), scale)
-    if need_dx:
-        W = _base(weight, quant_state, dt)
-        if dX is None:
-            dX = dY @ W
-        else:
-            dX.addmm_(dY, W)
-        del W
-        dX.addmm_(dyb, A, alpha=scale)
-    return dX, dA, dB
+def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True):
+    """(dX, [(dA_j, dB_j)]) of LoRA projections sharing the input X (one projection, or q/k/v, or
+    gate/up): ``parts`` = [(W, quant_state, scale, A, B)] with A, B in dY's dtype, ``dtypes`` = [(A dtype,
+    B dtype)] of the parameters, in which their gradients come back.
 
-
-def _backward_shared(dYs: list, X, xas, parts, dtypes, need_dx=True):
-    """(dX, [(dA_j, dB_j)]) of projections sharing X (q/k/v; gate/up): ``parts`` = [(W, quant_state,
-    scale, A, B)], ``dtypes`` = [(A dtype, B dtype)] of the parameters.
-
-    Per projection, dB_j, ``dY_j B_j`` and ``dY_j W_j``, as ``_backward`` computes them. The adapter
-    terms of all of them come from one matmul each: ``dA = [dY_j B_j]^T X`` for every j together, then
-    split into row views, and ``dX += [dY_j B_j] [A_j]``. That is four launches fewer for q/k/v and
-    two for gate/up; the A's are one view when packed (``_stacked``). ``dYs`` entries are dropped as
-    they are used: no dY_j is held longer than in the per-projection order.
+    Per projection: ``dB_j = s_j dY_j^T (x A_j^T)``, ``dY_j B_j`` and ``dX += dY_j W_j``. The adapter
+    terms of all projections come from one matmul each: ``dA = [dY_j B_j]^T X`` (split into row views)
+    and ``dX += [dY_j B_j] [A_j]``, four launches fewer for q/k/v and two for gate/up than one by one;
+    the A's are one view when packed (``_stacked``). ``dYs`` entries are dropped as they are used.
     """
     n, dt = X.shape[0], X.dtype
     ranks = [p[3].shape[0] for p in parts]
@@ -275,19 +256,15 @@ def _backward_shared(dYs: list, X, xas, parts, dtypes, need_dx=True):
         del dY
         start += r
     common = scales[0] if same_scale else 1.0
-    dA = _scaled(_mm_as(dyb_t, X, dtypes[0][0]), common)
+    a_dtype = functools.reduce(torch.promote_types, [d[0] for d in dtypes])  # A's of mixed dtypes: the widest
+    dA = _scaled(_mm_as(dyb_t, X, a_dtype), common)
     if need_dx:
         dX.addmm_(dyb_t.t(), _stacked([p[3] for p in parts]), alpha=common)
     grads, start = [], 0
-    for r, dB in zip(ranks, dBs):
-        grads.append((dA[start:start + r], dB))
+    for r, dB, (ta, _) in zip(ranks, dBs, dtypes):
+        grads.append((dA[start:start + r].to(ta), dB))
         start += r
     return dX, grads
-
-
-def _one_dtype(dtypes) -> bool:
-    """Whether the A parameters of projections share a dtype (their gradients then come from one matmul)."""
-    return all(d[0] == dtypes[0][0] for d in dtypes)
 
 
 def _rows(x, dt):
@@ -332,8 +309,8 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         X, xa, A, B = ctx.saved_tensors
         weight, quant_state, scale, dtypes = ctx.base
-        dY = _rows(dy, X.dtype)
-        dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, need_dx=ctx.needs_input_grad[0])
+        dX, ((dA, dB),) = _backward([_rows(dy, X.dtype)], X, [xa], [(weight, quant_state, scale, A, B)], [dtypes],
+                                    need_dx=ctx.needs_input_grad[0])
         dx = None if dX is None else dX.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         return dx, None, None, dA, dB
 
@@ -368,18 +345,10 @@ class LoraQKVFunction(torch.autograd.Function):
         X = X[:, :ctx.in_features]  # a view when the forward kept [X | x A^T ...] together
         need_dx = ctx.needs_input_grad[0]
         dX, grads = None, []
-        if _one_dtype([b[3] for b in ctx.bases]):
-            parts = [(w, qs, sc, rest[3 * i + 1], rest[3 * i + 2]) for i, (w, qs, sc, _) in enumerate(ctx.bases)]
-            dX, pairs = _backward_shared([_rows(dy, X.dtype) for dy in dys], X, rest[0::3], parts,
-                                         [b[3] for b in ctx.bases], need_dx=need_dx)
-            grads = [g for pair in pairs for g in pair]
-        else:
-            for i, dy in enumerate(dys):
-                xa, A, B = rest[3 * i:3 * i + 3]
-                weight, quant_state, scale, dtypes = ctx.bases[i]
-                dY = _rows(dy, X.dtype)
-                dX, dA, dB = _backward(dY, X, xa, weight, quant_state, A, B, scale, dtypes, dX=dX, need_dx=need_dx)
-                grads += [dA, dB]
+        parts = [(w, qs, sc, rest[3 * i + 1], rest[3 * i + 2]) for i, (w, qs, sc, _) in enumerate(ctx.bases)]
+        dX, pairs = _backward([_rows(dy, X.dtype) for dy in dys], X, rest[0::3], parts, [b[3] for b in ctx.bases],
+                              need_dx=need_dx)
+        grads = [g for pair in pairs for g in pair]
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
         return (dx, None, *grads)
 
@@ -443,15 +412,10 @@ class LoraMLPFunction(torch.autograd.Function):
         dA_d = _scaled(_mm_as(dyb.t(), H, td[0]), sd)
         del H, dyb
         need_dx = ctx.needs_input_grad[0]
-        if _one_dtype([tg, tu]):
-            dYs = [dG, dU]
-            del dG, dU  # _backward_shared drops each as it is used
-            dX, ((dA_g, dB_g), (dA_u, dB_u)) = _backward_shared(
-                dYs, X, [xa_g, xa_u], [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)], [tg, tu], need_dx=need_dx)
-        else:
-            dX, dA_g, dB_g = _backward(dG, X, xa_g, Wg, qg, Ag, Bg, sg, tg, need_dx=need_dx)
-            del dG
-            dX, dA_u, dB_u = _backward(dU, X, xa_u, Wu, qu, Au, Bu, su, tu, dX=dX, need_dx=need_dx)
+        dYs = [dG, dU]
+        del dG, dU  # _backward drops each as it is used
+        dX, ((dA_g, dB_g), (dA_u, dB_u)) = _backward(
+            dYs, X, [xa_g, xa_u], [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)], [tg, tu], need_dx=need_dx)
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
         return (dx, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 

@@ -108,7 +108,7 @@ def test_lora_qkv_gqa_shapes(base, dtype):
 @pytest.mark.parametrize("base", ["16bit", "nf4"])
 def test_shared_input_projections_with_their_own_ranks_scales_and_dtypes(base):
     """q/k/v (and gate/up) take their adapter gradients from one matmul over all of them: each keeps its
-    own rank and scale. A's of different dtypes take the per-projection path. Both match float64."""
+    own rank and scale, and A's of different dtypes get their gradients in their own dtypes. Both match float64."""
     dtype = torch.float64
     (q, rq), (k, rk), (v, rv) = (pair(o, 64, base, dtype, r=r, scale=sc, seed=s)
                                  for o, r, sc, s in ((128, 4, 0.5, 0), (64, 8, 1.0, 1), (64, 2, 3.0, 2)))
