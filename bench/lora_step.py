@@ -101,6 +101,34 @@ def host_probe(repeats: int = 3) -> dict:
     return out
 
 
+class _GcPauses:
+    """Python's cyclic-GC pauses inside each step's queueing (``gc.callbacks``): [ms, collections of
+    generation 0, 1, 2]. A host-bound step pays them in full."""
+
+    def __init__(self):
+        import gc
+
+        self.steps, self._t = [], None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None and self.steps:
+            row = self.steps[-1]
+            row[0] += (time.perf_counter() - self._t) * 1e3
+            row[1 + info["generation"]] += 1
+
+    def begin_step(self):
+        self.steps.append([0.0, 0, 0, 0])
+
+    def close(self):
+        import gc
+
+        gc.callbacks.remove(self._callback)
+        return [[round(r[0], 2), *r[1:]] for r in self.steps]
+
+
 def train_step(model, opt, x):
     """The step every system is timed on: forward with labels=input_ids under bf16 autocast, backward,
     AdamW step, zero_grad. No synchronisation inside. Returns the loss."""
@@ -148,6 +176,7 @@ def run(args, rec):
         gc.freeze()
         rec["gc_frozen"] = gc.get_freeze_count()
     probe_before = host_probe()
+    gc_pauses = _GcPauses()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stats0 = torch.cuda.memory_stats()
@@ -158,6 +187,7 @@ def run(args, rec):
         x = data[i].cuda()
         torch.cuda.synchronize()
         t = time.perf_counter()
+        gc_pauses.begin_step()
         loss = train_step(model, opt, x)
         queued.append(time.perf_counter() - t)  # the host's share: ~ the step time when host-bound
         torch.cuda.synchronize()
@@ -181,6 +211,7 @@ def run(args, rec):
                mem_after_train=mem_now(torch))
     rec["host"] = host_memory()
     rec["host_probe"] = {"before": probe_before, "after": host_probe()}
+    rec["gc_pauses_by_step"] = gc_pauses.close()
     from slothnb.models import layer_graphs
 
     # CUDA graphs' temporaries live in their own pool, outside peak_alloc: counted here (SLOTHNB_CUDA_GRAPHS=1)

@@ -30,6 +30,11 @@ def main():
                     help="also print the host's Python hot spots (cProfile over 3 unsynchronised steps)")
     ap.add_argument("--copies", action="store_true",
                     help="also print where the step's copy kernels come from (Python call site or autograd node)")
+    ap.add_argument("--gemms", action="store_true",
+                    help="also print the step's matmuls by shape (GPU ms, TFLOP/s) and each stream's busy time")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also profile 3 steps as the benchmark runs them (no syncs, GPU activity only) and say "
+                         "where the compute stream idles: before which kernels, and how much of it waits on copies")
     ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
     a = ap.parse_args()
     gc = {"true": True, "false": False}.get(a.grad_ckpt, a.grad_ckpt)
@@ -86,6 +91,15 @@ def main():
     print(f"# profiled step wall {wall*1e3:.1f} ms, GPU busy {gpu_total*1e3:.1f} ms "
           f"({100 * gpu_total / wall:.0f}%), {launches:.0f} GPU kernels and copies a step")
     print(events.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=70))
+    print_streams(prof, 2)
+    if a.gemms:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            step()
+            torch.cuda.synchronize()
+        print_gemms(prof, a.top * 2)
+    if a.timeline:
+        print_timeline(model, opt, x, a.top)
     if a.host:
         print_host_profile(model, opt, x, a.top)
     if a.copies:
@@ -105,6 +119,117 @@ def main():
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         print_peak_breakdown(snap, base, a.top)
+
+
+def print_streams(prof, steps):
+    """Per CUDA stream: kernels and copies, busy time (union of their intervals) and, on the busiest
+    stream (the compute stream), the idle gaps between its kernels: the GPU time a step loses to the
+    host queueing late or to waits on copies."""
+    from torch.autograd import DeviceType
+
+    by_stream = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            by_stream.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end))
+    busiest = None
+    for stream, spans in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
+        spans.sort()
+        busy, gaps, big, end = 0.0, 0.0, [], None
+        for s0, s1 in spans:
+            if end is not None and s0 > end:
+                gaps += s0 - end
+                big.append(s0 - end)
+            busy += max(0.0, s1 - max(s0, end if end is not None else s0))
+            end = s1 if end is None else max(end, s1)
+        total = end - spans[0][0]
+        busiest = busiest or stream
+        big.sort(reverse=True)
+        print(f"# stream {stream}: {len(spans) / steps:.0f} kernels/copies a step, busy {busy / steps / 1e3:.1f} ms "
+              f"of {total / steps / 1e3:.1f} ms ({100 * busy / max(total, 1):.0f}%), idle gaps {gaps / steps / 1e3:.1f} ms "
+              f"a step; gaps > 50 us: {sum(g for g in big if g > 50) / steps / 1e3:.1f} ms in "
+              f"{sum(1 for g in big if g > 50) / steps:.0f}; largest {[round(g) for g in big[:5]]} us")
+
+
+def print_timeline(model, opt, x, top, steps=3, min_gap_us=20.0):
+    """The compute stream's idle gaps over ``steps`` unsynchronised steps, profiled with GPU activity
+    only (the host runs nearly as fast as unprofiled). A gap that ends within 15 us of a side-stream
+    copy's end waited on that copy; the others waited on the host (or on an event the host recorded
+    late). Gaps are summed by the name of the kernel that ended them."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(model, opt, x)
+        torch.cuda.synchronize()
+    by_stream = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            by_stream.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end, e.name))
+    compute = max(by_stream, key=lambda k: len(by_stream[k]))
+    spans = sorted(by_stream[compute])
+    copy_ends = sorted(s1 for k, v in by_stream.items() if k != compute for _, s1, _ in v)
+    import bisect
+
+    total = spans[-1][1] - spans[0][0]
+    busy = waits_copy = waits_host = 0.0
+    by_next, end = {}, None
+    for s0, s1, name in spans:
+        if end is not None and s0 - end > min_gap_us:
+            gap = s0 - end
+            i = bisect.bisect_right(copy_ends, s0 + 1)
+            on_copy = i > 0 and s0 - copy_ends[i - 1] < 15 and copy_ends[i - 1] > end
+            if on_copy:
+                waits_copy += gap
+            else:
+                waits_host += gap
+            key = ("copy  " if on_copy else "host  ") + name[:90]
+            n, g = by_next.get(key, (0, 0.0))
+            by_next[key] = (n + 1, g + gap)
+        busy += max(0.0, s1 - max(s0, end if end is not None else s0))
+        end = s1 if end is None else max(end, s1)
+    print(f"# timeline of {steps} unsynchronised steps: {total / steps / 1e3:.1f} ms a step, compute stream busy "
+          f"{busy / steps / 1e3:.1f} ms; idle gaps > {min_gap_us:.0f} us: {waits_copy / steps / 1e3:.1f} ms a step "
+          f"waiting on copies, {waits_host / steps / 1e3:.1f} ms on the host; by the kernel after the gap:")
+    for key, (n, g) in sorted(by_next.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"#   {g / steps / 1e3:7.2f} ms {n / steps:6.1f} gaps  {key}")
+
+
+def _gemm_flops(name, shapes):
+    """2*M*K*N of a matmul op from its recorded input shapes (None if not a plain 2-D matmul)."""
+    try:
+        if name == "aten::mm":
+            (m, k), (_, n) = shapes[0], shapes[1]
+        elif name in ("aten::addmm", "aten::addmm_"):
+            (m, k), (_, n) = shapes[1], shapes[2]
+        elif name in ("aten::bmm", "aten::baddbmm"):
+            (b, m, k), (_, _, n) = shapes[-2], shapes[-1]
+            return 2 * b * m * k * n
+        else:
+            return None
+        return 2 * m * k * n
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def print_gemms(prof, top):
+    """The step's matmuls grouped by op and shape: calls, GPU ms, achieved TFLOP/s, most time first."""
+    rows = {}
+    for e in prof.events():
+        flops = _gemm_flops(e.name, e.input_shapes or [])
+        if flops is None:
+            continue
+        key = (e.name, str([list(s) for s in e.input_shapes if s]))
+        n, ms, fl = rows.get(key, (0, 0.0, 0))
+        rows[key] = (n + 1, ms + e.device_time_total / 1e3, fl + flops)
+    total_ms = sum(r[1] for r in rows.values())
+    total_fl = sum(r[2] for r in rows.values())
+    print(f"# matmuls of one step: {sum(r[0] for r in rows.values())} calls, {total_ms:.1f} ms GPU, "
+          f"{total_fl / 1e12:.1f} TFLOP, {total_fl / max(total_ms, 1e-9) / 1e9:.0f} TFLOP/s overall")
+    for (name, shapes), (n, ms, fl) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"#   {ms:8.2f} ms {n:5d} calls {fl / max(ms, 1e-9) / 1e9:6.0f} TFLOP/s  {name} {shapes}")
 
 
 def print_host_profile(model, opt, x, top):
@@ -135,9 +260,12 @@ def print_host_profile(model, opt, x, top):
         torch.cuda.synchronize()
         total = (time.perf_counter() - t) / 3
     stats = pstats.Stats(profiler)
+    if os.environ.get("OUT"):  # the raw statistics, for reading offline with pstats
+        stats.dump_stats(os.path.join(os.environ["OUT"], f"host-{os.getpid()}.pstats"))
     print(f"# host: {host * 1e3:.1f} ms a step to queue the work (under cProfile), {total * 1e3:.1f} ms until "
           f"the GPU finished; {stats.total_calls / 3:.0f} Python calls a step")
     stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumtime").print_stats(top)
 
 
 def copy_sites(prof) -> list[tuple[str, int, float, float]]:

@@ -37,7 +37,7 @@ def kernel(monkeypatch):
     monkeypatch.setattr(_utils, "INTERPRET", False)
     monkeypatch.setattr(_utils, "FAST_LAUNCH", True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 77})())
+    monkeypatch.setattr(_utils, "_raw_stream", lambda device: 77)  # the current stream's raw handle
     fake = FakeJit()
     return _utils.fast_launch(fake), fake.launches
 
@@ -114,6 +114,13 @@ def test_fast_and_triton_launches_give_the_same_bits_on_gpu(monkeypatch):
     run()  # compiles / records each specialisation
     got = run()  # launched directly
     for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+    side = torch.cuda.Stream()  # launched on the current stream's raw handle, whichever stream that is
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = run()
+    side.synchronize()
+    for e, g in zip(expected, on_side):
         assert torch.equal(e, g)
 
 
