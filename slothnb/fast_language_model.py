@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from slothnb import memory, saving
+from slothnb import memory, python_gc, saving
 from slothnb.models import checkpointing, lora, patching
 from slothnb.models.loader import load_model_and_tokenizer
 
@@ -41,6 +41,7 @@ class FastLanguageModel:
         a ``max_seq_length`` past the trained context turns on RoPE scaling. ``patch`` binds the Triton
         kernels; ``fix_tokenizer`` repairs pad/eos/BOS (see ``slothnb.models.tokenizer_fixes``).
         """
+        python_gc.unfreeze()  # a model frozen by an earlier for_training and dropped since can be collected
         model, tokenizer = load_model_and_tokenizer(
             model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, token=token,
             device_map=device_map, trust_remote_code=trust_remote_code, fix_tokenizer=fix_tokenizer,
@@ -82,7 +83,8 @@ class FastLanguageModel:
 
     @staticmethod
     def for_training(model, tokenizer=None, use_gradient_checkpointing=None):
-        """Train mode, KV cache off, the checkpointing that ``for_inference`` switched off back on, right padding."""
+        """Train mode, KV cache off, the checkpointing that ``for_inference`` switched off back on, right padding;
+        the objects alive now are frozen out of Python's full collections (``slothnb.python_gc``)."""
         hf = _hf_model(model)
         mode = use_gradient_checkpointing
         if mode is None:
@@ -95,4 +97,5 @@ class FastLanguageModel:
         tok = _tokenizer_of(model, tokenizer)
         if tok is not None:
             tok.padding_side = "right"
+        python_gc.freeze_for_training()
         return model

@@ -32,6 +32,16 @@ def device():
 
 
 @pytest.fixture(autouse=True)
+def _unfreeze_python_gc():
+    """``for_training`` and the trainer freeze what is alive out of Python's full collections
+    (``slothnb.python_gc``); the tests share one process, so each one gives it back afterwards."""
+    yield
+    import gc
+
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
 def _release_cuda_memory(request):
     """The GPU tests share one process and run in any order: after each, whatever it left behind is
     collected and the allocator's cached blocks handed back, so the next test's peak-memory assertions

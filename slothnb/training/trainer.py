@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from slothnb import python_gc
 from slothnb.errors import HardwareError, TrainingStopped
 from slothnb.training.data import check_dataset
 from slothnb.training.guards import LossGuard, check_max_steps, check_output_dir, check_trainable_labels
@@ -195,9 +196,11 @@ class SlothTrainer(SFTTrainer):
         return path
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Train; on KeyboardInterrupt save a checkpoint and re-raise (``finetune`` returns cleanly)."""
+        """Train; on KeyboardInterrupt save a checkpoint and re-raise (``finetune`` returns cleanly). What is
+        alive at the start is frozen out of Python's full collections (``slothnb.python_gc``)."""
         check_trainable_labels(self.train_dataset, getattr(self, "_slothnb_markers", None))
         self.last_checkpoint = None
+        python_gc.freeze_for_training()
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                  ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)

@@ -52,7 +52,11 @@ def _grads_after_one_step(tmp_path, batch, accum, model_loss):
                                                         gradient_accumulation_steps=accum, learning_rate=0.0),
                            train_dataset=data, processing_class=tok, callbacks=[capture])
     assert trainer.use_model_loss is model_loss
+    import gc
+
+    assert gc.get_freeze_count() == 0
     trainer.train()
+    assert gc.get_freeze_count() > 10_000  # what was alive at the start is out of full collections
     return capture.grads, trainer
 
 
