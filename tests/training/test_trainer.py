@@ -54,7 +54,7 @@ def _grads_after_one_step(tmp_path, batch, accum, model_loss):
     assert trainer.use_model_loss is model_loss
     import gc
 
-    assert gc.get_freeze_count() == 0
+    gc.unfreeze()  # a test may train twice
     trainer.train()
     assert gc.get_freeze_count() > 10_000  # what was alive at the start is out of full collections
     return capture.grads, trainer
