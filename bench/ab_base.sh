@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 (cd "$base" && env -u PYTHONPATH PYTHONPATH="$base:/tmp/site" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   ANCHOR_MODEL_ROOT="${ANCHOR_MODEL_ROOT:-/tmp/anchor_models}" timeout "${CASE_TIMEOUT:-300}" \
   python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" --batch "$batch" --grad-ckpt slothnb \
-  --peak-tflops "${PEAK_TFLOPS:-778}" --out "$OUT/results-base.jsonl" > /dev/null 2>&1) || echo "base run failed"
+  --peak-tflops "${PEAK_TFLOPS:-778}" ${LORA_STEP_ARGS:-} --out "$OUT/results-base.jsonl" > /dev/null 2>&1) || echo "base run failed"
 tail -1 "$OUT/results-base.jsonl" | python3 -c "
 import json, sys
 r = json.loads(sys.stdin.read())
