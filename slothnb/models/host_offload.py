@@ -343,7 +343,9 @@ _IN_FLIGHT: collections.deque = collections.deque()  # (event, tensor): device->
 # allocated until the GPU has produced and copied it: Llama-3.1-8B at 4,096 tokens held ~15 layers of
 # inputs and carried values (~1.9 GiB) that way at the step's peak. Past this many layers the host waits
 # for the oldest copy; the GPU still has this many layers of work queued, so it never idles for it.
-LAYERS_AHEAD = 3
+# SLOTHNB_OFFLOAD_LAYERS_AHEAD overrides it (benchmarks: more lets a host that is sometimes slower than
+# the GPU catch up, for the memory of that many more layer inputs).
+LAYERS_AHEAD = max(1, int(os.environ.get("SLOTHNB_OFFLOAD_LAYERS_AHEAD", "3")))
 _LAYER_COPIES: collections.deque = collections.deque()  # the copy event of each layer input in flight
 
 
