@@ -78,12 +78,13 @@ def _recomputing():
 # recompute's matmul FLOPs): SLOTHNB_CARRY_ATTN_OUTPUT=0 turns it off. The MLP hands over its gate and
 # up outputs (``carry_gate_up``: 74% of a recompute's matmul FLOPs, but 7x the bytes of a layer input)
 # in one layer of every ``CARRY_MLP_EVERY``: the PCIe link takes no more without the forward waiting
-# for it (H100, 8B, 4,096 tokens a step: every layer made the step 10-30% slower, one in three ~4%
-# faster). SLOTHNB_CARRY_MLP=0 turns it off. Values over ``CARRY_MAX_BYTES`` are not carried: at long
+# for it (H100, 8B, 4,096 tokens a step: every layer made the step 10-30% slower; one in three was
+# ~4% faster than none, one in two 1-4% faster again, in six of six same-machine pairs over 8B at
+# 4,096 and 8,192 tokens and Qwen2.5-7B in session 14). SLOTHNB_CARRY_MLP=0 turns it off. Values over ``CARRY_MAX_BYTES`` are not carried: at long
 # context the host memory is the layer inputs' (400K tokens need 27 of 32 of them there).
 CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
 CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "1") == "1"
-CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "3")))
+CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "2")))
 CARRY_MAX_BYTES = 512 << 20
 # Carrying pays where the GPU sets the step's pace. Below this many bytes of input to the attention
 # output projection or the MLP (the Llama-3.2-1B shape at 4,096 tokens a step: 16 MiB) the step is
