@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import fast_launch, next_power_of_2, use_triton
+from ._utils import cdiv, fast_launch, next_power_of_2, use_triton
 from .geglu import _gelu_and_grad, geglu
 from .swiglu import swiglu
 
@@ -82,7 +82,7 @@ def gated_backward(activation: str, dh: torch.Tensor, g: torch.Tensor, u: torch.
     n_rows = g.numel() // max(n_cols, 1)
     if g.numel():
         block = min(BLOCK, next_power_of_2(n_cols))
-        grid = (n_rows, triton.cdiv(n_cols, block))
+        grid = (n_rows, cdiv(n_cols, block))
         _gated_backward_inplace[grid](dh, g_buf, u_buf, n_cols, ACT=ACTIVATIONS.index(activation), BLOCK=block)
     for t in (g, u):
         torch.autograd.graph.increment_version(t)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import fast_launch, use_triton
+from ._utils import cdiv, fast_launch, use_triton
 from ..errors import ConfigError
 
 OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
@@ -224,7 +224,7 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tens
         return out
     row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
     blocks = max(1, OUTPUTS_PER_PROGRAM // w.blocksize)
-    grid = (triton.cdiv(triton.cdiv(n, w.blocksize), blocks),)
+    grid = (cdiv(cdiv(n, w.blocksize), blocks),)
     pairs = (PAIRED_STORES and dtype == torch.bfloat16 and n % 2 == 0 and row_stride % 2 == 0
              and out.storage_offset() % 2 == 0)
     _dequantize_nf4_kernel[grid](

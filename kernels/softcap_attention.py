@@ -32,7 +32,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import INTERPRET, tanh, use_triton
+from ._utils import INTERPRET, cdiv, tanh, use_triton
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -275,7 +275,7 @@ def _forward(q, k, v, softcap, scale, causal, window, blocks):
     o = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     bm, bn, opts = _config(_FWD, D, q.dtype, blocks)
-    _fwd[(triton.cdiv(S, bm), B * H)](
+    _fwd[(cdiv(S, bm), B * H)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, H // Hk, S, float(scale), float(softcap), int(window or 0),
         BLOCK_M=bm, BLOCK_N=bn, **_flags(q, D, causal, window), **opts)
@@ -288,15 +288,15 @@ def _backward(do, q, k, v, o, lse, softcap, scale, causal, window, blocks):
     do = _unit_last(do)
     delta = torch.empty_like(lse)
     bm, bn, opts = _config(_BWD, D, q.dtype, blocks)
-    _bwd_delta[(triton.cdiv(S, bm), B * H)](o, do, delta, *_strides(o), *_strides(do), H, S, D=D, BLOCK_M=bm)
+    _bwd_delta[(cdiv(S, bm), B * H)](o, do, delta, *_strides(o), *_strides(do), H, S, D=D, BLOCK_M=bm)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(**_flags(q, D, causal, window), **opts)
-    _bwd_dkdv[(triton.cdiv(S, bn), B * Hk)](
+    _bwd_dkdv[(cdiv(S, bn), B * Hk)](
         q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), H, Hk, H // Hk, S, float(scale), float(softcap), int(window or 0),
         BLOCK_M=bm, BLOCK_N=bn, **common)
     # dQ owns BLOCK_M queries and walks keys BLOCK_N at a time: same tile sizes, roles as in forward
-    _bwd_dq[(triton.cdiv(S, bm), B * H)](
+    _bwd_dq[(cdiv(S, bm), B * H)](
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dq), H, H // Hk, S, float(scale), float(softcap), int(window or 0),
         BLOCK_M=bm, BLOCK_N=bn, **common)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, fast_launch, next_power_of_2, use_triton
+from ._utils import as_rows, cdiv, fast_launch, next_power_of_2, use_triton
 
 # Columns per program: a 2-D grid (rows, column blocks) keeps row strides free. 4096 columns with
 # 16 warps was the fastest of 512-4096 x 2-16 warps on an H100 at 8192 x 14336 bf16
@@ -70,7 +70,7 @@ def check_glu_inputs(gate, up, name):
 
 def _grid(n_rows, n_cols):
     block = min(BLOCK, next_power_of_2(n_cols))
-    return (n_rows, triton.cdiv(n_cols, block)), block
+    return (n_rows, cdiv(n_cols, block)), block
 
 
 def glu_forward(kernel, gate, up, **meta):
