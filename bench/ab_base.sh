@@ -13,7 +13,11 @@ commit=$1 model=$2 quant=$3 seq=$4 batch=${5:-2}
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/bench-out}"
 base=/tmp/base-$commit
-if [ ! -d "$base/slothnb" ]; then
+if [ -d "$REPO/build/base-$commit/slothnb" ]; then
+  # made on the development machine and carried (the GPU machine's copy of .git may lack recent commits):
+  #   git archive COMMIT slothnb kernels bench | tar -x -C build/base-COMMIT
+  base="$REPO/build/base-$commit"
+elif [ ! -d "$base/slothnb" ]; then
   mkdir -p "$base" && git -C "$REPO" archive "$commit" slothnb kernels bench | tar -x -C "$base"
 fi
 mkdir -p "$OUT"

@@ -5,7 +5,13 @@ Same set-up as bench/lora_step.py; after warm-up, times forward / backward / opt
 separately (CUDA-synchronised) and profiles two steps with torch.profiler, printing the
 kernels that take the most GPU time and the share of the step that is GPU-idle.
 
-    python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb] [--memory] [--host] [--copies]
+    python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb] [--memory] [--host]
+        [--copies] [--gemms] [--timeline]
+
+Every profile also prints each CUDA stream's busy time and idle gaps. ``--gemms``: the step's matmuls
+by shape with their achieved TFLOP/s. ``--timeline``: three unsynchronised steps profiled with GPU
+activity only, and where the compute stream waited (on copies or on the host). ``--host`` also writes
+the raw cProfile statistics to ``$OUT/host-PID.pstats`` when ``OUT`` is set.
 """
 import argparse
 import os

@@ -14,7 +14,8 @@
 #   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case;
 #                                 env LORA_STEP_ARGS (e.g. "--rank 32 --alpha 32 --warmup 0 --steps 1"), CASE_TIMEOUT (300 s)
 #   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt;
-#                                 env PROFILE_ARGS (e.g. "--host": the host's Python hot spots)
+#                                 env PROFILE_ARGS: "--host" (the host's Python hot spots), "--gemms" (matmuls by
+#                                 shape), "--timeline" (where the compute stream waits), "--copies"
 #   base:COMMIT:MODEL:QUANT:SEQ[:BATCH]  the same step with an older commit's code (bench/ab_base.sh), for
 #                                 same-machine A/B runs alternating with slothnb:...; -> $OUT/results-base.jsonl
 #   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
