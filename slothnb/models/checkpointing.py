@@ -80,8 +80,9 @@ def _recomputing():
 # in one layer of every ``CARRY_MLP_EVERY``: the PCIe link takes no more without the forward waiting
 # for it (H100, 8B, 4,096 tokens a step: every layer made the step 10-30% slower; one in three was
 # ~4% faster than none, one in two 1-4% faster again, in six of six same-machine pairs over 8B at
-# 4,096 and 8,192 tokens and Qwen2.5-7B in session 14). SLOTHNB_CARRY_MLP=0 turns it off. Values over ``CARRY_MAX_BYTES`` are not carried: at long
-# context the host memory is the layer inputs' (400K tokens need 27 of 32 of them there).
+# 4,096 and 8,192 tokens and Qwen2.5-7B in session 14). SLOTHNB_CARRY_MLP=0 turns it off. Values
+# over ``CARRY_MAX_BYTES`` are not carried: at long context the host memory is the layer inputs'
+# (400K tokens need 27 of 32 of them there).
 CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
 CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "1") == "1"
 CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "2")))
