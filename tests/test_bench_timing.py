@@ -69,3 +69,27 @@ def test_lora_step_host_probe_measures_this_host():
     probe = lora_step.host_probe(repeats=1)
     assert probe["python_ns_per_iter"] > 0 and probe["cpu_op_us"] > 0
     assert (probe["cuda_launch_us"] is None) == (not torch.cuda.is_available())
+
+
+def test_gc_pauses_are_counted_per_step_and_by_generation():
+    import gc
+
+    import lora_step
+
+    pauses = lora_step._GcPauses()
+    pauses.begin_step()
+    gc.collect(0)
+    pauses.begin_step()
+    gc.collect(2)
+    rows = pauses.close()
+    assert [r[1:] for r in rows] == [[1, 0, 0], [0, 0, 1]] and all(r[0] >= 0 for r in rows)
+    assert pauses._callback not in gc.callbacks
+
+
+def test_gemm_flops_from_recorded_shapes():
+    import profile_step
+
+    assert profile_step._gemm_flops("aten::mm", [[4, 8], [8, 16]]) == 2 * 4 * 8 * 16
+    assert profile_step._gemm_flops("aten::addmm_", [[4, 16], [4, 8], [8, 16]]) == 2 * 4 * 8 * 16
+    assert profile_step._gemm_flops("aten::add", [[4], [4]]) is None
+    assert profile_step._gemm_flops("aten::mm", [[4, 8]]) is None  # shapes not recorded
