@@ -98,28 +98,38 @@ def row_split(device: torch.device, n_rows: int, partials: bool, programs: int |
 
 class RecomputeState:
     """The RNG and autocast state of a forward, replayed when a backward recomputes it, so the
-    recompute draws the same dropout masks and runs in the same dtypes (as torch's checkpoint does)."""
+    recompute draws the same dropout masks and runs in the same dtypes (as torch's checkpoint does).
+
+    The RNG states are read and written on the generators themselves (the CPU one and each CUDA
+    device's default), as ``torch.random.fork_rng`` and ``torch.cuda.get/set_rng_state`` do underneath,
+    without their per-call Python: a checkpointed layer's recompute sits on the host-bound path of a
+    training step, and it saves and restores these states once per layer."""
 
     def __init__(self, tensors, preserve_rng: bool = True):
         self.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
         self.devices = sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
                                for t in tensors if t.is_cuda})
-        self.cpu_rng = torch.get_rng_state() if preserve_rng else None
-        self.cuda_rng = [torch.cuda.get_rng_state(d) for d in self.devices] if preserve_rng else None
+        self.generators = [torch.default_generator, *(torch.cuda.default_generators[d] for d in self.devices)]
+        self.rng = [g.get_state() for g in self.generators] if preserve_rng else None
 
     @contextlib.contextmanager
     def replay(self):
         """Grad on, the forward's autocast, and (when preserved) its RNG state, restored afterwards."""
         with contextlib.ExitStack() as stack:
-            if self.cpu_rng is not None:
-                stack.enter_context(torch.random.fork_rng(devices=self.devices))
-                torch.set_rng_state(self.cpu_rng)
-                for d, state in zip(self.devices, self.cuda_rng):
-                    torch.cuda.set_rng_state(state, d)
+            if self.rng is not None:
+                now = [g.get_state() for g in self.generators]
+                for g, state in zip(self.generators, self.rng):
+                    g.set_state(state)
+                stack.callback(_set_states, self.generators, now)
             stack.enter_context(torch.enable_grad())
             for device_type, dtype in self.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype))
             yield
+
+
+def _set_states(generators, states):
+    for g, state in zip(generators, states):
+        g.set_state(state)
 
 
 # ------------------------------------------------------------------------------- launching

@@ -335,3 +335,28 @@ def test_last_layer_is_checkpointed_only_for_long_inputs(monkeypatch):
     assert (short_runs, long_runs) == (2 * 2, 2 * 3)  # forward + recompute per checkpointed layer
     for name in short:
         torch.testing.assert_close(long[name], short[name], rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_state_replays_the_forward_rng_then_restores_the_current_one():
+    from slothnb.kernels._utils import RecomputeState
+
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = RecomputeState([torch.zeros(1)])
+    in_forward = torch.rand(4)
+    torch.rand(4)  # the run goes on
+    saved = torch.get_rng_state()
+    next_draw = torch.rand(4)
+    torch.set_rng_state(saved)
+    with state.replay():
+        assert torch.equal(torch.rand(4), in_forward)  # the forward's draws again
+        assert torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+    assert torch.equal(torch.rand(4), next_draw)  # and the run's own stream afterwards
+    assert not torch.is_autocast_enabled("cpu")
+
+    unpreserved = RecomputeState([torch.zeros(1)], preserve_rng=False)
+    saved = torch.get_rng_state()
+    expected = torch.rand(4)
+    torch.set_rng_state(saved)
+    with unpreserved.replay():
+        assert torch.equal(torch.rand(4), expected)  # nothing replayed: the current stream
