@@ -10,7 +10,6 @@ import sys
 
 
 def main(paths):
-    rows = []
     for path in paths:
         try:
             lines = open(path).read().splitlines()
@@ -21,16 +20,15 @@ def main(paths):
             r = json.loads(line)
             if r.get("kind") != "bench":
                 continue
-            timed = r["step_times_s"][r.get("warmup", 3):]
-            queued = (r.get("host_queued_s") or [])[r.get("warmup", 3):]
-            gc = [p[0] for p in (r.get("gc_pauses_by_step") or [])[r.get("warmup", 3):]]
-            rows.append((r.get("_t0", 0), f"{tag} {r['model']}:{r['quant']}:{r['seq']} {r['tokens_per_s']:>9} tok/s "
-                         f"median {statistics.median(timed) * 1e3:6.1f} ms mean {statistics.mean(timed) * 1e3:6.1f} "
-                         f"max {max(timed) * 1e3:6.1f} | peak {r['peak_alloc_gib']} GiB | losses {r['losses'][:3]} | "
-                         f"host queued median {statistics.median(queued) * 1e3 if queued else float('nan'):6.1f} ms"
-                         + (f" | GC ms total {sum(gc):.0f}, max {max(gc):.0f}" if gc else "")))
-    for _, line in rows:
-        print(line)
+            warm = r.get("warmup", 3)
+            timed = r["step_times_s"][warm:]
+            queued = (r.get("host_queued_s") or [])[warm:]
+            gc = [p[0] for p in (r.get("gc_pauses_by_step") or [])[warm:]]
+            print(f"{tag} {r['model']}:{r['quant']}:{r['seq']} {r['tokens_per_s']:>9} tok/s "
+                  f"median {statistics.median(timed) * 1e3:6.1f} ms mean {statistics.mean(timed) * 1e3:6.1f} "
+                  f"max {max(timed) * 1e3:6.1f} | peak {r['peak_alloc_gib']} GiB | losses {r['losses'][:3]} | "
+                  f"host queued median {statistics.median(queued) * 1e3 if queued else float('nan'):6.1f} ms"
+                  + (f" | GC ms total {sum(gc):.0f}, max {max(gc):.0f}" if gc else ""))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ activity only, and where the compute stream waited (on copies or on the host). `
 the raw cProfile statistics to ``$OUT/host-PID.pstats`` when ``OUT`` is set.
 """
 import argparse
+import bisect
 import os
 import statistics
 import sys
@@ -127,33 +128,42 @@ def main():
         print_peak_breakdown(snap, base, a.top)
 
 
-def print_streams(prof, steps):
-    """Per CUDA stream: kernels and copies, busy time (union of their intervals) and, on the busiest
-    stream (the compute stream), the idle gaps between its kernels: the GPU time a step loses to the
-    host queueing late or to waits on copies."""
+def _spans_by_stream(prof):
+    """{CUDA stream: its kernels and copies as sorted (start us, end us, name)}."""
     from torch.autograd import DeviceType
 
     by_stream = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
-            by_stream.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end))
-    busiest = None
-    for stream, spans in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
-        spans.sort()
-        busy, gaps, big, end = 0.0, 0.0, [], None
-        for s0, s1 in spans:
-            if end is not None and s0 > end:
-                gaps += s0 - end
-                big.append(s0 - end)
-            busy += max(0.0, s1 - max(s0, end if end is not None else s0))
-            end = s1 if end is None else max(end, s1)
-        total = end - spans[0][0]
-        busiest = busiest or stream
-        big.sort(reverse=True)
+            by_stream.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end, e.name))
+    return {k: sorted(v) for k, v in by_stream.items()}
+
+
+def _walk(spans):
+    """(busy us, [(idle gap us, start of the gap, the span that ended it)]) of one stream's sorted spans:
+    busy is the union of the spans, a gap any time between them when nothing ran."""
+    busy, gaps, end = 0.0, [], None
+    for span in spans:
+        s0, s1 = span[0], span[1]
+        if end is not None and s0 > end:
+            gaps.append((s0 - end, end, span))
+        busy += max(0.0, s1 - max(s0, end if end is not None else s0))
+        end = s1 if end is None else max(end, s1)
+    return busy, gaps
+
+
+def print_streams(prof, steps):
+    """Per CUDA stream: kernels and copies, busy time (union of their intervals) and idle gaps; on the
+    compute stream (the busiest) the gaps are the GPU time a step loses to the host queueing late or
+    to waits on copies."""
+    for stream, spans in sorted(_spans_by_stream(prof).items(), key=lambda kv: -len(kv[1])):
+        busy, gaps = _walk(spans)
+        total = max(s[1] for s in spans) - spans[0][0]
+        big = sorted((g for g, _, _ in gaps), reverse=True)
         print(f"# stream {stream}: {len(spans) / steps:.0f} kernels/copies a step, busy {busy / steps / 1e3:.1f} ms "
-              f"of {total / steps / 1e3:.1f} ms ({100 * busy / max(total, 1):.0f}%), idle gaps {gaps / steps / 1e3:.1f} ms "
-              f"a step; gaps > 50 us: {sum(g for g in big if g > 50) / steps / 1e3:.1f} ms in "
-              f"{sum(1 for g in big if g > 50) / steps:.0f}; largest {[round(g) for g in big[:5]]} us")
+              f"of {total / steps / 1e3:.1f} ms ({100 * busy / max(total, 1):.0f}%), idle gaps "
+              f"{sum(big) / steps / 1e3:.1f} ms a step; gaps > 50 us: {sum(g for g in big if g > 50) / steps / 1e3:.1f} "
+              f"ms in {sum(1 for g in big if g > 50) / steps:.0f}; largest {[round(g) for g in big[:5]]} us")
 
 
 def print_timeline(model, opt, x, top, steps=3, min_gap_us=20.0):
@@ -162,7 +172,6 @@ def print_timeline(model, opt, x, top, steps=3, min_gap_us=20.0):
     copy's end waited on that copy; the others waited on the host (or on an event the host recorded
     late). Gaps are summed by the name of the kernel that ended them."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -170,32 +179,26 @@ def print_timeline(model, opt, x, top, steps=3, min_gap_us=20.0):
         for _ in range(steps):
             train_step(model, opt, x)
         torch.cuda.synchronize()
-    by_stream = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            by_stream.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end, e.name))
+    by_stream = _spans_by_stream(prof)
     compute = max(by_stream, key=lambda k: len(by_stream[k]))
-    spans = sorted(by_stream[compute])
-    copy_ends = sorted(s1 for k, v in by_stream.items() if k != compute for _, s1, _ in v)
-    import bisect
-
-    total = spans[-1][1] - spans[0][0]
-    busy = waits_copy = waits_host = 0.0
-    by_next, end = {}, None
-    for s0, s1, name in spans:
-        if end is not None and s0 - end > min_gap_us:
-            gap = s0 - end
-            i = bisect.bisect_right(copy_ends, s0 + 1)
-            on_copy = i > 0 and s0 - copy_ends[i - 1] < 15 and copy_ends[i - 1] > end
-            if on_copy:
-                waits_copy += gap
-            else:
-                waits_host += gap
-            key = ("copy  " if on_copy else "host  ") + name[:90]
-            n, g = by_next.get(key, (0, 0.0))
-            by_next[key] = (n + 1, g + gap)
-        busy += max(0.0, s1 - max(s0, end if end is not None else s0))
-        end = s1 if end is None else max(end, s1)
+    spans = by_stream[compute]
+    copy_ends = sorted(s[1] for k, v in by_stream.items() if k != compute for s in v)
+    busy, gaps = _walk(spans)
+    waits_copy = waits_host = 0.0
+    by_next = {}
+    for gap, gap_start, (s0, _, name) in gaps:
+        if gap <= min_gap_us:
+            continue
+        i = bisect.bisect_right(copy_ends, s0 + 1)
+        on_copy = i > 0 and s0 - copy_ends[i - 1] < 15 and copy_ends[i - 1] > gap_start
+        if on_copy:
+            waits_copy += gap
+        else:
+            waits_host += gap
+        key = ("copy  " if on_copy else "host  ") + name[:90]
+        n, g = by_next.get(key, (0, 0.0))
+        by_next[key] = (n + 1, g + gap)
+    total = max(s[1] for s in spans) - spans[0][0]
     print(f"# timeline of {steps} unsynchronised steps: {total / steps / 1e3:.1f} ms a step, compute stream busy "
           f"{busy / steps / 1e3:.1f} ms; idle gaps > {min_gap_us:.0f} us: {waits_copy / steps / 1e3:.1f} ms a step "
           f"waiting on copies, {waits_host / steps / 1e3:.1f} ms on the host; by the kernel after the gap:")
