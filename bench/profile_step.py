@@ -6,7 +6,7 @@ separately (CUDA-synchronised) and profiles two steps with torch.profiler, print
 kernels that take the most GPU time and the share of the step that is GPU-idle.
 
     python bench/profile_step.py --model 1b --quant none --seq 2048 --batch 2 [--grad-ckpt slothnb] [--memory] [--host]
-        [--copies] [--gemms] [--timeline]
+        [--copies] [--gemms] [--timeline] [--cpu-ops]
 
 Every profile also prints each CUDA stream's busy time and idle gaps. ``--gemms``: the step's matmuls
 by shape with their achieved TFLOP/s. ``--timeline``: three unsynchronised steps profiled with GPU
@@ -35,6 +35,9 @@ def main():
     ap.add_argument("--memory", action="store_true", help="also print what is live at the step's memory peak")
     ap.add_argument("--host", action="store_true",
                     help="also print the host's Python hot spots (cProfile over 3 unsynchronised steps)")
+    ap.add_argument("--cpu-ops", action="store_true",
+                    help="also print the host's CPU time by op and autograd node (torch.profiler, CPU only, "
+                         "3 unsynchronised steps, backward on the calling thread)")
     ap.add_argument("--copies", action="store_true",
                     help="also print where the step's copy kernels come from (Python call site or autograd node)")
     ap.add_argument("--gemms", action="store_true",
@@ -109,6 +112,8 @@ def main():
         print_timeline(model, opt, x, a.top)
     if a.host:
         print_host_profile(model, opt, x, a.top)
+    if a.cpu_ops:
+        print_cpu_ops(model, opt, x, a.top * 2)
     if a.copies:
         from torch.profiler import ProfilerActivity, profile
 
@@ -275,6 +280,24 @@ def print_host_profile(model, opt, x, top):
           f"the GPU finished; {stats.total_calls / 3:.0f} Python calls a step")
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumtime").print_stats(top)
+
+
+def print_cpu_ops(model, opt, x, top):
+    """The host's time by aten op and autograd node over 3 unsynchronised steps: where the C++ side of
+    a step (dispatch, the autograd engine's nodes, cuBLAS / cuDNN set-up) spends what cProfile books to
+    ``run_backward`` and the built-in calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with torch.autograd.set_multithreading_enabled(False), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            train_step(model, opt, x)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 3 / 1e3
+    print(f"# host by op (CPU-only profile, 3 steps): {total:.1f} ms of self CPU time a step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=90))
 
 
 def copy_sites(prof) -> list[tuple[str, int, float, float]]:

@@ -160,6 +160,52 @@ def _specialisation(value):
 # ``torch.cuda.current_stream(d).cuda_stream`` builds a Stream object first (~4 us a launch on the H100 hosts).
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda device: torch.cuda.current_stream(device).cuda_stream)
+# The current device index without ``torch.cuda.current_device``'s Python (its lazy-init check: a
+# launch only ever happens on an initialised device).
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+try:
+    from triton import knobs as _knobs
+    _RUNTIME = _knobs.runtime
+except ImportError:  # an older Triton: no launch hooks to honour through this path
+    _RUNTIME = None
+
+
+def _launch_hooks_quiet() -> bool:
+    """No launch hook is registered with Triton (a profiler such as proton registers one): then a
+    launch may skip the Python that would call it."""
+    if _RUNTIME is None:
+        return False
+    for hook in (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):  # an empty HookChain is quiet
+            return False
+    return True
+
+
+# Triton's CudaLauncher (3.5-3.6) calls its C ``launch`` as
+#   launch(gridX, gridY, gridZ, stream, function, cooperative, pdl, global_scratch, profile_scratch,
+#          packed_metadata, launch_metadata, enter_hook, exit_hook, *args)
+# after ~10 us of Python on the H100 hosts: the runner closure, launch metadata, scratch allocation and
+# two empty hook chains. A launcher laid out this way whose kernel needs no scratch memory is called
+# directly; any other layout (other Triton versions) goes through ``compiled[grid]``.
+_LAUNCHER_CALL = ("self", "gridX", "gridY", "gridZ", "stream", "function", "args")
+
+
+def _direct_launch(compiled):
+    """``(launch, function, cooperative, pdl, packed_metadata)`` to call Triton's C launcher of
+    ``compiled`` with, or None when its launcher is not the layout above (or needs scratch memory)."""
+    import inspect
+
+    try:
+        compiled._init_handles()
+        launcher = getattr(compiled, "_run", None) or compiled.run
+        names = tuple(inspect.signature(type(launcher).__call__).parameters)
+        if names != _LAUNCHER_CALL or launcher.global_scratch_size or launcher.profile_scratch_size:
+            return None
+        return (launcher.launch, compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl,
+                compiled.packed_metadata)
+    except Exception:  # anything unexpected: the regular path
+        return None
 
 
 class FastLaunch:
@@ -167,9 +213,10 @@ class FastLaunch:
 
     The first launch of each specialisation goes through Triton (which compiles it and returns the
     compiled kernel); later ones call that compiled kernel on the current stream, skipping Triton's
-    argument binding. Keyword arguments that are kernel parameters are passed in their positional
-    place; the others (``num_warps``, ``enable_fp_fusion`` ...) are compile options and part of the
-    key. The interpreter (CPU), a callable grid, an omitted defaulted parameter and
+    argument binding, and where Triton's launcher is laid out as ``_direct_launch`` knows, its C
+    launch function itself. Keyword arguments that are kernel parameters are passed in their
+    positional place; the others (``num_warps``, ``enable_fp_fusion`` ...) are compile options and
+    part of the key. The interpreter (CPU), a callable grid, an omitted defaulted parameter and
     ``FAST_LAUNCH = False`` always go through Triton.
     """
 
@@ -179,7 +226,7 @@ class FastLaunch:
         self.arg_names = tuple(getattr(fn, "arg_names", ()))
         self._names = frozenset(self.arg_names)
         self._constexpr = tuple(bool(p.is_constexpr) for p in params)  # these are keyed by value
-        self.compiled: dict = {}
+        self.compiled: dict = {}  # key -> (compiled kernel, _direct_launch of it or None)
         self.__doc__ = getattr(getattr(fn, "fn", fn), "__doc__", None)
 
     def __getitem__(self, grid):
@@ -196,17 +243,25 @@ class FastLaunch:
             except KeyError:
                 return self.fn[grid](*args, **kwargs)
             options = tuple((k, v) for k, v in kwargs.items() if k not in self._names)
-        device = torch.cuda.current_device()
+        device = _current_device()
         spec = _specialisation
         key = (tuple([v if c else spec(v) for v, c in zip(params, self._constexpr)]), options, device)
-        compiled = self.compiled.get(key)
-        if compiled is None:
+        entry = self.compiled.get(key)
+        if entry is None:
             compiled = self.fn[grid](*args, **kwargs)
             if compiled is not None:
-                self.compiled[key] = compiled
+                self.compiled[key] = (compiled, _direct_launch(compiled))
             return compiled
+        compiled, direct = entry
+        n = len(grid)
+        g0, g1, g2 = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
         try:
-            compiled[tuple(grid) + (1,) * (3 - len(grid))](*params, stream=_raw_stream(device))
+            if direct is not None and _launch_hooks_quiet():
+                launch, function, cooperative, pdl, metadata = direct
+                launch(g0, g1, g2, _raw_stream(device), function, cooperative, pdl, None, None, metadata,
+                       None, None, None, *params)
+            else:
+                compiled[(g0, g1, g2)](*params, stream=_raw_stream(device))
         except (TypeError, AttributeError):  # a Triton whose compiled kernels launch differently
             _switch_off_fast_launch()
             return self.fn[grid](*args, **kwargs)

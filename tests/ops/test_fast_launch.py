@@ -36,7 +36,7 @@ class FakeJit:
 def kernel(monkeypatch):
     monkeypatch.setattr(_utils, "INTERPRET", False)
     monkeypatch.setattr(_utils, "FAST_LAUNCH", True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_utils, "_current_device", lambda: 0)
     monkeypatch.setattr(_utils, "_raw_stream", lambda device: 77)  # the current stream's raw handle
     fake = FakeJit()
     return _utils.fast_launch(fake), fake.launches
@@ -113,6 +113,10 @@ def test_fast_and_triton_launches_give_the_same_bits_on_gpu(monkeypatch):
     monkeypatch.setattr(_utils, "FAST_LAUNCH", True)
     run()  # compiles / records each specialisation
     got = run()  # launched directly
+    from slothnb.kernels.rms_norm import _rms_norm_fwd
+    import triton
+    if triton.__version__.startswith(("3.5", "3.6")):  # the GPU image's Triton: its C launcher, called directly
+        assert all(direct is not None for _, direct in _rms_norm_fwd.compiled.values())
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
     side = torch.cuda.Stream()  # launched on the current stream's raw handle, whichever stream that is
@@ -122,6 +126,74 @@ def test_fast_and_triton_launches_give_the_same_bits_on_gpu(monkeypatch):
     side.synchronize()
     for e, g in zip(expected, on_side):
         assert torch.equal(e, g)
+
+
+class FakeLauncher:
+    """Triton 3.5-3.6's CudaLauncher layout: a C ``launch`` behind a Python ``__call__``."""
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, launches):
+        self.launch = lambda *a: launches.append(("c", a))
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        raise AssertionError("the direct path calls launch itself")
+
+
+class FakeCompiledWithLauncher(FakeCompiled):
+    function, packed_metadata = 1234, (4, 1, 0)
+
+    def __init__(self, launches):
+        super().__init__(launches)
+        self._run = FakeLauncher(launches)
+
+    def _init_handles(self):
+        pass
+
+
+class Hooks:
+    def __init__(self, calls):
+        self.calls = calls
+
+
+@pytest.fixture
+def c_kernel(kernel, monkeypatch):
+    k, launches = kernel
+    k.fn.__class__ = type("FakeJitC", (FakeJit,), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: (self.launches.append(("triton", grid, a, kw)), FakeCompiledWithLauncher(self.launches))[1])})
+    runtime = type("Runtime", (), {})()
+    runtime.launch_enter_hook, runtime.launch_exit_hook = Hooks([]), Hooks([])
+    monkeypatch.setattr(_utils, "_RUNTIME", runtime)
+    return k, launches, runtime
+
+
+def test_a_launcher_of_the_known_layout_is_called_in_c_directly(c_kernel):
+    k, launches, _ = c_kernel
+    x = torch.zeros(64)
+    k[(4, 2)](x, 32, 1e-5, BLOCK=128)
+    k[(4, 2)](x, 48, 1e-6, BLOCK=128)
+    assert [l[0] for l in launches] == ["triton", "c"]
+    # grid, stream, function, cooperative, pdl, no scratch, metadata, no launch metadata, no hooks, params
+    assert launches[1][1] == (4, 2, 1, 77, 1234, False, True, None, None, (4, 1, 0), None, None, None,
+                              x, 48, 1e-6, 128)
+
+
+@pytest.mark.parametrize("why", ["hook", "plain_hook", "scratch", "layout"])
+def test_hooks_scratch_or_another_layout_keep_tritons_own_launch(c_kernel, why, monkeypatch):
+    k, launches, runtime = c_kernel
+    x = torch.zeros(64)
+    if why == "hook":  # a profiler's hook must still see every launch
+        runtime.launch_exit_hook = Hooks([print])
+    elif why == "plain_hook":
+        runtime.launch_enter_hook = print
+    elif why == "scratch":
+        monkeypatch.setattr(FakeLauncher, "global_scratch_size", 128)
+    else:
+        monkeypatch.setattr(FakeLauncher, "__call__", lambda self, gridX, gridY, gridZ, stream, function,
+                            kernel_metadata, *args: None)
+    k[(4,)](x, 32, 1e-5, BLOCK=128)
+    k[(4,)](x, 32, 1e-5, BLOCK=128)
+    assert [l[0] for l in launches] == ["triton", "direct"]
 
 
 def test_a_compiled_kernel_that_launches_differently_switches_the_fast_path_off(kernel, monkeypatch):
