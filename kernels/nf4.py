@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, fast_launch, use_triton
+from ._utils import cdiv, fast_launch, next_power_of_2, use_triton
 from ..errors import ConfigError
 
 OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
@@ -44,19 +44,11 @@ def _round_fp32_for_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-@fast_launch
 @triton.jit
-def _dequantize_nf4_kernel(
-    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len, out_row_stride,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
-    BLOCKS: tl.constexpr, PAIRS: tl.constexpr,
-):
-    """BLOCKS quantisation blocks per program, one row each: the block's scale is decoded once, the
-    two nibbles of each byte are interleaved in registers (or, with PAIRS, packed into one 32-bit word
-    of two bf16s), and a block's BLOCKSIZE outputs are stored as one contiguous run at
-    ``row * out_row_stride + col`` of its first element, so the output may be a slice of a wider
-    buffer when rows are whole blocks."""
-    pid = tl.program_id(0).to(tl.int64)
+def _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len,
+                   out_row_stride, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                   BF16: tl.constexpr, BLOCKS: tl.constexpr, PAIRS: tl.constexpr):
+    """Program ``pid``'s BLOCKS quantisation blocks (see ``_dequantize_nf4_kernel``)."""
     block = pid * BLOCKS + tl.arange(0, BLOCKS)
     first = block * BLOCKSIZE  # flat index of each block's first element
     pair = tl.arange(0, BLOCKSIZE // 2)
@@ -85,6 +77,55 @@ def _dequantize_nf4_kernel(
         mask = (first[:, None] + col[None, :]) < n
         tl.store(out_ptr + (row * out_row_stride + start)[:, None] + col[None, :],
                  value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_tail(tail_pid, tail_ptr, tail_row_stride, tail_scale, n_rows, out_ptr, row_len, out_row_stride,
+                BF16: tl.constexpr, TAIL_ZEROS: tl.constexpr, TAIL_COLS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
+                TAIL_ROWS: tl.constexpr):
+    """TAIL_ROWS rows' columns after the weight: TAIL_ZEROS zeros, then ``tail_scale * tail[row]``."""
+    rows = tail_pid * TAIL_ROWS + tl.arange(0, TAIL_ROWS)
+    col = tl.arange(0, TAIL_BLOCK)
+    row_ok = rows < n_rows
+    in_tail = (col >= TAIL_ZEROS) & (col < TAIL_ZEROS + TAIL_COLS)
+    t = tl.load(tail_ptr + rows[:, None] * tail_row_stride + (col - TAIL_ZEROS)[None, :],
+                mask=row_ok[:, None] & in_tail[None, :], other=0.0).to(tl.float32) * tail_scale
+    if BF16:
+        t = _round_fp32_for_bf16(t)
+    tl.store(out_ptr + rows[:, None] * out_row_stride + row_len + col[None, :], t.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (col < TAIL_ZEROS + TAIL_COLS)[None, :])
+
+
+@fast_launch
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len, out_row_stride,
+    tail_ptr, tail_row_stride, tail_scale, n_rows, main_programs,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
+    BLOCKS: tl.constexpr, PAIRS: tl.constexpr,
+    TAIL: tl.constexpr, TAIL_ZEROS: tl.constexpr, TAIL_COLS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
+    TAIL_ROWS: tl.constexpr,
+):
+    """BLOCKS quantisation blocks per program, one row each: the block's scale is decoded once, the
+    two nibbles of each byte are interleaved in registers (or, with PAIRS, packed into one 32-bit word
+    of two bf16s), and a block's BLOCKSIZE outputs are stored as one contiguous run at
+    ``row * out_row_stride + col`` of its first element, so the output may be a slice of a wider
+    buffer when rows are whole blocks.
+
+    With TAIL, the programs from ``main_programs`` on write each row's columns right after the
+    weight instead (TAIL_ROWS rows a program): TAIL_ZEROS zeros, then ``tail_scale * tail[row]``
+    (TAIL_COLS values, rounded once, as ``copy_`` then ``mul_`` would)."""
+    pid = tl.program_id(0).to(tl.int64)
+    if TAIL:
+        if pid >= main_programs:
+            _write_tail(pid - main_programs, tail_ptr, tail_row_stride, tail_scale, n_rows, out_ptr, row_len,
+                        out_row_stride, BF16, TAIL_ZEROS, TAIL_COLS, TAIL_BLOCK, TAIL_ROWS)
+        else:
+            _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+                           row_len, out_row_stride, BLOCKSIZE, BLOCKSIZE2, NESTED, BF16, BLOCKS, PAIRS)
+    else:
+        _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+                       row_len, out_row_stride, BLOCKSIZE, BLOCKSIZE2, NESTED, BF16, BLOCKS, PAIRS)
 
 
 def _resolve(packed, quant_state):
@@ -191,21 +232,40 @@ def _decoded(packed, quant_state) -> _Decoded:
     return decoded
 
 
-def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tensor:
+TAIL_ROWS = 32  # rows a tail program writes (``dequantize_nf4(tail=...)``)
+
+
+def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) -> torch.Tensor:
     """The dense weight (``quant_state.shape``) in ``dtype`` (default: the dtype it was quantised from).
 
     ``packed``: the packed uint8 (or other ``quant_storage``) tensor, or a ``bnb.nn.Params4bit``.
-    ``out``: where to write it, e.g. the columns ``[:, r:r + in]`` of a wider buffer (the fused LoRA
-    ops put ``B`` beside ``W`` and run one matmul); a 2-D tensor of the weight's shape with unit-stride
+    ``out``: where to write it, e.g. the columns ``[:, :in]`` of a wider buffer (the fused LoRA
+    ops put ``s B`` beside ``W`` and run one matmul); a 2-D tensor of the weight's shape with unit-stride
     columns, whose dtype is the output dtype. A strided ``out`` needs rows that are whole
     quantisation blocks (true of every real model).
+
+    ``tail=(T, scale, zeros)``: also write, in each row of the buffer ``out`` is the left part of, the
+    columns right after the weight: ``zeros`` zeros, then ``scale * T[row]`` (T ``[rows, r]``, out's
+    dtype: an adapter's B), in the same launch. The same values as ``buf[:, in:in + zeros].zero_()``,
+    ``buf[:, in + zeros:].copy_(T)``, ``.mul_(scale)``, without their launches (the fused LoRA
+    ops widen five projections a layer this way, in forward and again in the recompute).
     """
+    if tail is not None:
+        _check_tail(out, tail)
     if not use_triton(packed):
         dense = dequantize_nf4_reference(packed, quant_state, dtype or (out.dtype if out is not None else None))
         if out is None:
             return dense
         _check_out(out, tuple(dense.shape), dense.dtype)
-        return out.copy_(dense)
+        out.copy_(dense)
+        if tail is not None:
+            T, scale, zeros = tail
+            right = _tail_view(out, zeros + T.shape[1])
+            right[:, :zeros].zero_()
+            right[:, zeros:].copy_(T)
+            if scale != 1.0:
+                right[:, zeros:].mul_(scale)
+        return out
     w = _decoded(packed, quant_state)
     shape, n = w.shape, w.n
     if out is not None:
@@ -224,15 +284,51 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None) -> torch.Tens
         return out
     row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
     blocks = max(1, OUTPUTS_PER_PROGRAM // w.blocksize)
-    grid = (cdiv(cdiv(n, w.blocksize), blocks),)
-    pairs = (PAIRED_STORES and dtype == torch.bfloat16 and n % 2 == 0 and row_stride % 2 == 0
+    main = cdiv(cdiv(n, w.blocksize), blocks)
+    pairs = (PAIRED_STORES and tail is None and dtype == torch.bfloat16 and n % 2 == 0 and row_stride % 2 == 0
              and out.storage_offset() % 2 == 0)
+    if tail is not None:
+        T, scale, zeros = tail
+        rows = shape[0]
+        if not strided:  # rows with room after them are strided; a [rows, in] buffer of one row is not
+            row_len, row_stride = shape[1], out.stride(0)
+        tail_args = (T, T.stride(0), float(scale), rows, main)
+        tail_meta = dict(TAIL=True, TAIL_ZEROS=int(zeros), TAIL_COLS=T.shape[1],
+                         TAIL_BLOCK=next_power_of_2(int(zeros) + T.shape[1]), TAIL_ROWS=TAIL_ROWS)
+        grid = (main + cdiv(rows, TAIL_ROWS),)
+    else:
+        tail_args = (out, 0, 1.0, 0, main)
+        tail_meta = dict(TAIL=False, TAIL_ZEROS=0, TAIL_COLS=0, TAIL_BLOCK=1, TAIL_ROWS=1)
+        grid = (main,)
     _dequantize_nf4_kernel[grid](
         w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset, _as_words(out) if pairs else out, n, row_len,
-        row_stride, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
-        BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        row_stride, *tail_args, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
+        BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs, **tail_meta, num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
     return out
+
+
+def _tail_view(out: torch.Tensor, cols: int) -> torch.Tensor:
+    """The ``cols`` columns right after ``out``'s in the buffer whose rows it is the left part of."""
+    return out.as_strided((out.shape[0], cols), (out.stride(0), 1), out.storage_offset() + out.shape[1])
+
+
+def _check_tail(out, tail):
+    """``tail`` fits the buffer ``out`` is the left part of, and matches its dtype and rows."""
+    if out is None or out.dim() != 2:
+        raise ConfigError("dequantize_nf4 tail= needs out=, the left columns of a 2-D buffer.")
+    T, scale, zeros = tail
+    rows, cols = out.shape[0], int(zeros) + T.shape[-1]
+    end = out.storage_offset() + (rows - 1) * out.stride(0) + out.shape[1] + cols if rows else 0
+    if (T.dim() != 2 or T.shape[0] != rows or T.dtype != out.dtype or T.device != out.device
+            or (T.numel() and T.stride(1) != 1) or zeros < 0 or out.stride(-1) != 1
+            or out.stride(0) < out.shape[1] + cols or end * out.element_size() > out.untyped_storage().nbytes()):
+        raise ConfigError(
+            f"dequantize_nf4 tail= must be ([{rows}, r] {out.dtype} on {out.device} with unit-stride columns, "
+            f"scale, zeros >= 0), and out's rows must have room for zeros + r more columns: got T "
+            f"{tuple(T.shape)} {T.dtype} strides {tuple(T.stride())}, zeros {zeros}, out {tuple(out.shape)} "
+            f"strides {tuple(out.stride())}.")
 
 
 def _check_out(out, shape, dtype):

@@ -132,6 +132,62 @@ def test_bad_out_is_refused():
         dequantize_nf4(packed, state, out=torch.empty(48, 100, dtype=torch.bfloat16)[:, :96])
 
 
+def _tail_case(dtype, zeros, r, scale, rows=48, cols=256, device="cpu", pad=8):
+    """(buffer written by one dequantize_nf4(tail=...), the same written op by op) for an
+    ``[rows, cols + zeros + r (+ pad)]`` buffer: what the fused LoRA ops build, ``[W | 0 | s B]``."""
+    _, packed, state = quantized((rows, cols), dtype, True, device=device)
+    T = (torch.randn(rows, r, generator=torch.Generator().manual_seed(1)) * 0.3).to(dtype).to(device)
+    width = cols + zeros + r
+    got, want = (torch.full((rows, width + pad), 7.0, dtype=dtype, device=device) for _ in range(2))
+    dequantize_nf4(packed, state, out=got[:, :cols], tail=(T, scale, zeros))
+    dequantize_nf4(packed, state, out=want[:, :cols])
+    want[:, cols:cols + zeros].zero_()
+    want[:, cols + zeros:width].copy_(T)
+    if scale != 1.0:
+        want[:, cols + zeros:width].mul_(scale)
+    return got, want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("zeros,r,scale", [(0, 16, 1.0), (16, 16, 2.0), (32, 16, 0.7), (0, 8, 0.3)])
+def test_tail_writes_zeros_then_the_scaled_adapter_beside_the_weight(dtype, zeros, r, scale):
+    got, want = _tail_case(dtype, zeros, r, scale)
+    assert torch.equal(got, want)  # the weight, the zeros, s * T rounded once, and the padding untouched
+
+
+@pytest.mark.parametrize("zeros,scale", [(16, 0.7), (0, 1.0)])
+def test_tail_on_the_pytorch_path_matches(zeros, scale, monkeypatch):
+    from slothnb.kernels import nf4
+
+    monkeypatch.setattr(nf4, "use_triton", lambda t: False)
+    got, want = _tail_case(torch.bfloat16, zeros, 16, scale)
+    assert torch.equal(got, want)
+
+
+def test_a_tail_that_does_not_fit_is_refused():
+    _, packed, state = quantized((48, 256))
+    buf = torch.empty(48, 256 + 24, dtype=torch.bfloat16)
+    T = torch.zeros(48, 16, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="room for zeros"):  # 16 zeros + 16 columns > 24 spare
+        dequantize_nf4(packed, state, out=buf[:, :256], tail=(T, 1.0, 16))
+    with pytest.raises(ConfigError, match="tail="):
+        dequantize_nf4(packed, state, out=buf[:, :256], tail=(T.float(), 1.0, 0))
+    with pytest.raises(ConfigError, match="tail="):
+        dequantize_nf4(packed, state, out=buf[:, :256], tail=(T[:40], 1.0, 0))
+    with pytest.raises(ConfigError, match="needs out="):
+        dequantize_nf4(packed, state, tail=(T, 1.0, 0))
+    last = torch.empty(48 * 280 - 10, dtype=torch.bfloat16).as_strided((48, 256), (280, 1))  # storage ends early
+    with pytest.raises(ConfigError, match="room for zeros"):
+        dequantize_nf4(packed, state, out=last, tail=(T, 1.0, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zeros,scale", [(0, 1.0), (32, 2.0), (16, 0.7)])
+def test_gpu_tail_at_llama_8b_gate_shape(zeros, scale):
+    got, want = _tail_case(torch.bfloat16, zeros, 16, scale, rows=14336, cols=4096, device="cuda")
+    assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
 # Every output dtype, both absmax layouts (each pair is its own Triton compilation).
 @pytest.mark.parametrize("dtype,nested", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True),
