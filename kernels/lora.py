@@ -126,10 +126,9 @@ def _forward_shared(X, parts, out_shapes):
     for (weight, quant_state, scale, _A, B), xa, shape in zip(parts, xas, out_shapes):
         width = start + xa.shape[1]
         W = torch.empty(B.shape[0], _padded(width), dtype=X.dtype, device=X.device)[:, :width]
-        dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h])
-        W[:, h:start].zero_()
-        W[:, start:width].copy_(B)
-        _scaled(W[:, start:width], scale)
+        # W, the zeros facing the other adapters' columns and s B: one launch (``tail``)
+        dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h],
+                       tail=(B if B.stride(-1) == 1 else B.contiguous(), scale, start - h))
         y = torch.empty(shape, dtype=X.dtype, device=X.device)
         torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
         del W

@@ -259,12 +259,7 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
         _check_out(out, tuple(dense.shape), dense.dtype)
         out.copy_(dense)
         if tail is not None:
-            T, scale, zeros = tail
-            right = _tail_view(out, zeros + T.shape[1])
-            right[:, :zeros].zero_()
-            right[:, zeros:].copy_(T)
-            if scale != 1.0:
-                right[:, zeros:].mul_(scale)
+            _write_tail_torch(out, tail)
         return out
     w = _decoded(packed, quant_state)
     shape, n = w.shape, w.n
@@ -280,7 +275,11 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
                           f"blocks of {w.blocksize}.")
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=w.data.device)
-    if n == 0:
+    if n == 0 or (tail is not None and dtype == torch.float64):  # the kernel's tail multiplies in fp32
+        if n:
+            dequantize_nf4(packed, quant_state, dtype, out)
+        if tail is not None:
+            _write_tail_torch(out, tail)
         return out
     row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
     blocks = max(1, OUTPUTS_PER_PROGRAM // w.blocksize)
@@ -309,9 +308,14 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
     return out
 
 
-def _tail_view(out: torch.Tensor, cols: int) -> torch.Tensor:
-    """The ``cols`` columns right after ``out``'s in the buffer whose rows it is the left part of."""
-    return out.as_strided((out.shape[0], cols), (out.stride(0), 1), out.storage_offset() + out.shape[1])
+def _write_tail_torch(out: torch.Tensor, tail) -> None:
+    """``tail``'s columns written op by op (the CPU path, and float64, which the kernel would round)."""
+    T, scale, zeros = tail
+    right = out.as_strided((out.shape[0], zeros + T.shape[1]), (out.stride(0), 1), out.storage_offset() + out.shape[1])
+    right[:, :zeros].zero_()
+    right[:, zeros:].copy_(T)
+    if scale != 1.0:
+        right[:, zeros:].mul_(scale)
 
 
 def _check_tail(out, tail):
