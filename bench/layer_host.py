@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step import MODEL_DIRS, TARGETS, train_step  # noqa: E402
+from lora_step import MODEL_DIRS, TARGETS, _switches, train_step  # noqa: E402
 
 
 def host_ms(fn, repeats=15):
@@ -36,19 +36,6 @@ def host_ms(fn, repeats=15):
     return round(statistics.median(times) * 1e3, 3)
 
 
-def _switches(spec):
-    """[(module, attribute, value)] from "pkg.mod.ATTR=value,..." (values: ints, else strings)."""
-    import importlib
-
-    out = []
-    for item in filter(None, spec.split(",")):
-        target, value = item.split("=")
-        module, attr = target.rsplit(".", 1)
-        value = None if value == "None" else int(value) if value.lstrip("-").isdigit() else value
-        out.append((importlib.import_module(module), attr, value))
-    return out
-
-
 def ab_rows(spec, plain, recompute, backward, pending, rows, rounds=4):
     """The layer's three passes with the switches on and off, alternating, ``rounds`` times each."""
     import torch
@@ -59,7 +46,7 @@ def ab_rows(spec, plain, recompute, backward, pending, rows, rounds=4):
     for _ in range(rounds):
         for label in ("default", "switched"):
             for (m, attr, value), d in zip(switches, defaults):
-                setattr(m, attr, d if label == "default" else type(d)(value) if isinstance(d, (bool, int)) and value is not None else value)
+                setattr(m, attr, d if label == "default" else value)
             f = host_ms(plain, repeats=7)
             r = host_ms(recompute, repeats=7)
             b = []

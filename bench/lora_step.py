@@ -142,6 +142,23 @@ def train_step(model, opt, x):
     return loss
 
 
+def _switches(spec):
+    """[(module, attribute, value)] from "pkg.mod.ATTR=value,..." (ints, None, else strings)."""
+    import importlib
+
+    out = []
+    for item in filter(None, (spec or "").split(",")):
+        target, value = item.split("=")
+        module, attr = target.rsplit(".", 1)
+        value = None if value == "None" else int(value) if value.lstrip("-").isdigit() else value
+        mod = importlib.import_module(module)
+        current = getattr(mod, attr)
+        if isinstance(current, bool) and isinstance(value, int):
+            value = bool(value)
+        out.append((mod, attr, value))
+    return out
+
+
 def run(args, rec):
     import torch
     from slothnb import FastLanguageModel
@@ -183,7 +200,11 @@ def run(args, rec):
     from slothnb.models import host_offload
 
     times, queued, losses, peaks, reserved, counts = [], [], [], [], [], []
+    switches = _switches(args.ab_switch)
+    defaults = [getattr(m, attr) for m, attr, _ in switches]
     for i in range(n):
+        for (m, attr, value), d in zip(switches, defaults):  # --ab-switch: on in every other timed step
+            setattr(m, attr, value if i >= args.warmup and (i - args.warmup) % 2 else d)
         x = data[i].cuda()
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -199,7 +220,16 @@ def run(args, rec):
         torch.cuda.reset_peak_memory_stats()
         counts.append(dict(host_offload.COUNTS))  # what each step offloaded, carried and pinned
         host_offload.COUNTS.clear()
+    for (m, attr, _), d in zip(switches, defaults):
+        setattr(m, attr, d)
     timed = times[args.warmup:]
+    if switches:  # the step's default and switched halves, interleaved step by step (same host drift)
+        base, alt = timed[0::2], timed[1::2]
+        rec["ab"] = {"switch": args.ab_switch, "default_tok_s": round(args.batch * args.seq / statistics.median(base), 1),
+                     "switched_tok_s": round(args.batch * args.seq / statistics.median(alt), 1),
+                     "default_host_ms": round(statistics.median(queued[args.warmup:][0::2]) * 1e3, 1),
+                     "switched_host_ms": round(statistics.median(queued[args.warmup:][1::2]) * 1e3, 1)}
+        print("AB", json.dumps(rec["ab"]), flush=True)
     med = statistics.median(timed)
     tokens = args.batch * args.seq
     rec.update(first_step_s=round(times[0], 3), step_s_median=round(med, 4),
@@ -241,6 +271,9 @@ def main(argv=None):
     ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ab-switch", default="",
+                    help="module.ATTR=value[,...] set in every other timed step (the rest run the defaults): a "
+                         "same-process A/B whose halves see the same host; results in the record's 'ab'")
     args = ap.parse_args(argv)
     if args.grad_ckpt in ("true", "false"):
         args.grad_ckpt = args.grad_ckpt == "true"
