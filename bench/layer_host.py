@@ -61,7 +61,7 @@ def ab_rows(spec, plain, recompute, backward, pending, rows, rounds=4):
         setattr(m, attr, d)
     for label, v in results.items():
         med = [round(statistics.median(x[i] for x in v), 3) for i in range(3)]
-        rows[f"ab {spec if label == 'switched' else 'default'} (forward, recompute, backward)"] = med
+        rows[f"ab {label} {spec} (forward, recompute, backward)"] = med
         print(f"   ab {label:8s} {spec if label == 'switched' else '':40s} forward {med[0]:.3f}  recompute {med[1]:.3f}  "
               f"backward {med[2]:.3f} ms", flush=True)
 
