@@ -36,6 +36,20 @@ def host_ms(fn, repeats=15):
     return round(statistics.median(times) * 1e3, 3)
 
 
+def backward_ms(recompute, backward, pending, repeats=15):
+    """Median host ms of the layer's autograd backward, each after a fresh recompute and the GPU idle."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        pending.append(recompute())
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        backward()
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1e3, 3)
+
+
 def ab_rows(spec, plain, recompute, backward, pending, rows, rounds=4):
     """The layer's three passes with the switches on and off, alternating, ``rounds`` times each."""
     import torch
@@ -49,14 +63,7 @@ def ab_rows(spec, plain, recompute, backward, pending, rows, rounds=4):
                 setattr(m, attr, d if label == "default" else value)
             f = host_ms(plain, repeats=7)
             r = host_ms(recompute, repeats=7)
-            b = []
-            for _ in range(7):
-                pending.append(recompute())
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                backward()
-                b.append(time.perf_counter() - t)
-            results[label].append((f, r, round(statistics.median(b) * 1e3, 3)))
+            results[label].append((f, r, backward_ms(recompute, backward, pending, repeats=7)))
     for (m, attr, _), d in zip(switches, defaults):
         setattr(m, attr, d)
     for label, v in results.items():
@@ -179,14 +186,7 @@ def main():
             out = out[0] if isinstance(out, tuple) else out
             torch.autograd.backward([out], [grad])
 
-        times = []
-        for _ in range(15):
-            pending.append(recompute())
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            backward()
-            times.append(time.perf_counter() - t)
-        rows["layer autograd backward of the recompute"] = round(statistics.median(times) * 1e3, 3)
+        rows["layer autograd backward of the recompute"] = backward_ms(recompute, backward, pending)
         print(f"{rows['layer autograd backward of the recompute']:9.3f} ms  layer autograd backward of the recompute")
         for spec in a.ab:
             ab_rows(spec, plain, recompute, backward, pending, rows)
