@@ -52,8 +52,6 @@ def backward_ms(recompute, backward, pending, repeats=15):
 
 def ab_rows(spec, plain, recompute, backward, pending, rows, rounds=4):
     """The layer's three passes with the switches on and off, alternating, ``rounds`` times each."""
-    import torch
-
     switches = _switches(spec)
     defaults = [getattr(m, attr) for m, attr, _ in switches]
     results = {"default": [], "switched": []}
