@@ -159,6 +159,17 @@ def _switches(spec):
     return out
 
 
+def ab_halves(switch, times, queued, tokens):
+    """``--ab-switch``'s record: median tok/s and host ms of the timed steps run with the defaults (the
+    even ones) and with the switch (the odd ones)."""
+    def half(values, k):
+        return statistics.median(values[k::2])
+
+    return {"switch": switch, "default_tok_s": round(tokens / half(times, 0), 1),
+            "switched_tok_s": round(tokens / half(times, 1), 1),
+            "default_host_ms": round(half(queued, 0) * 1e3, 1), "switched_host_ms": round(half(queued, 1) * 1e3, 1)}
+
+
 def run(args, rec):
     import torch
     from slothnb import FastLanguageModel
@@ -224,11 +235,7 @@ def run(args, rec):
         setattr(m, attr, d)
     timed = times[args.warmup:]
     if switches:  # the step's default and switched halves, interleaved step by step (same host drift)
-        base, alt = timed[0::2], timed[1::2]
-        rec["ab"] = {"switch": args.ab_switch, "default_tok_s": round(args.batch * args.seq / statistics.median(base), 1),
-                     "switched_tok_s": round(args.batch * args.seq / statistics.median(alt), 1),
-                     "default_host_ms": round(statistics.median(queued[args.warmup:][0::2]) * 1e3, 1),
-                     "switched_host_ms": round(statistics.median(queued[args.warmup:][1::2]) * 1e3, 1)}
+        rec["ab"] = ab_halves(args.ab_switch, timed, queued[args.warmup:], args.batch * args.seq)
         print("AB", json.dumps(rec["ab"]), flush=True)
     med = statistics.median(timed)
     tokens = args.batch * args.seq

@@ -93,3 +93,19 @@ def test_gemm_flops_from_recorded_shapes():
     assert profile_step._gemm_flops("aten::addmm_", [[4, 16], [4, 8], [8, 16]]) == 2 * 4 * 8 * 16
     assert profile_step._gemm_flops("aten::add", [[4], [4]]) is None
     assert profile_step._gemm_flops("aten::mm", [[4, 8]]) is None  # shapes not recorded
+
+
+def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
+    import lora_step
+    from slothnb.kernels import _utils, lora
+
+    switches = lora_step._switches("slothnb.kernels._utils._RUNTIME=None,slothnb.kernels.lora.DEQUANT_TAIL=0,"
+                                   "slothnb.kernels.lora.H_CHUNK_BYTES=4096")
+    assert switches == [(_utils, "_RUNTIME", None), (lora, "DEQUANT_TAIL", False), (lora, "H_CHUNK_BYTES", 4096)]
+    assert lora_step._switches("") == []
+    with pytest.raises(AttributeError):
+        lora_step._switches("slothnb.kernels.lora.NO_SUCH_SETTING=1")
+    # even timed steps ran the defaults, odd ones the switch
+    ab = lora_step.ab_halves("x=1", [0.1, 0.2, 0.1, 0.2, 0.1], [0.05, 0.08, 0.05, 0.08, 0.05], tokens=1000)
+    assert ab == {"switch": "x=1", "default_tok_s": 10000.0, "switched_tok_s": 5000.0,
+                  "default_host_ms": 50.0, "switched_host_ms": 80.0}
