@@ -109,3 +109,17 @@ def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
     ab = lora_step.ab_halves("x=1", [0.1, 0.2, 0.1, 0.2, 0.1], [0.05, 0.08, 0.05, 0.08, 0.05], tokens=1000)
     assert ab == {"switch": "x=1", "default_tok_s": 10000.0, "switched_tok_s": 5000.0,
                   "default_host_ms": 50.0, "switched_host_ms": 80.0}
+
+
+def test_autograd_overhead_times_the_same_gradient_both_ways(capsys, monkeypatch):
+    import autograd_overhead
+
+    monkeypatch.setattr(autograd_overhead, "best_us", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(sys, "argv", ["autograd_overhead.py", "--functions", "3"])
+    autograd_overhead.main()
+    assert "3 Functions, forward + backward: autograd 1.0 us, direct 1.0 us" in capsys.readouterr().out
+    x = torch.randn(4, 8, requires_grad=True)
+    ctx = autograd_overhead.PlainContext()
+    y = autograd_overhead.Chain.forward(ctx, x.detach(), torch.ones(4), torch.ones(4))
+    assert torch.equal(y, x.detach()) and ctx.saved_tensors[0] is not None
+    assert autograd_overhead.Chain.backward(ctx, torch.full((4, 8), 2.0))[0].eq(2.0).all()
