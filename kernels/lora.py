@@ -61,7 +61,7 @@ def _check(p: LoraWeights, in_features: int, name: str) -> None:
         raise ConfigError(f"{name} must be a LoraWeights bundle, got {type(p).__name__}.")
     if p.quant_state is None and p.weight.dim() != 2:
         raise ConfigError(f"{name}.weight must be [out, in] (or packed NF4 with quant_state), got {tuple(p.weight.shape)}.")
-    if p.weight.requires_grad and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and p.weight.requires_grad:  # grad mode first: a Params4bit read runs Python
         raise ConfigError(
             f"{name}.weight requires grad, but the fused LoRA ops treat the base weight as frozen and "
             "would give it no gradient: freeze it (weight.requires_grad_(False)) or run the plain module."

@@ -252,7 +252,10 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
     """
     if tail is not None:
         _check_tail(out, tail)
-    if not use_triton(packed):
+    # On the device with the cached plain tensor: a bitsandbytes Params4bit answers every attribute read
+    # through Python (~1.5 us), and a training step dequantises ~570 times.
+    w = _decoded(packed, quant_state)
+    if not use_triton(w.data):
         dense = dequantize_nf4_reference(packed, quant_state, dtype or (out.dtype if out is not None else None))
         if out is None:
             return dense
@@ -261,7 +264,6 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
         if tail is not None:
             _write_tail_torch(out, tail)
         return out
-    w = _decoded(packed, quant_state)
     shape, n = w.shape, w.n
     if out is not None:
         dtype = dtype or out.dtype

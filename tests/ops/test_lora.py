@@ -380,3 +380,23 @@ def test_adapter_gradient_comes_out_of_the_matmul_in_fp32_on_gpu():
     assert lora_mod._MM_OUT_DTYPE and got.dtype == torch.float32
     rounded = (a @ b).float()
     assert (got.double() - exact).abs().max() < 0.5 * (rounded.double() - exact).abs().max()
+
+
+def test_a_no_grad_forward_does_not_read_a_quantised_weights_flags():
+    """A checkpointed layer's forward runs without grad: the frozen-weight check then skips the
+    weight's ``requires_grad`` (through Python on a bitsandbytes Params4bit), and a cached NF4 weight
+    is read once a call (its address)."""
+    from test_nf4 import CountingParam
+
+    p, _ = pair(32, 64, "nf4", torch.float32)
+    p = LoraWeights(CountingParam(p.weight, requires_grad=False), p.quant_state, p.A, p.B, p.scale)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        first = lora_linear(x, p)
+        CountingParam.reads = 0
+        second = lora_linear(x, p)
+    assert CountingParam.reads == 1 and torch.equal(first, second)
+    with torch.enable_grad():  # with grad the flag is read (and an unfrozen weight refused)
+        CountingParam.reads = 0
+        lora_linear(x, p)
+        assert CountingParam.reads == 2

@@ -223,6 +223,27 @@ def test_gpu_out_into_a_wider_buffer_at_llama_8b_shape(paired, monkeypatch):
     assert torch.equal(dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state))
 
 
+class CountingParam(torch.nn.Parameter):
+    """A parameter that, like bitsandbytes' Params4bit, answers every read through Python."""
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.reads += 1
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs or {})
+
+
+def test_a_cached_weight_is_read_once_a_call():
+    """A Params4bit's attribute reads run Python (~1.5 us each): a cached weight costs one (its address)."""
+    _, packed, state = quantized((32, 128), torch.bfloat16, True)
+    weight = CountingParam(packed, requires_grad=False)
+    expected = dequantize_nf4(packed, state)
+    assert torch.equal(dequantize_nf4(weight, state), expected)
+    CountingParam.reads = 0
+    got = dequantize_nf4(weight, state)
+    assert CountingParam.reads == 1 and torch.equal(got, expected)
+
+
 def test_a_weight_is_checked_and_decoded_once_then_served_from_the_cache(monkeypatch):
     from slothnb.kernels import nf4
 
