@@ -111,15 +111,17 @@ def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
                   "default_host_ms": 50.0, "switched_host_ms": 80.0}
 
 
-def test_autograd_overhead_times_the_same_gradient_both_ways(capsys, monkeypatch):
-    import autograd_overhead
+def test_host_costs_times_the_same_gradient_both_ways(capsys, monkeypatch):
+    import host_costs
 
-    monkeypatch.setattr(autograd_overhead, "best_us", lambda fn, **kw: (fn(), 1.0)[1])
-    monkeypatch.setattr(sys, "argv", ["autograd_overhead.py", "--functions", "3"])
-    autograd_overhead.main()
-    assert "3 Functions, forward + backward: autograd 1.0 us, direct 1.0 us" in capsys.readouterr().out
+    monkeypatch.setattr(host_costs, "best_us", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(sys, "argv", ["host_costs.py", "--functions", "3"])
+    host_costs.main()
+    out = capsys.readouterr().out
+    assert "3 Functions, forward + backward: autograd 1.0 us, direct 1.0 us" in out
+    assert "Parameter: requires_grad 1.00 us, is_cuda 1.00 us, data_ptr() 1.00 us" in out
     x = torch.randn(4, 8, requires_grad=True)
-    ctx = autograd_overhead.PlainContext()
-    y = autograd_overhead.Chain.forward(ctx, x.detach(), torch.ones(4), torch.ones(4))
+    ctx = host_costs.PlainContext()
+    y = host_costs.Chain.forward(ctx, x.detach(), torch.ones(4), torch.ones(4))
     assert torch.equal(y, x.detach()) and ctx.saved_tensors[0] is not None
-    assert autograd_overhead.Chain.backward(ctx, torch.full((4, 8), 2.0))[0].eq(2.0).all()
+    assert host_costs.Chain.backward(ctx, torch.full((4, 8), 2.0))[0].eq(2.0).all()

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""What autograd itself costs the host for a decoder layer's worth of custom Functions (CPU, tiny tensors).
+"""Two host costs of the training step, measured on the CPU with tiny tensors (no GPU needed).
+
+1. What autograd itself costs for a decoder layer's worth of custom Functions.
 
 A checkpointed layer's recompute records ~7 ``torch.autograd.Function``s and its backward walks them in
 a nested engine run (docs/perf-notes.md, section 14: the plan for a hand-written layer backward). This
@@ -8,7 +10,11 @@ and the same ``forward``/``backward`` staticmethods called directly with a plain
 difference is the per-layer host cost such a backward would remove (before the views, residual sums
 and AccumulateGrad nodes a real layer adds).
 
-    python bench/autograd_overhead.py [--functions 7]
+2. An attribute read (``requires_grad``, ``is_cuda``, ``data_ptr()``) of a bitsandbytes ``Params4bit``,
+whose ``__torch_function__`` runs in Python, against a plain parameter (section 14: ~2,000 reads an
+8B QLoRA step before session 15 trimmed them).
+
+    python bench/host_costs.py [--functions 7]
 """
 import argparse
 import time
@@ -39,6 +45,7 @@ class PlainContext:
 
 
 def best_us(fn, n=2000, repeats=5):
+    """Best of ``repeats`` mean µs a call over ``n`` calls."""
     for _ in range(100):
         fn()
     best = float("inf")
@@ -79,6 +86,21 @@ def main():
     auto, plain = best_us(with_autograd), best_us(direct)
     print(f"{a.functions} Functions, forward + backward: autograd {auto:.1f} us, direct {plain:.1f} us "
           f"({(auto - plain) / a.functions:.1f} us a Function)")
+    print_reads()
+
+
+def print_reads():
+    """µs a read of a Params4bit's attributes against a plain frozen parameter (skipped without bitsandbytes)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        print("bitsandbytes not installed: no Params4bit reads")
+        return
+    for name, w in (("Params4bit", bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")),
+                    ("Parameter", torch.nn.Parameter(torch.randn(64, 64), requires_grad=False))):
+        reads = {attr: best_us(lambda: getattr(w, attr), n=20000) for attr in ("requires_grad", "is_cuda")}
+        reads["data_ptr()"] = best_us(w.data_ptr, n=20000)
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f} us" for k, v in reads.items()))
 
 
 if __name__ == "__main__":
