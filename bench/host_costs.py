@@ -17,9 +17,13 @@ whose ``__torch_function__`` runs in Python, against a plain parameter (section 
     python bench/host_costs.py [--functions 7]
 """
 import argparse
-import time
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_ops import per_call_us  # noqa: E402
 
 
 class Chain(torch.autograd.Function):
@@ -44,17 +48,9 @@ class PlainContext:
         self.saved_tensors = tensors
 
 
-def best_us(fn, n=2000, repeats=5):
-    """Best of ``repeats`` mean µs a call over ``n`` calls."""
-    for _ in range(100):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best * 1e6
+def best_us(fn, n=2000):
+    """Best of 5 mean µs a call over ``n`` calls, after 100 warm-up calls."""
+    return per_call_us(fn, n, warmup=100)
 
 
 def main():

@@ -17,20 +17,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def per_call_us(fn, n, repeats=5):
+def per_call_us(fn, n, repeats=5, warmup=1):
     """Best of ``repeats``: host µs a call of ``fn`` over ``n`` calls queued back to back (the queue
-    never fills: ``n`` is small against the GPU's launch queue)."""
+    never fills: ``n`` is small against the GPU's launch queue). Without CUDA, plain CPU timing."""
     import torch
 
-    fn()
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(n):
             fn()
         best = min(best, (time.perf_counter() - t) / n)
-        torch.cuda.synchronize()
+        sync()
     return round(best * 1e6, 2)
 
 
