@@ -99,8 +99,7 @@ def _base(weight, quant_state, dtype) -> torch.Tensor:
 # that the second one adds itself onto the first's output in its epilogue (``_forward``, ``_add_base``).
 # SLOTHNB_ADAPTER_IN_GEMM=0 turns it off (benchmarks).
 ADAPTER_IN_GEMM = os.environ.get("SLOTHNB_ADAPTER_IN_GEMM", "1") != "0"
-# The dequantisation writes the zero and s B columns too (``dequantize_nf4(tail=...)``): two to three
-# launches fewer a widened projection, ~600 a Llama-3.1-8B QLoRA step. SLOTHNB_DEQUANT_TAIL=0: op by op.
+# The dequantisation writes the 0 and s B columns too (``tail``): ~600 launches fewer an 8B QLoRA step.
 DEQUANT_TAIL = os.environ.get("SLOTHNB_DEQUANT_TAIL", "1") != "0"
 _ALIGN = 8  # row strides padded to 16 bytes of bf16, so cuBLAS keeps its fast kernels
 
@@ -129,11 +128,10 @@ def _forward_shared(X, parts, out_shapes):
     for (weight, quant_state, scale, _A, B), xa, shape in zip(parts, xas, out_shapes):
         width = start + xa.shape[1]
         W = torch.empty(B.shape[0], _padded(width), dtype=X.dtype, device=X.device)[:, :width]
-        # W, the zeros facing the other adapters' columns and s B: one launch (``tail``)
-        tail = (B if B.stride(-1) == 1 else B.contiguous(), scale, start - h)
-        if DEQUANT_TAIL:
+        tail = (B if B.stride(-1) == 1 else B.contiguous(), scale, start - h)  # zeros facing the other xa's
+        if DEQUANT_TAIL:  # W, the zeros and s B in one launch; SLOTHNB_DEQUANT_TAIL=0: op by op (benchmarks)
             dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h], tail=tail)
-        else:  # the same values in three more launches (benchmarks)
+        else:
             _write_tail_torch(dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h]), tail)
         y = torch.empty(shape, dtype=X.dtype, device=X.device)
         torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
