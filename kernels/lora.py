@@ -99,7 +99,7 @@ def _base(weight, quant_state, dtype) -> torch.Tensor:
 # that the second one adds itself onto the first's output in its epilogue (``_forward``, ``_add_base``).
 # SLOTHNB_ADAPTER_IN_GEMM=0 turns it off (benchmarks).
 ADAPTER_IN_GEMM = os.environ.get("SLOTHNB_ADAPTER_IN_GEMM", "1") != "0"
-# The dequantisation writes the 0 and s B columns too (``tail``): ~600 launches fewer an 8B QLoRA step.
+# The dequantisation writes the 0 and s B columns too (``tail``): ~470 launches fewer an 8B QLoRA step.
 DEQUANT_TAIL = os.environ.get("SLOTHNB_DEQUANT_TAIL", "1") != "0"
 _ALIGN = 8  # row strides padded to 16 bytes of bf16, so cuBLAS keeps its fast kernels
 
