@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step import MODEL_DIRS, TARGETS, _switches, train_step  # noqa: E402
+from lora_step import MODEL_DIRS, _switches, profiling_setup, train_step  # noqa: E402
 
 
 def host_ms(fn, repeats=15):
@@ -114,17 +114,9 @@ def main():
     ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
     a = ap.parse_args()
     import torch
-    from slothnb import FastLanguageModel
     from slothnb.models import checkpointing
 
-    model, _ = FastLanguageModel.from_pretrained(os.path.join(a.model_root, MODEL_DIRS[a.model]),
-                                                 max_seq_length=a.seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=a.quant == "nf4")
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
-                                             use_gradient_checkpointing="slothnb", random_state=3407)
-    FastLanguageModel.for_training(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), device="cuda")
+    model, opt, x = profiling_setup(a)
     for _ in range(3):
         train_step(model, opt, x)
     layer = checkpointing.decoder_layers(checkpointing._hf_model(model))[a.layer]

@@ -129,6 +129,23 @@ class _GcPauses:
         return [[round(r[0], 2), *r[1:]] for r in self.steps]
 
 
+def profiling_setup(args, grad_ckpt="slothnb"):
+    """(model, AdamW, one random batch on the GPU) for the profiling scripts (profile_step, layer_host):
+    the benchmark's model and LoRA set-up, from ``args.model_root``, ``model``, ``quant``, ``seq``, ``batch``."""
+    import torch
+    from slothnb import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(os.path.join(args.model_root, MODEL_DIRS[args.model]),
+                                                 max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=args.quant == "nf4")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
+                                             use_gradient_checkpointing=grad_ckpt, random_state=3407)
+    FastLanguageModel.for_training(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    return model, opt, x
+
+
 def train_step(model, opt, x):
     """The step every system is timed on: forward with labels=input_ids under bf16 autocast, backward,
     AdamW step, zero_grad. No synchronisation inside. Returns the loss."""

@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_step import MODEL_DIRS, TARGETS, train_step  # noqa: E402
+from lora_step import MODEL_DIRS, profiling_setup, train_step  # noqa: E402
 
 
 def main():
@@ -49,16 +49,8 @@ def main():
     a = ap.parse_args()
     gc = {"true": True, "false": False}.get(a.grad_ckpt, a.grad_ckpt)
     import torch
-    from slothnb import FastLanguageModel
 
-    model, _ = FastLanguageModel.from_pretrained(os.path.join(a.model_root, MODEL_DIRS[a.model]),
-                                                 max_seq_length=a.seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=a.quant == "nf4")
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
-                                             use_gradient_checkpointing=gc, random_state=3407)
-    FastLanguageModel.for_training(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), device="cuda")
+    model, opt, x = profiling_setup(a, gc)
 
     def step(parts=None):
         sync = torch.cuda.synchronize
