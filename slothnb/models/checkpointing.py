@@ -185,17 +185,24 @@ def _restore_carried(entries) -> collections.deque:
 class _Call:
     """What forward and backward share about one checkpointed call: how to run it and its pytrees."""
 
-    def __init__(self, function, leaves, spec, tensor_slots, offload_mask, preserve_rng, graphs=None):
+    def __init__(self, function, leaves, spec, tensor_slots, offload_mask, preserve_rng, graphs=None,
+                 layer_backward=None):
         self.function, self.leaves, self.spec = function, leaves, spec
         self.tensor_slots, self.offload_mask, self.preserve_rng = tensor_slots, offload_mask, preserve_rng
         self.graphs = graphs  # the layer's LayerGraphs when CUDA graphs are on
+        # the layer's written-out recompute + backward (``arch.layer_backward.backward``), if it has one
+        self.layer_backward = layer_backward
         self.out_leaves = self.out_spec = self.out_slots = None
 
-    def run(self, tensors):
+    def arguments(self, tensors):
+        """(args, kwargs) of the call with these tensors in their places."""
         leaves = list(self.leaves)
         for slot, t in zip(self.tensor_slots, tensors):
             leaves[slot] = t
-        args, kwargs = tree_unflatten(leaves, self.spec)
+        return tree_unflatten(leaves, self.spec)
+
+    def run(self, tensors):
+        args, kwargs = self.arguments(tensors)
         return self.function(*args, **kwargs)
 
 
@@ -242,6 +249,11 @@ class OffloadedCheckpoint(torch.autograd.Function):
             if call.graphs is not None:
                 grads = call.graphs.backward(call.run, inputs, grad_outs, [x.requires_grad for x in inputs])
                 if grads is not None:
+                    return (None, None, *grads)
+            elif call.layer_backward is not None and len(grad_outs) == 1:
+                grads = call.layer_backward(*call.arguments(inputs), inputs, grad_outs,
+                                            ctx.needs_input_grad[2:])
+                if grads is not None:  # done without an autograd graph; None: not covered, nothing done
                     return (None, None, *grads)
             out = call.run(inputs)
         out_leaves, _ = tree_flatten(out)
@@ -290,7 +302,7 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state
     kept_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     owner = _owner_module(function)
     call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state,
-                 getattr(owner, "_slothnb_graphs", None))
+                 getattr(owner, "_slothnb_graphs", None), getattr(owner, "_slothnb_layer_backward", None))
 
     anchor = None
     if not any(t.requires_grad for t in tensors):

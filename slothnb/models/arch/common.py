@@ -79,15 +79,26 @@ def mlp_forward(self, x):
     return _mlp(self, x, output_needed, carry=True)
 
 
+def _act_module(mlp):
+    return getattr(mlp, "act_fn", None) or mlp.activation_fn
+
+
+def fused_activation(mlp) -> str | None:
+    """The fused gated activation ("swiglu" | "geglu" | "geglu_tanh") this MLP's ``act_fn`` is, or None
+    (an activation without a kernel, or transformers' Python GELU variants)."""
+    act_module = _act_module(mlp)
+    if getattr(act_module, "use_gelu_python", False) or getattr(act_module, "use_gelu_tanh_python", False):
+        return None
+    return _ACTIVATIONS.get(type(act_module).__name__)
+
+
 def _mlp(self, x, output_needed=True, carry=False):
     """The MLP; ``output_needed=False`` lets the fused path leave the output's values unset (its graph
     is exact). Unfused paths (plain linears, DoRA, dropout...) compute the output regardless. ``carry``:
     the fused path may hand G and U from a checkpointed forward to its recompute
     (``checkpointing.carry_gate_up``; never per token chunk, whose recompute runs elsewhere)."""
-    act_module = getattr(self, "act_fn", None) or self.activation_fn
-    activation = _ACTIVATIONS.get(type(act_module).__name__)
-    if getattr(act_module, "use_gelu_python", False) or getattr(act_module, "use_gelu_tanh_python", False):
-        activation = None
+    act_module = _act_module(self)
+    activation = fused_activation(self)
     if self._slothnb_spec.fused_gate_up:
         return _fused_gate_up_mlp(self, x, act_module, activation, output_needed)
     if activation is not None:
@@ -347,6 +358,8 @@ def bind_norm(module, spec):
 
 def patch_layers(causal_lm, spec: ArchSpec) -> None:
     """Bind the kernel forwards on every norm, attention and MLP of ``causal_lm`` and on itself."""
+    from slothnb.models.arch import layer_backward  # it builds on this module
+
     base = causal_lm.model
     for layer in base.layers:
         for name in spec.layer_norms:
@@ -357,6 +370,9 @@ def patch_layers(causal_lm, spec: ArchSpec) -> None:
             bind_norm(attn.k_norm, spec)
         bind(attn, attention_forward, spec)
         bind(layer.mlp, mlp_forward, spec)
+        if layer_backward.applies_to(layer):  # Llama's decoder layer: its backward may run written out
+            # (read by checkpointing.offloaded_checkpoint; a bound method: checkpointing does not import arch)
+            layer._slothnb_layer_backward = types.MethodType(layer_backward.backward, layer)
     bind_norm(base.norm, spec)
     bind(causal_lm, causal_lm_forward, spec)
 
@@ -364,6 +380,7 @@ def patch_layers(causal_lm, spec: ArchSpec) -> None:
 def unpatch(model) -> None:
     """Drop every instance-level forward that ``patch_layers`` bound."""
     for module in model.modules():
+        module.__dict__.pop("_slothnb_layer_backward", None)
         if module.__dict__.get("_slothnb_patched"):
             module.__dict__.pop("forward", None)
             for attr in ("_slothnb_patched", "_slothnb_spec", "_slothnb_eps", "_slothnb_offset"):

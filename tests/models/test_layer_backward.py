@@ -1,0 +1,191 @@
+"""A checkpointed Llama-family layer's recompute + backward written out (``arch.layer_backward``) gives
+the autograd path's loss and gradients bit for bit, and steps aside wherever it does not apply."""
+import pytest
+import torch
+
+from checkpoint_checks import checkpointed_lora_model as _lora_model
+from checkpoint_checks import loss_and_grads as _loss_and_grads
+from checkpoint_checks import spy as _spy
+from slothnb.kernels import lora as lora_kernels
+from slothnb.models import checkpointing, host_offload
+from slothnb.models.arch import layer_backward
+from slothnb.models.patching import unpatch_model
+
+LLAMA_LAYERS = ["llama", "qwen2", "mistral", "gemma"]
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """How many checkpointed layers ran written out."""
+    seen = []
+    real = layer_backward._run
+    monkeypatch.setattr(layer_backward, "_run", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
+def _step(model, accumulate=1, autocast=False, padded=False, device="cpu", seq=16):
+    """Loss and every gradient after ``accumulate`` forward + backward passes on fixed ids."""
+    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+    model.zero_grad(set_to_none=True)
+    for _ in range(accumulate):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, attention_mask=mask if padded else None, labels=ids).loss
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _same(a, b):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and any("lora_A" in n for n in grads_a)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def _both_ways(model, monkeypatch, runs, **step):
+    """(autograd path, written-out path) results, and how many layers the second one wrote out."""
+    monkeypatch.setattr(layer_backward, "ENABLED", False)
+    ref = _step(model, **step)
+    assert not runs
+    monkeypatch.setattr(layer_backward, "ENABLED", True)
+    got = _step(model, **step)
+    return ref, got, len(runs)
+
+
+@pytest.mark.parametrize("arch", LLAMA_LAYERS)
+def test_written_out_backward_matches_autograd_bit_for_bit(arch, monkeypatch, runs):
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)  # the tiny model's layers carry values too
+    model = _lora_model(arch, layers=3)
+    handed = _spy(monkeypatch, lora_kernels.LoraLinearFunction, 2)
+    ref, got, written = _both_ways(model, monkeypatch, runs)
+    assert written == 2  # every layer but the last is offload-checkpointed
+    assert sum(g[0] is not None for g in handed) == 4  # each recompute, both ways, was handed o_proj's output
+    _same(ref, got)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.bfloat16, padded=True, accumulate=2),  # 16-bit model, padding mask, .grad accumulated
+    dict(dtype=torch.float32, autocast=True, input_grads=True),  # fp32 model under bf16 autocast: mixed dtypes
+    dict(dtype=torch.bfloat16, autocast=True, input_grads=True, padded=True),
+])
+def test_dtypes_masks_input_grads_and_accumulation(arch, case, monkeypatch, runs):
+    case = dict(case)
+    model = _lora_model(arch, layers=3).to(case.pop("dtype"))
+    if case.pop("input_grads", False):
+        model.enable_input_require_grads()  # the layer inputs need gradients too
+    ref, got, written = _both_ways(model, monkeypatch, runs, **case)
+    assert written == 2 * case.get("accumulate", 1)
+    _same(ref, got)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma2"])
+def test_other_layers_keep_the_autograd_path(arch, monkeypatch, runs):
+    model = _lora_model(arch, layers=3)
+    ref, got, written = _both_ways(model, monkeypatch, runs)
+    assert written == 0
+    _same(ref, got)
+    has = [hasattr(layer, "_slothnb_layer_backward") for layer in model.base_model.model.model.layers]
+    assert has == [arch == "qwen3"] * 3  # Qwen3's layer is Llama's; its q/k norms send it back in _plan
+
+
+def _freeze_one_adapter(model):
+    next(p for n, p in model.named_parameters() if "v_proj.lora_A" in n).requires_grad_(False)
+
+
+def _hook_a_layer(model):
+    model.base_model.model.model.layers[0].register_forward_hook(lambda *a: None)
+
+
+def _unfreeze_a_norm(model):
+    model.base_model.model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+
+
+def _hook_an_adapter(model):
+    next(p for n, p in model.named_parameters() if "o_proj.lora_B" in n).register_hook(lambda g: g)
+
+
+def _chunked_mlp(model, monkeypatch):
+    from slothnb.models.arch import common
+
+    monkeypatch.setattr(common, "MLP_CHUNK_TOKENS", 16)  # 32 tokens a call: the MLP runs in chunks
+
+
+@pytest.mark.parametrize("change", [_freeze_one_adapter, _hook_a_layer, _unfreeze_a_norm, _hook_an_adapter,
+                                    _chunked_mlp])
+def test_what_it_does_not_cover_runs_through_autograd(change, monkeypatch, runs):
+    model = _lora_model("llama", layers=3)
+    if change is _chunked_mlp:
+        change(model, monkeypatch)
+    else:
+        change(model)
+    ref, got, written = _both_ways(model, monkeypatch, runs)
+    # each change but the chunking touches layer 0 only: layer 1 is still written out
+    assert written == (0 if change is _chunked_mlp else 1)
+    _same(ref, got)
+
+
+def test_only_the_layer_input_may_need_a_gradient():
+    """A call whose other tensor inputs need gradients (e.g. trainable rotary tables) is not covered."""
+    layer = object.__new__(torch.nn.Module)
+    x, cos = torch.ones(1, 2, 4), torch.ones(1, 2, 4)
+    assert layer_backward.backward(layer, (x,), {}, [x, cos], (torch.ones(1, 2, 4),), (True, True)) is None
+
+
+def test_unpatch_drops_it():
+    model = _lora_model("llama", layers=2)
+    layers = model.base_model.model.model.layers
+    assert all(callable(getattr(layer, "_slothnb_layer_backward", None)) for layer in layers)
+    unpatch_model(model)
+    assert not any(hasattr(layer, "_slothnb_layer_backward") for layer in layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_written_out_backward_on_gpu_matches_autograd(arch, monkeypatch, runs):
+    """bf16 autocast, offloaded inputs and every carried value (through pinned host memory)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    model = _lora_model(arch, layers=4, device="cuda")
+    for _ in range(2):  # the carried values' pinned buffers are pinned in the background, for later passes
+        _step(model, autocast=True, device="cuda", seq=128)
+        host_offload._POOL.wait_for_pinning()
+    host_offload.COUNTS.clear()
+    ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True, device="cuda", seq=128)
+    assert written == 3 and host_offload.COUNTS["gate_up_carried"] == 6
+    _same(ref, got)
+
+
+@pytest.mark.gpu
+def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatch, runs):
+    """NF4 bases (the widened q/k/v and gate/up matmuls), bf16 autocast, a padded batch."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("bitsandbytes")
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from slothnb.models.checkpointing import apply_gradient_checkpointing
+    from slothnb.models.patching import patch_model
+
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=512, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
+                                                              dtype=torch.bfloat16, device_map={"": 0})
+    patch_model(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             init_lora_weights=False))
+    apply_gradient_checkpointing(model, "slothnb")
+    model.train()
+    ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True, padded=True, device="cuda", seq=256)
+    assert written == 2
+    _same(ref, got)
