@@ -175,11 +175,31 @@ def _carry_scope(role: str, entries):
         setattr(_CARRY, role, previous)
 
 
-def _restore_carried(entries) -> collections.deque:
-    """The carried values back on the device, restored last-first: each restore prefetches what the
-    forward offloaded just before it (this layer's earlier entries, then the previous layer's input)."""
-    restored = [e.restore() if isinstance(e, host_offload.OffloadedTensor) else e for e in reversed(entries)]
-    return collections.deque(reversed(restored))
+# SLOTHNB_LAZY_CARRIED=0: a recompute waits for all its carried values before it starts (benchmarks).
+LAZY_CARRIED = os.environ.get("SLOTHNB_LAZY_CARRIED", "1") != "0"
+
+
+class _Carried:
+    """A recompute's carried values, each restored when the recompute reads it (``carried``): the
+    compute stream then waits for that value's host->device copy there, not before the layer starts.
+    A Llama-3.1-8B layer that carries G and U brings back ~300 MB, more than the link moves during the
+    layer before it; waiting for all of it up front left the GPU idle while the layer's norm, q/k/v and
+    attention could already run. Their copies are queued in that order (``OffloadedTensor.restore``)."""
+
+    def __init__(self, entries):
+        self.entries = collections.deque(entries)
+
+    def __bool__(self):
+        return bool(self.entries)
+
+    def popleft(self):
+        e = self.entries.popleft()
+        return e.restore() if isinstance(e, host_offload.OffloadedTensor) else e
+
+    def drain(self) -> None:
+        """Restore what the recompute did not read, so its pinned buffers go back to the pool."""
+        while self.entries:
+            self.popleft()
 
 
 class _Call:
@@ -204,6 +224,14 @@ class _Call:
     def run(self, tensors):
         args, kwargs = self.arguments(tensors)
         return self.function(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _draining(carried: _Carried):
+    try:
+        yield
+    finally:
+        carried.drain()
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -243,9 +271,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
             x = x.detach()
             x.requires_grad_(ctx.needs_input_grad[i + 2] and x.is_floating_point())
             inputs.append(x)
-        carried = _restore_carried(ctx.carried or [])
+        entries = ctx.carried or []
+        if not LAZY_CARRIED:  # every carried value waited for before the layer starts (benchmarks)
+            entries = [e.restore() if isinstance(e, host_offload.OffloadedTensor) else e for e in reversed(entries)][::-1]
+        carried = _Carried(entries)
         ctx.carried = None
-        with ctx.state.replay(), _recomputing(), _carry_scope("replay", carried):
+        with ctx.state.replay(), _recomputing(), _carry_scope("replay", carried), _draining(carried):
             if call.graphs is not None:
                 grads = call.graphs.backward(call.run, inputs, grad_outs, [x.requires_grad for x in inputs])
                 if grads is not None:

@@ -292,17 +292,22 @@ class OffloadedTensor:
 
     def _prefetch_next_layer(self) -> None:
         """Queue the copies the backward restores next, up to and including the next layer's input and
-        the values carried with it (restore order: input, then carried ones), so they all travel while
-        this layer recomputes."""
-        seen_input = False
+        the values carried with it, so they all travel while this layer recomputes. They are queued in
+        the order the backward uses them: this layer's carried values, the next layer's input, then its
+        carried values, each group in forward order (the attention output before G and U): a recompute
+        waits for each carried value only where it reads it (``checkpointing._Carried``)."""
+        own, next_input, next_carried = [], None, []
         p = self.prev() if self.prev is not None else None
         while p is not None and p.device == self.device:
             if not p.carried:
-                if seen_input:
+                if next_input is not None:
                     break
-                seen_input = True
-            p.prefetch()
+                next_input = p
+            else:
+                (own if next_input is None else next_carried).append(p)
             p = p.prev() if p.prev is not None else None
+        for t in (*reversed(own), *((next_input,) if next_input is not None else ()), *reversed(next_carried)):
+            t.prefetch()
 
     def __del__(self):  # a forward that never reached backward: its bytes are no longer in use
         if getattr(self, "buf", None) is not None:

@@ -109,6 +109,23 @@ def test_a_restore_prefetches_the_next_layer_input_and_what_it_carries(monkeypat
     assert fetched == ["c2"]
 
 
+def test_prefetches_are_queued_in_the_order_the_backward_reads_them(monkeypatch):
+    """Two layers that carry their attention output, G and U: restoring layer 2's input queues layer 2's
+    carried values, then layer 1's input, then layer 1's carried values, each in forward order."""
+    import weakref
+
+    fetched = []
+    monkeypatch.setattr(host_offload.OffloadedTensor, "prefetch", lambda self: fetched.append(self.name))
+    chain, prev = [], None  # the list keeps them alive: each holds only a weak reference to the one before
+    for name in ("in0", "a1", "g1", "u1", "in1", "a2", "g2", "u2", "in2"):
+        t = object.__new__(host_offload.OffloadedTensor)
+        t.name, t.carried, t.device, t.prev, t.buf = name, not name.startswith("in"), "cuda:0", prev, None
+        chain.append(t)
+        prev = weakref.ref(t)
+    chain[-1]._prefetch_next_layer()
+    assert fetched == ["a2", "g2", "u2", "in1", "a1", "g1", "u1"]
+
+
 def test_host_budget_admits_until_full_and_counts_bytes_in_use():
     budget = host_offload.HostBudget(limit_bytes=100)
     assert [budget.admit(40) for _ in range(3)] == [True, True, False]  # 120 > 100: stays on the GPU
