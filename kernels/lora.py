@@ -192,9 +192,9 @@ def _add_base(out, dY, weight, quant_state, beta, transpose=True):
     out.addmm_(dY, W.t() if transpose else W, beta=beta)
 
 
-# The MLP's ``h A_d^T`` is computed over row chunks of at most this many bytes of h. A recompute needs
-# only that product, not h itself (``output_needed=False``), so it never holds a whole [N, I] h beside
-# G and U: 8B at 8,192 tokens, h is 224 MiB. The forward uses the same chunks, so both get the same bits.
+# The MLP's ``h A_d^T`` is computed over row chunks of at most this many bytes of h, in the forward and,
+# after a recompute that skipped the down projection (``output_needed=False``), in the backward from
+# the h its activation kernel rewrites: the same chunks give the same bits either way.
 H_CHUNK_BYTES = 64 << 20
 
 
@@ -395,8 +395,9 @@ class LoraMLPFunction(torch.autograd.Function):
             ha = _h_times_adapter(lambda a, b: H[a:b], n, inter, Ad, G)
             ha, y = _forward(H, Wd, qd, Ad, Bd, sd, out_shape=out_shape, xa=ha)
             del H
-        else:  # backward needs only H A_d^T of the down projection: no dequantisation, no [N, I] x [I, H]
-            ha = _h_times_adapter(lambda a, b: gated_forward(activation, G[a:b], U[a:b]), n, inter, Ad, G)
+        else:  # nothing of the down projection: its backward computes H A_d^T from the H that the
+            # activation's backward kernel rewrites anyway (the same bits as the forward kernel's H)
+            ha = None
             y = torch.empty(out_shape, dtype=X.dtype, device=X.device)
         ctx.save_for_backward(X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd)
         ctx.in_features = x.shape[-1]
@@ -413,13 +414,15 @@ class LoraMLPFunction(torch.autograd.Function):
         dt = X.dtype
         dY = _rows(dy, dt)
         # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
-        dB_d = _scaled(_mm_as(dY.t(), ha, td[1]), sd)
         dyb = dY @ Bd
         dH = dyb @ Ad  # the adapter term first; the base matmul adds onto it (``_add_base``)
         _add_base(dH, dY, Wd, qd, sd, transpose=False)
-        del dY, ha
         H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U
+        if ha is None:  # a recompute that skipped the down projection: H A_d^T in the forward's row chunks
+            ha = _h_times_adapter(lambda a, b: H[a:b], H.shape[0], H.shape[1], Ad, H)
+        dB_d = _scaled(_mm_as(dY.t(), ha, td[1]), sd)
+        del dY, ha
         dA_d = _scaled(_mm_as(dyb.t(), H, td[0]), sd)
         del H, dyb
         need_dx = ctx.needs_input_grad[0]
@@ -465,9 +468,10 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     """``down(act(gate(x)) * up(x))`` with LoRA on all three; activation: swiglu | geglu | geglu_tanh.
 
     ``output_needed=False`` is for a checkpoint's recompute, whose outputs only carry the autograd
-    graph: the result is then an *uninitialised* tensor of the right shape, and the down projection's
-    base matmul (a quarter of a Llama layer's FLOPs) and its NF4 dequantisation are skipped. Everything
-    the backward reads is computed as usual, so the gradients are bit-identical.
+    graph: the result is then an *uninitialised* tensor of the right shape, and nothing of the down
+    projection runs (its base matmul is a quarter of a Llama layer's FLOPs; no dequantisation, no
+    activation): the backward computes ``h A_d^T`` from the h its activation kernel writes anyway,
+    with the forward's bits, so the gradients are bit-identical.
 
     ``gate_up=(G, U)``: the gate and up outputs (``[tokens, intermediate]``, compute dtype) when they
     are already known (a recompute handed the forward's own): their matmuls are skipped; the backward

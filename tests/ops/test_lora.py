@@ -400,3 +400,20 @@ def test_a_no_grad_forward_does_not_read_a_quantised_weights_flags():
         CountingParam.reads = 0
         lora_linear(x, p)
         assert CountingParam.reads == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_backward_rewrites_the_forward_h_bit_for_bit(activation, dtype, device):
+    """A recompute without output leaves ``h A_d^T`` to the backward, computed from the h that
+    ``gated_backward`` writes: it must be the forward kernel's h to the bit."""
+    from slothnb.kernels.lora_activations import gated_backward, gated_forward
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(0)
+    g, u, dh = ((torch.randn(96, 700, generator=gen) * 3).to(dtype).to(device) for _ in range(3))
+    h = gated_forward(activation, g, u)
+    h_again, _, _ = gated_backward(activation, dh, g.clone(), u.clone())
+    assert torch.equal(h, h_again)
