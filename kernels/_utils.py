@@ -14,6 +14,16 @@ MAX_FUSED_SIZE = 65536  # largest row a single program handles in one block
 
 
 @triton.jit
+def round_fp32_for_bf16(x):
+    """Round fp32 to the nearest-even bf16 value (still fp32): Triton's interpreter truncates on the
+    fp32 -> bf16 cast where the GPU rounds, so kernels that must match PyTorch's bf16 rounding bit for
+    bit on both round themselves."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def tanh(x):
     """tanh from exp(-2|x|), which never overflows: one form for every Triton version and the interpreter
     (the soft-capping of Gemma-2's logits and attention scores)."""

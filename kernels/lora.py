@@ -114,7 +114,7 @@ def _adapter_in_gemm(parts) -> bool:
         qs is not None and qs.shape[1] % int(qs.blocksize) == 0 for _, qs, *_ in parts)
 
 
-def _forward_shared(X, parts, out_shapes):
+def _forward_shared(X, parts, out_shapes, into=None):
     """(Xa, [x A_j^T views], [y_j]) of projections ``parts`` = [(W, quant_state, scale, A, B)] sharing X.
 
     ``Xa = [X | x A_1^T | ... | x A_k^T]`` is what the backward keeps (X and each ``x A_j^T`` are views
@@ -123,7 +123,7 @@ def _forward_shared(X, parts, out_shapes):
     base and adapter terms together.
     """
     h = X.shape[1]
-    Xa, xas = _widened_input(X, [p[3] for p in parts])
+    Xa, xas = _widened_input(X, [p[3] for p in parts], into)
     ys, start = [], h
     for (weight, quant_state, scale, _A, B), xa, shape in zip(parts, xas, out_shapes):
         width = start + xa.shape[1]
@@ -150,12 +150,30 @@ def _adapter_inputs(X, As):
     return out
 
 
-def _widened_input(X, As):
-    """(``Xa = [X | X A_1^T | ...]``, the ``X A_j^T`` as views of it), rows padded to ``_ALIGN``."""
+def widened_buffer(x: torch.Tensor, weights) -> Optional[torch.Tensor]:
+    """An empty ``[tokens, in + ranks]`` buffer (rows padded) whose first columns the producer of x
+    (an RMSNorm) may write, for LoRA projections ``weights`` that share x and will widen it
+    (``_forward_shared``), so that X is never copied into it; None when they will not widen it.
+    Pass it on as ``into``: the Function bodies take it from ``ctx.widened``."""
+    if not _adapter_in_gemm([(w.weight, w.quant_state) for w in weights]):
+        return None
+    h = x.shape[-1]
+    return torch.empty(x.numel() // h, _padded(h + sum(w.A.shape[0] for w in weights)), dtype=x.dtype,
+                       device=x.device)
+
+
+def _widened_input(X, As, into=None):
+    """(``Xa = [X | X A_1^T | ...]``, the ``X A_j^T`` as views of it), rows padded to ``_ALIGN``.
+    ``into``: a ``widened_buffer`` whose first columns already are X (nothing is copied then)."""
     n, h = X.shape
     ranks = [A.shape[0] for A in As]
-    Xa = torch.empty(n, _padded(h + sum(ranks)), dtype=X.dtype, device=X.device)
-    Xa[:, :h].copy_(X)
+    width = _padded(h + sum(ranks))
+    if (into is not None and tuple(into.shape) == (n, width) and into.dtype == X.dtype
+            and into.data_ptr() == X.data_ptr() and X.stride() == (width, 1)):
+        Xa = into
+    else:
+        Xa = torch.empty(n, width, dtype=X.dtype, device=X.device)
+        Xa[:, :h].copy_(X)
     Xa[:, h:h + sum(ranks)] = X @ _stacked(As).t()
     xas, start = [], h
     for r in ranks:
@@ -196,6 +214,8 @@ def _add_base(out, dY, weight, quant_state, beta, transpose=True):
 # after a recompute that skipped the down projection (``output_needed=False``), in the backward from
 # the h its activation kernel rewrites: the same chunks give the same bits either way.
 H_CHUNK_BYTES = 64 << 20
+# SLOTHNB_HA_IN_BACKWARD=0: a recompute without output still computes h A_d^T itself (benchmarks).
+HA_IN_BACKWARD = os.environ.get("SLOTHNB_HA_IN_BACKWARD", "1") != "0"
 
 
 def _h_times_adapter(h_rows, n, width, A, like):
@@ -334,7 +354,7 @@ class LoraQKVFunction(torch.autograd.Function):
         parts = _prepared(dt, bundles, AB)
         shapes = [(*x.shape[:-1], p[4].shape[0]) for p in parts]
         if _adapter_in_gemm(parts):
-            Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes)
+            Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes, getattr(ctx, "widened", None))
             X, saved = Xa, [Xa]  # X itself is Xa[:, :in]
         else:
             xas, outs, saved = _adapter_inputs(X, [p[3] for p in parts]), [], [X]
@@ -375,13 +395,14 @@ class LoraMLPFunction(torch.autograd.Function):
         shared = _adapter_in_gemm(gate_up)
         if given is not None:  # G and U are known (a recompute handed the forward's): only the adapter inputs
             G, U = given
-            if shared:
-                X, (xa_g, xa_u) = _widened_input(X, [Ag, Au])
+            if shared:  # X kept widened as when they are computed: the backward's matmuls see the same layout
+                X, (xa_g, xa_u) = _widened_input(X, [Ag, Au], getattr(ctx, "widened", None))
             else:
                 xa_g, xa_u = _adapter_inputs(X, [Ag, Au])
         elif shared:
             n = X.shape[0]
-            X, (xa_g, xa_u), (G, U) = _forward_shared(X, gate_up, [(n, Bg.shape[0]), (n, Bu.shape[0])])
+            X, (xa_g, xa_u), (G, U) = _forward_shared(X, gate_up, [(n, Bg.shape[0]), (n, Bu.shape[0])],
+                                                      getattr(ctx, "widened", None))
         else:
             xa_g, xa_u = _adapter_inputs(X, [Ag, Au])
             G = _forward(X, Wg, qg, Ag, Bg, sg, xa=xa_g)[1]
@@ -397,7 +418,8 @@ class LoraMLPFunction(torch.autograd.Function):
             del H
         else:  # nothing of the down projection: its backward computes H A_d^T from the H that the
             # activation's backward kernel rewrites anyway (the same bits as the forward kernel's H)
-            ha = None
+            ha = None if HA_IN_BACKWARD else _h_times_adapter(
+                lambda a, b: gated_forward(activation, G[a:b], U[a:b]), n, inter, Ad, G)
             y = torch.empty(out_shape, dtype=X.dtype, device=X.device)
         ctx.save_for_backward(X, G, U, xa_g, xa_u, ha, Ag, Bg, Au, Bu, Ad, Bd)
         ctx.in_features = x.shape[-1]

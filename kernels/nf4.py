@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, fast_launch, next_power_of_2, use_triton
+from ._utils import cdiv, fast_launch, next_power_of_2, round_fp32_for_bf16, use_triton
 from ..errors import ConfigError
 
 OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
@@ -33,15 +33,6 @@ NUM_WARPS = 4
 # bench/sweep_nf4.py has timed it on the GPU (it prints both); bit-identical either way.
 PAIRED_STORES = False
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@triton.jit
-def _round_fp32_for_bf16(x):
-    """Round fp32 to the nearest-even bf16 value (still fp32): Triton's interpreter truncates on the
-    fp32 -> bf16 cast where the GPU rounds, so the kernel rounds itself and both agree bit for bit."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -65,7 +56,7 @@ def _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr
     high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]  # even elements
     low = tl.load(code_ptr + (byte & 0xF)) * scale[:, None]  # odd elements
     if BF16:
-        high, low = _round_fp32_for_bf16(high), _round_fp32_for_bf16(low)
+        high, low = round_fp32_for_bf16(high), round_fp32_for_bf16(low)
     row, start = first // row_len, first % row_len
     if PAIRS:  # bf16 written as 32-bit words, even element in the low half (little-endian): no interleave
         word = (high.to(tl.uint32, bitcast=True) >> 16) | (low.to(tl.uint32, bitcast=True) & 0xFFFF0000)
@@ -91,7 +82,7 @@ def _write_tail(tail_pid, tail_ptr, tail_row_stride, tail_scale, n_rows, out_ptr
     t = tl.load(tail_ptr + rows[:, None] * tail_row_stride + (col - TAIL_ZEROS)[None, :],
                 mask=row_ok[:, None] & in_tail[None, :], other=0.0).to(tl.float32) * tail_scale
     if BF16:
-        t = _round_fp32_for_bf16(t)
+        t = round_fp32_for_bf16(t)
     tl.store(out_ptr + rows[:, None] * out_row_stride + row_len + col[None, :], t.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (col < TAIL_ZEROS + TAIL_COLS)[None, :])
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from slothnb.errors import ConfigError
 
-from ._utils import as_rows, fast_launch, row_block, row_split, use_triton
+from ._utils import as_rows, fast_launch, round_fp32_for_bf16, row_block, row_split, use_triton
 
 
 @fast_launch
@@ -41,9 +41,9 @@ def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
 
 @fast_launch
 @triton.jit
-def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride, n_rows, n_cols,
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, DRES, dy_stride, x_stride, dx_stride, dres_stride, n_rows, n_cols,
                   offset, rows_per_program, GEMMA: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  RESIDUAL: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -63,6 +63,11 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride, n
                 dw += dy * xhat.to(x_in.dtype).to(tl.float32)
         dxhat = dy * w
         dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / n_cols))
+        if RESIDUAL:  # dx rounded as stored alone, then + the residual's gradient, rounded once (PyTorch's add)
+            dx = dx.to(DX.dtype.element_ty).to(tl.float32)
+            dx = dx + tl.load(DRES + row * dres_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            if BF16:
+                dx = round_fp32_for_bf16(dx)
         tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
         tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
@@ -81,34 +86,52 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dt
     return x.dtype if offset != 0.0 else torch.promote_types(x.dtype, weight.dtype)
 
 
-def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, out_shape=None):
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, out_shape=None, out=None):
     """Triton forward on ``[rows, n]`` (unit column stride): returns ``(y [rows, n], rstd [rows] fp32)``.
 
     ``out_shape``: allocate y in that (contiguous) shape instead, so that it is not a view (a later
-    in-place op under autograd, e.g. RoPE on Qwen3's normed q/k, is then allowed)."""
+    in-place op under autograd, e.g. RoPE on Qwen3's normed q/k, is then allowed). ``out``: write y
+    there instead (``[rows, n]``, unit column stride, any row stride: the first columns of a
+    widened LoRA input, ``lora.widened_buffer``)."""
     n_rows, n_cols = x2.shape
-    y = torch.empty(out_shape or (n_rows, n_cols), dtype=_out_dtype(x2, weight, offset), device=x2.device)
+    if out is not None:
+        if (tuple(out.shape) != (n_rows, n_cols) or out.stride(-1) != 1 or out.device != x2.device
+                or out.dtype != _out_dtype(x2, weight, offset)):
+            raise ConfigError(f"rms_norm_forward out= must be [{n_rows}, {n_cols}] {_out_dtype(x2, weight, offset)} "
+                              f"with unit column stride on {x2.device}, got {tuple(out.shape)} {out.dtype}")
+        y = out
+    else:
+        y = torch.empty(out_shape or (n_rows, n_cols), dtype=_out_dtype(x2, weight, offset), device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows:
         block, warps = row_block(n_cols)
-        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), n_cols, n_cols, eps, offset,
+        y_stride = y.stride(0) if out is not None else n_cols
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y_stride, n_cols, eps, offset,
                                  GEMMA=offset != 0.0, BLOCK=block, num_warps=warps)
     return y, rstd
 
 
-def rms_norm_backward(dy2, x2, weight, rstd, offset: float, compute_dw: bool = True, programs=None):
+def rms_norm_backward(dy2, x2, weight, rstd, offset: float, compute_dw: bool = True, programs=None, residual=None):
     """Triton backward: returns ``(dx [rows, n] in x's dtype, dw in weight's dtype or None)``.
 
-    ``programs`` overrides :func:`row_programs` via :func:`row_split` (tests: any split of the rows gives the same result)."""
+    ``programs`` overrides :func:`row_programs` via :func:`row_split` (tests: any split of the rows gives the same result).
+    ``residual``: a ``[rows, n]`` gradient in x's dtype reaching x by another path (a pre-norm block's
+    residual sum): dx is then ``residual + dx`` as PyTorch adds the two, in the same launch."""
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    if residual is not None and (tuple(residual.shape) != (n_rows, n_cols) or residual.dtype != x2.dtype
+                                 or residual.stride(-1) != 1):
+        raise ConfigError(f"rms_norm_backward residual= must be [{n_rows}, {n_cols}] {x2.dtype} with unit column "
+                          f"stride, got {tuple(residual.shape)} {residual.dtype}")
     n_prog, rows_per_program = row_split(x2.device, n_rows, compute_dw, programs)
     part = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     if n_rows:
         block, warps = row_block(n_cols)
-        _rms_norm_bwd[(n_prog,)](dy2, x2, weight, rstd, dx, part, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                 n_rows, n_cols, offset, rows_per_program, GEMMA=offset != 0.0,
-                                 COMPUTE_DW=compute_dw, BLOCK=block, num_warps=warps)
+        res = residual if residual is not None else dx
+        _rms_norm_bwd[(n_prog,)](dy2, x2, weight, rstd, dx, part, res, dy2.stride(0), x2.stride(0), dx.stride(0),
+                                 res.stride(0), n_rows, n_cols, offset, rows_per_program, GEMMA=offset != 0.0,
+                                 COMPUTE_DW=compute_dw, RESIDUAL=residual is not None,
+                                 BF16=x2.dtype == torch.bfloat16, BLOCK=block, num_warps=warps)
     if not compute_dw:
         return dx, None
     dw = part.sum(0) if n_rows else torch.zeros(n_cols, dtype=torch.float32, device=x2.device)

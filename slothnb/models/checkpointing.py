@@ -206,12 +206,12 @@ class _Call:
     """What forward and backward share about one checkpointed call: how to run it and its pytrees."""
 
     def __init__(self, function, leaves, spec, tensor_slots, offload_mask, preserve_rng, graphs=None,
-                 layer_backward=None):
+                 written=None):
         self.function, self.leaves, self.spec = function, leaves, spec
         self.tensor_slots, self.offload_mask, self.preserve_rng = tensor_slots, offload_mask, preserve_rng
         self.graphs = graphs  # the layer's LayerGraphs when CUDA graphs are on
-        # the layer's written-out recompute + backward (``arch.layer_backward.backward``), if it has one
-        self.layer_backward = layer_backward
+        # the layer written out: (forward, recompute + backward) of ``arch.llama_layer``, if it has them
+        self.written = written
         self.out_leaves = self.out_spec = self.out_slots = None
 
     def arguments(self, tensors):
@@ -243,7 +243,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.state = RecomputeState(tensors, call.preserve_rng)
         ctx.carried = [] if (CARRY or CARRY_MLP) and call.graphs is None else None  # a graph would bake host addresses
         with torch.no_grad(), _carry_scope("record", ctx.carried):
-            out = call.graphs.forward(call.run, tensors) if call.graphs is not None else call.run(tensors)
+            if call.graphs is not None:
+                out = call.graphs.forward(call.run, tensors)
+            else:
+                out = call.written[0](*call.arguments(tensors)) if call.written is not None else None
+                if out is None:  # not written out: the layer's own forward
+                    out = call.run(tensors)
         out_leaves, call.out_spec = tree_flatten(out)
         call.out_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
         call.out_leaves = [None if isinstance(v, torch.Tensor) else v for v in out_leaves]
@@ -281,9 +286,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 grads = call.graphs.backward(call.run, inputs, grad_outs, [x.requires_grad for x in inputs])
                 if grads is not None:
                     return (None, None, *grads)
-            elif call.layer_backward is not None and len(grad_outs) == 1:
-                grads = call.layer_backward(*call.arguments(inputs), inputs, grad_outs,
-                                            ctx.needs_input_grad[2:])
+            elif call.written is not None and len(grad_outs) == 1:
+                grads = call.written[1](*call.arguments(inputs), inputs, grad_outs, ctx.needs_input_grad[2:])
                 if grads is not None:  # done without an autograd graph; None: not covered, nothing done
                     return (None, None, *grads)
             out = call.run(inputs)
@@ -333,7 +337,7 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state
     kept_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     owner = _owner_module(function)
     call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state,
-                 getattr(owner, "_slothnb_graphs", None), getattr(owner, "_slothnb_layer_backward", None))
+                 getattr(owner, "_slothnb_graphs", None), getattr(owner, "_slothnb_written", None))
 
     anchor = None
     if not any(t.requires_grad for t in tensors):

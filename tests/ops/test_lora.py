@@ -417,3 +417,42 @@ def test_activation_backward_rewrites_the_forward_h_bit_for_bit(activation, dtyp
     h = gated_forward(activation, g, u)
     h_again, _, _ = gated_backward(activation, dh, g.clone(), u.clone())
     assert torch.equal(h, h_again)
+
+
+def test_a_widened_buffer_filled_by_the_norm_gives_the_same_projections_without_a_copy(monkeypatch):
+    """``widened_buffer`` + ``rms_norm_forward(out=)``: the RMSNorm writes X into the NF4 projections'
+    ``[X | X A^T ..]`` buffer, so ``_widened_input`` copies nothing, and every output and saved value
+    is the one the plain path computes."""
+    import slothnb.kernels.lora as lora_mod
+    from slothnb.kernels.rms_norm import rms_norm_forward
+
+    class Ctx:
+        def save_for_backward(self, *t):
+            self.saved_tensors = t
+
+    q, k, v = (pair(o, 64, "nf4", torch.float32, seed=s)[0] for o, s in ((64, 0), (32, 1), (32, 2)))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    weight = torch.rand(64, generator=torch.Generator().manual_seed(4)) + 0.5
+    tensors, bundles = lora_mod._adapters((q, k, v))
+    runs = []
+    for widened in (False, True):
+        torch.set_grad_enabled(False)  # as inside a Function's forward
+        buf = lora_mod.widened_buffer(x, (q, k, v)) if widened else None
+        h, _ = rms_norm_forward(x.reshape(-1, 64), weight, 1e-6, 0.0,
+                                out=None if buf is None else buf[:, :64])
+        copies = []
+        real_copy = torch.Tensor.copy_
+        monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **kw: copies.append(t.shape) or real_copy(t, *a, **kw))
+        ctx = Ctx()
+        ctx.widened = buf
+        outs = lora_mod.LoraQKVFunction.forward(ctx, h.view(2, 5, 64), bundles, *tensors)
+        monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+        torch.set_grad_enabled(True)
+        runs.append((outs, ctx.saved_tensors, copies))
+        if widened:
+            assert buf.shape == (10, 64 + 3 * 8) and ctx.saved_tensors[0] is buf
+    (outs_a, saved_a, copies_a), (outs_b, saved_b, copies_b) = runs
+    assert (10, 64) in copies_a and (10, 64) not in copies_b  # X copied into the buffer only without it
+    for a, b in zip((*outs_a, *saved_a), (*outs_b, *saved_b)):
+        assert torch.equal(a, b)
+    assert lora_mod.widened_buffer(x, (pair(64, 64)[0],)) is None  # a 16-bit base is never widened

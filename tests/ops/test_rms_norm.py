@@ -154,3 +154,21 @@ def test_rms_norm_gpu_frozen_weight_same_dx(offset):
     dx_frozen, _ = rms_norm_backward(dy, x, w, rstd, offset, False)
     dx, _ = rms_norm_backward(dy, x, w, rstd, offset, True)
     torch.testing.assert_close(dx_frozen, dx, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_backward_adds_the_residual_gradient_as_pytorch_does(dtype, offset, device):
+    """``residual=`` (a pre-norm block's other gradient for x) gives exactly ``residual + dx``: dx
+    rounded as stored alone, the sum rounded once, in the same launch."""
+    x, w = _inputs((9, 200), device, seed=6)
+    x, w = x.to(dtype), w.to(dtype)
+    gen = torch.Generator().manual_seed(8)
+    dy, res = ((torch.randn(9, 200, generator=gen, dtype=torch.float64) * 3).to(dtype).to(device) for _ in range(2))
+    _, rstd = rms_norm_forward(x, w, 1e-6, offset)
+    dx, _ = rms_norm_backward(dy, x, w, rstd, offset, False)
+    fused, _ = rms_norm_backward(dy, x, w, rstd, offset, False, residual=res)
+    assert torch.equal(fused, res + dx)
+    other = torch.float16 if dtype != torch.float16 else torch.float32
+    with pytest.raises(ConfigError, match="residual"):
+        rms_norm_backward(dy, x, w, rstd, offset, False, residual=res.to(other))

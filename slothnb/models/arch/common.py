@@ -358,7 +358,7 @@ def bind_norm(module, spec):
 
 def patch_layers(causal_lm, spec: ArchSpec) -> None:
     """Bind the kernel forwards on every norm, attention and MLP of ``causal_lm`` and on itself."""
-    from slothnb.models.arch import layer_backward  # it builds on this module
+    from slothnb.models.arch import llama_layer  # it builds on this module
 
     base = causal_lm.model
     for layer in base.layers:
@@ -370,9 +370,10 @@ def patch_layers(causal_lm, spec: ArchSpec) -> None:
             bind_norm(attn.k_norm, spec)
         bind(attn, attention_forward, spec)
         bind(layer.mlp, mlp_forward, spec)
-        if layer_backward.applies_to(layer):  # Llama's decoder layer: its backward may run written out
-            # (read by checkpointing.offloaded_checkpoint; a bound method: checkpointing does not import arch)
-            layer._slothnb_layer_backward = types.MethodType(layer_backward.backward, layer)
+        if llama_layer.applies_to(layer):  # Llama's decoder layer: checkpointed, it may run written out
+            # (read by checkpointing.offloaded_checkpoint; bound methods: checkpointing does not import arch)
+            layer._slothnb_written = (types.MethodType(llama_layer.forward, layer),
+                                      types.MethodType(llama_layer.backward, layer))
     bind_norm(base.norm, spec)
     bind(causal_lm, causal_lm_forward, spec)
 
@@ -380,7 +381,7 @@ def patch_layers(causal_lm, spec: ArchSpec) -> None:
 def unpatch(model) -> None:
     """Drop every instance-level forward that ``patch_layers`` bound."""
     for module in model.modules():
-        module.__dict__.pop("_slothnb_layer_backward", None)
+        module.__dict__.pop("_slothnb_written", None)
         if module.__dict__.get("_slothnb_patched"):
             module.__dict__.pop("forward", None)
             for attr in ("_slothnb_patched", "_slothnb_spec", "_slothnb_eps", "_slothnb_offset"):

@@ -1,10 +1,10 @@
-"""A checkpointed Llama-family decoder layer's recompute and backward, written out without autograd.
+"""A checkpointed Llama-family decoder layer written out: its forward, recompute and backward, no autograd.
 
 ``OffloadedCheckpoint.backward`` re-runs a layer with grad on (transformers' layer forward, ~7 autograd
 Functions recorded, module calls) and then walks that graph with a nested ``torch.autograd.backward``.
 On the hosts that pace an 8B or 1B training step, building and walking that graph costs ~0.7 ms of
 host time a layer (docs/perf-notes.md, sections 14-15). This module does the same work by calling
-the fused ops' forward and backward bodies in order:
+the fused ops' forward and backward bodies in order (the checkpoint's no-grad forward too, ``forward``):
 
     forward:  h1 = rms(x); q, k, v = qkv(h1) (+ bias); rope(q, k); a = sdpa(q, k, v); o = o_proj(a);
               h = x + o; h2 = rms(h); mlp(h2) (only what its backward reads)
@@ -13,7 +13,9 @@ the fused ops' forward and backward bodies in order:
 
 Each op's ``torch.autograd.Function`` is called through its static ``forward`` / ``backward`` with a
 stand-in ``ctx`` (``_Ctx``), so the arithmetic is the Functions' own and the gradients are
-bit-identical to the autograd path (tests compare them). Attention stays a one-node autograd graph
+bit-identical to the autograd path (tests compare them). Written out, the RMSNorm ahead of NF4
+projections writes straight into their widened input ``[h | h A^T ...]`` (``lora.widened_buffer``)
+instead of the projections copying it there. Attention stays a one-node autograd graph
 (``torch.autograd.grad`` over SDPA), so whichever SDPA backend runs keeps its own backward. The
 adapters' gradients are accumulated into ``.grad`` as autograd's AccumulateGrad does.
 
@@ -22,7 +24,7 @@ Llama's (Llama, Mistral, Qwen2, Gemma), every sub-module runs slothnb's patched 
 seven projections fusable, SDPA/eager attention without dropout, a KV cache or attention outputs,
 frozen norms, trainable adapters without hooks, untiled MLP, Triton RMSNorm (a GPU, or the
 interpreter in tests). Anything else answers None and the autograd path runs.
-``SLOTHNB_LAYER_BACKWARD=0`` (or ``ENABLED = False``) turns it off.
+``SLOTHNB_WRITTEN_LAYERS=0`` (or ``ENABLED = False``) turns it off.
 """
 from __future__ import annotations
 
@@ -33,13 +35,13 @@ import torch
 from torch.nn.modules import module as _nn_module
 
 from slothnb.kernels._utils import use_triton
-from slothnb.kernels.lora import LoraLinearFunction, LoraMLPFunction, LoraQKVFunction, _adapters
-from slothnb.kernels.rms_norm import RMSNormFunction
+from slothnb.kernels.lora import LoraLinearFunction, LoraMLPFunction, LoraQKVFunction, _adapters, widened_buffer
+from slothnb.kernels.rms_norm import RMSNormFunction, rms_norm_backward, rms_norm_forward
 from slothnb.kernels.rope import RoPEProjectionsFunction, rope_in_place_ok
 from slothnb.models import checkpointing, lora_fusion
 from slothnb.models.arch import common
 
-ENABLED = os.environ.get("SLOTHNB_LAYER_BACKWARD", "1") != "0"
+ENABLED = os.environ.get("SLOTHNB_WRITTEN_LAYERS", "1") != "0"
 
 
 def _llama_forward_code():
@@ -55,8 +57,8 @@ def _code(cls):
 
 
 def applies_to(layer) -> bool:
-    """Whether ``layer``'s class runs Llama's decoder-layer forward (same bytecode), the structure
-    ``backward`` writes out. Checked once, when the layer is patched."""
+    """Whether ``layer``'s class runs Llama's decoder-layer forward (same bytecode), the structure this
+    module writes out. Checked once, when the layer is patched."""
     code = _code(type(layer))
     return code is not None and code == _llama_forward_code()
 
@@ -137,6 +139,16 @@ def _accumulate(weights, grads) -> None:
             p.grad += g
 
 
+def forward(layer, args, kwargs):
+    """The checkpointed call's output, computed written out (no grad; values carried to the recompute
+    as the patched modules carry them), or None when this layer or call is not covered (nothing done)."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    plan = _plan(layer, x, kwargs)
+    if plan is None:
+        return None
+    return _forward(plan, x, kwargs.get("attention_mask"), recompute=False)
+
+
 def backward(layer, args, kwargs, inputs, grad_outs, needs):
     """Gradients of the checkpointed call's tensor ``inputs`` (``needs[i]``: whether input i needs one),
     the adapters' added into their ``.grad``; or None when this layer or call is not covered (nothing
@@ -152,76 +164,148 @@ def backward(layer, args, kwargs, inputs, grad_outs, needs):
     dy = grad_outs[0] if len(grad_outs) == 1 else None
     if dy is None:
         return grads
-    attn, (norm1, norm2), qkv, o_w, activation, mlp_w, (cos, sin) = plan
-    x_needs_grad = bool(needs[slot])
     with torch.no_grad():
-        dx = _run(layer, attn, norm1, norm2, qkv, o_w, activation, mlp_w, cos, sin, kwargs.get("attention_mask"),
-                  x, dy, x_needs_grad)
-    grads[slot] = dx
+        state = _forward(plan, x, kwargs.get("attention_mask"), recompute=True, x_needs_grad=bool(needs[slot]))
+        grads[slot] = _backward(plan, state, x, dy)
     return grads
 
 
-def _run(layer, attn, norm1, norm2, qkv, o_w, activation, mlp_w, cos, sin, mask, x, dy, x_needs_grad):
+def _norm(norm, x, into_weights, ctx):
+    """RMSNorm of x as ``RMSNormFunction.forward`` (its backward state in ``ctx``), written into a
+    widened buffer for the NF4 projections ``into_weights`` when they will widen it. (y, that buffer or None)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    buf = widened_buffer(x, into_weights)
+    y, rstd = rms_norm_forward(x2, norm.weight, norm._slothnb_eps, norm._slothnb_offset,
+                               out_shape=x.shape, out=None if buf is None else buf[:, :x.shape[-1]])
+    ctx.save_for_backward(x2, norm.weight, rstd)
+    ctx.offset = norm._slothnb_offset
+    return (y if buf is None else y.view(x.shape)), buf
+
+
+class _State:
+    """What the recompute leaves its backward: each op's ctx, the attention's one-node graph, dtypes."""
+
+    __slots__ = ("norm1", "qkv", "rope", "q4", "k4", "v4", "a4", "o", "norm2", "mlp", "dtypes", "x_needs_grad")
+
+
+def _forward(plan, x, mask, recompute, x_needs_grad=False):
+    """The layer's forward as the patched modules run it. Without ``recompute``: the output (values
+    carried as the modules carry them). With it: a ``_State`` for ``_backward`` (carried values used,
+    the MLP output left unset)."""
+    attn, (norm1, norm2), qkv, o_w, activation, mlp_w, (cos, sin) = plan
+    st = _State()
     b, s = x.shape[:2]
     hd = attn.head_dim
-    # ---- the recompute: what each op's backward reads
-    c_norm1 = _Ctx(True, False, False, False)
-    h1 = RMSNormFunction.forward(c_norm1, x, norm1.weight, norm1._slothnb_eps, norm1._slothnb_offset)
-    qkv_tensors, qkv_bundles = _adapters([p[0] for p in qkv])
-    c_qkv = _Ctx(x_needs_grad)
-    projected = LoraQKVFunction.forward(c_qkv, h1, qkv_bundles, *qkv_tensors)
+    st.norm1 = _Ctx(True, False, False, False)
+    qkv_w = [p[0] for p in qkv]
+    h1, st.norm1.widened = _norm(norm1, x, qkv_w, st.norm1)
+    qkv_tensors, qkv_bundles = _adapters(qkv_w)
+    st.qkv = _Ctx(x_needs_grad)
+    st.qkv.widened = st.norm1.widened
+    projected = LoraQKVFunction.forward(st.qkv, h1, qkv_bundles, *qkv_tensors)
+    st.qkv.widened = st.norm1.widened = None
+    if not recompute:  # a forward keeps nothing for a backward (as the Functions' apply without grad)
+        st.qkv = st.norm1 = None
     del h1
     q, k, v = [t if p[1] is None else t + p[1] for t, p in zip(projected, qkv)]
     raw_dtypes = [t.dtype for t in projected]
     del projected
     if not rope_in_place_ok(q, k):  # fresh projection outputs always are; a guard, not a path
-        raise RuntimeError("slothnb layer backward: q and k are not rotatable in place")
-    c_rope = _Ctx(True, True, False, False, False)
-    q, k = RoPEProjectionsFunction.forward(c_rope, q, k, cos, sin, hd)
-    with torch.enable_grad():
-        q4, k4, v4 = [t.view(b, s, -1, hd).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]
-        a4 = common._sdpa(attn, q4, k4, v4, mask, 0.0)
+        raise RuntimeError("slothnb written-out layer: q and k are not rotatable in place")
+    st.rope = _Ctx(True, True, False, False, False)
+    q, k = RoPEProjectionsFunction.forward(st.rope, q, k, cos, sin, hd)
+    if not recompute:
+        st.rope = None
+    q4, k4, v4 = [t.view(b, s, -1, hd).transpose(1, 2) for t in (q, k, v)]
     del q, k, v
-    a = a4.detach().transpose(1, 2).reshape(b, s, -1)
-    c_o = _Ctx(True)
+    if recompute:
+        with torch.enable_grad():
+            q4, k4, v4 = [t.detach().requires_grad_() for t in (q4, k4, v4)]
+            a4 = common._sdpa(attn, q4, k4, v4, mask, 0.0)
+        st.q4, st.k4, st.v4, st.a4 = q4, k4, v4, a4
+        a4 = a4.detach()
+    else:
+        a4 = common._sdpa(attn, q4, k4, v4, mask, 0.0)
+    del q4, k4, v4
+    a = a4.transpose(1, 2).reshape(b, s, -1)
+    del a4
+    st.o = _Ctx(True)
     o_tensors, o_bundles = _adapters([o_w])
-    o = LoraLinearFunction.forward(c_o, a, o_bundles, [checkpointing.carried_attention_output(a)], *o_tensors)
+    given = checkpointing.carried_attention_output(a)
+    o = LoraLinearFunction.forward(st.o, a, o_bundles, [given], *o_tensors)
+    if not recompute:
+        checkpointing.carry_attention_output(a, o)
+        st.o = None
     del a
     h = x + o
     o_dtype = o.dtype
     del o
-    c_norm2 = _Ctx(True, False, False, False)
-    h2 = RMSNormFunction.forward(c_norm2, h, norm2.weight, norm2._slothnb_eps, norm2._slothnb_offset)
+    st.norm2 = _Ctx(True, False, False, False)
+    h2, widened = _norm(norm2, h, mlp_w[:2], st.norm2)
     h_dtype = h.dtype
-    del h
-    gate_up, _ = checkpointing.carry_gate_up(h2)
+    if recompute:
+        del h
+    else:
+        st.norm2 = None
+    gate_up, keep = checkpointing.carry_gate_up(h2)
     mlp_tensors, mlp_bundles = _adapters(mlp_w)
-    c_mlp = _Ctx(True)
-    output_needed = not common.RECOMPUTE_SKIP  # its values are never read (benchmarks may switch the skip off)
-    m = LoraMLPFunction.forward(c_mlp, h2, activation, output_needed, (gate_up, None), mlp_bundles, *mlp_tensors)
-    m_dtype = m.dtype
-    del h2, gate_up, m
-    # ---- the backward, last op first
-    dh2, *_, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d = LoraMLPFunction.backward(c_mlp, dy.to(m_dtype))
-    del c_mlp
+    st.mlp = _Ctx(True)
+    st.mlp.widened = widened
+    # a recompute's MLP output is never read (benchmarks may switch the skip off)
+    output_needed = not recompute or not common.RECOMPUTE_SKIP
+    m = LoraMLPFunction.forward(st.mlp, h2, activation, output_needed, (gate_up, keep), mlp_bundles, *mlp_tensors)
+    st.mlp.widened = None
+    if not recompute:
+        st.mlp = None
+        del h2
+        return h + m
+    st.dtypes = (raw_dtypes, o_dtype, h_dtype, m.dtype)
+    st.x_needs_grad = x_needs_grad
+    return st
+
+
+def _backward(plan, st, x, dy):
+    """The layer's backward from the recompute's ``_State``: adapter gradients accumulated, dx returned."""
+    attn, _norms, qkv, o_w, _activation, mlp_w, _cos_sin = plan
+    b, s = x.shape[:2]
+    hd = attn.head_dim
+    raw_dtypes, o_dtype, h_dtype, m_dtype = st.dtypes
+    dh2, *_, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d = LoraMLPFunction.backward(st.mlp, dy.to(m_dtype))
+    st.mlp = None
     _accumulate(mlp_w, (dA_g, dB_g, dA_u, dB_u, dA_d, dB_d))
-    dh = RMSNormFunction.backward(c_norm2, dh2)[0]
-    del c_norm2, dh2
-    dh = dy.to(h_dtype) + dh  # the residual's share and the norm's, summed as autograd's input buffer does
-    da, _, _, dA_o, dB_o = LoraLinearFunction.backward(c_o, dh.to(o_dtype))
-    del c_o
+    dh = _norm_backward(st.norm2, dh2, dy.to(h_dtype))  # the norm's share and the residual's
+    st.norm2 = None
+    del dh2
+    da, _, _, dA_o, dB_o = LoraLinearFunction.backward(st.o, dh.to(o_dtype))
+    st.o = None
     _accumulate([o_w], (dA_o, dB_o))
-    dq4, dk4, dv4 = torch.autograd.grad(a4, (q4, k4, v4), da.view(b, s, -1, hd).transpose(1, 2))
-    del a4, q4, k4, v4, da
+    dq4, dk4, dv4 = torch.autograd.grad(st.a4, (st.q4, st.k4, st.v4), da.view(b, s, -1, hd).transpose(1, 2))
+    st.a4 = st.q4 = st.k4 = st.v4 = None
+    del da
     dq, dk, dv = [t.transpose(1, 2).reshape(b, s, -1) for t in (dq4, dk4, dv4)]
     del dq4, dk4, dv4
-    dq, dk = RoPEProjectionsFunction.backward(c_rope, dq, dk)[:2]
+    dq, dk = RoPEProjectionsFunction.backward(st.rope, dq, dk)[:2]
     dys = [t.to(dt) for t, dt in zip((dq, dk, dv), raw_dtypes)]
     del dq, dk, dv
-    dh1, _, *qkv_grads = LoraQKVFunction.backward(c_qkv, *dys)
-    del c_qkv, dys
+    dh1, _, *qkv_grads = LoraQKVFunction.backward(st.qkv, *dys)
+    st.qkv = None
+    del dys
     _accumulate([p[0] for p in qkv], qkv_grads)
-    if not x_needs_grad:
+    if not st.x_needs_grad:
         return None
-    dx = RMSNormFunction.backward(c_norm1, dh1)[0]
-    return dh.to(x.dtype) + dx
+    return _norm_backward(st.norm1, dh1, dh.to(x.dtype))
+
+
+# SLOTHNB_FUSED_RESIDUAL_GRAD=0: the residual's gradient is added after the RMSNorm backward (benchmarks).
+FUSED_RESIDUAL_GRAD = os.environ.get("SLOTHNB_FUSED_RESIDUAL_GRAD", "1") != "0"
+
+
+def _norm_backward(ctx, dy, residual):
+    """``residual + dx`` of the RMSNorm whose forward state is ``ctx`` (x's two gradients in a pre-norm
+    block, summed as autograd's input buffer sums them), the sum done by the norm's backward kernel."""
+    x2, weight, rstd = ctx.saved_tensors
+    res = residual.reshape(-1, x2.shape[-1])
+    if FUSED_RESIDUAL_GRAD and res.dtype == x2.dtype and res.stride(-1) == 1:
+        return rms_norm_backward(dy.reshape(-1, x2.shape[-1]), x2, weight, rstd, ctx.offset, compute_dw=False,
+                                 residual=res)[0].view(residual.shape)
+    return residual + RMSNormFunction.backward(ctx, dy)[0]

@@ -1,5 +1,6 @@
-"""A checkpointed Llama-family layer's recompute + backward written out (``arch.layer_backward``) gives
-the autograd path's loss and gradients bit for bit, and steps aside wherever it does not apply."""
+"""A checkpointed Llama-family layer written out (``arch.llama_layer``: its forward, recompute and
+backward without autograd) gives the autograd path's loss and gradients bit for bit, and steps aside
+wherever it does not apply."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from checkpoint_checks import loss_and_grads as _loss_and_grads
 from checkpoint_checks import spy as _spy
 from slothnb.kernels import lora as lora_kernels
 from slothnb.models import checkpointing, host_offload
-from slothnb.models.arch import layer_backward
+from slothnb.models.arch import llama_layer
 from slothnb.models.patching import unpatch_model
 
 LLAMA_LAYERS = ["llama", "qwen2", "mistral", "gemma"]
@@ -16,11 +17,27 @@ LLAMA_LAYERS = ["llama", "qwen2", "mistral", "gemma"]
 
 @pytest.fixture
 def runs(monkeypatch):
-    """How many checkpointed layers ran written out."""
-    seen = []
-    real = layer_backward._run
-    monkeypatch.setattr(layer_backward, "_run", lambda *a: seen.append(1) or real(*a))
+    """How many checkpointed layers ran written out: one entry a backward (the recompute's), and the
+    forwards in ``runs.forwards``."""
+    seen = _Runs()
+    real = llama_layer._forward
+
+    def spy(plan, x, mask, recompute, **kw):
+        (seen if recompute else seen.forwards).append(1)
+        return real(plan, x, mask, recompute, **kw)
+
+    monkeypatch.setattr(llama_layer, "_forward", spy)
     return seen
+
+
+class _Runs(list):
+    def __init__(self):
+        super().__init__()
+        self.forwards = []
+
+    def clear(self):
+        super().clear()
+        self.forwards.clear()
 
 
 def _step(model, accumulate=1, autocast=False, padded=False, device="cpu", seq=16):
@@ -48,10 +65,10 @@ def _same(a, b):
 def _both_ways(model, monkeypatch, runs, **step):
     """(autograd path, written-out path) results, and how many layers the second one wrote out."""
     runs.clear()
-    monkeypatch.setattr(layer_backward, "ENABLED", False)
+    monkeypatch.setattr(llama_layer, "ENABLED", False)
     ref = _step(model, **step)
     assert not runs
-    monkeypatch.setattr(layer_backward, "ENABLED", True)
+    monkeypatch.setattr(llama_layer, "ENABLED", True)
     got = _step(model, **step)
     return ref, got, len(runs)
 
@@ -62,7 +79,7 @@ def test_written_out_backward_matches_autograd_bit_for_bit(arch, monkeypatch, ru
     model = _lora_model(arch, layers=3)
     handed = _spy(monkeypatch, lora_kernels.LoraLinearFunction, 2)
     ref, got, written = _both_ways(model, monkeypatch, runs)
-    assert written == 2  # every layer but the last is offload-checkpointed
+    assert written == 2 and len(runs.forwards) == 2  # every layer but the last is offload-checkpointed
     assert sum(g[0] is not None for g in handed) == 4  # each recompute, both ways, was handed o_proj's output
     _same(ref, got)
 
@@ -89,7 +106,7 @@ def test_other_layers_keep_the_autograd_path(arch, monkeypatch, runs):
     ref, got, written = _both_ways(model, monkeypatch, runs)
     assert written == 0
     _same(ref, got)
-    has = [hasattr(layer, "_slothnb_layer_backward") for layer in model.base_model.model.model.layers]
+    has = [hasattr(layer, "_slothnb_written") for layer in model.base_model.model.model.layers]
     assert has == [arch == "qwen3"] * 3  # Qwen3's layer is Llama's; its q/k norms send it back in _plan
 
 
@@ -133,15 +150,15 @@ def test_only_the_layer_input_may_need_a_gradient():
     """A call whose other tensor inputs need gradients (e.g. trainable rotary tables) is not covered."""
     layer = object.__new__(torch.nn.Module)
     x, cos = torch.ones(1, 2, 4), torch.ones(1, 2, 4)
-    assert layer_backward.backward(layer, (x,), {}, [x, cos], (torch.ones(1, 2, 4),), (True, True)) is None
+    assert llama_layer.backward(layer, (x,), {}, [x, cos], (torch.ones(1, 2, 4),), (True, True)) is None
 
 
 def test_unpatch_drops_it():
     model = _lora_model("llama", layers=2)
     layers = model.base_model.model.model.layers
-    assert all(callable(getattr(layer, "_slothnb_layer_backward", None)) for layer in layers)
+    assert all(len(getattr(layer, "_slothnb_written", ())) == 2 for layer in layers)
     unpatch_model(model)
-    assert not any(hasattr(layer, "_slothnb_layer_backward") for layer in layers)
+    assert not any(hasattr(layer, "_slothnb_written") for layer in layers)
 
 
 @pytest.mark.gpu
