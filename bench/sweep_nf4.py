@@ -31,6 +31,13 @@ def main():
         moved = rows * cols * 2.5  # bytes: 2 written + 0.5 read per weight (scales are ~1%)
         ref = device_ms(lambda _k: bnbf.dequantize_4bit(packed, state))
         print(f"# {rows}x{cols} bf16 nested: bitsandbytes {ref:.4f} ms ({moved / ref / 1e9:.2f} TB/s)", flush=True)
+        # what the memory system gives a pure stream of the same shape: writing 2 bytes a weight, and
+        # copying them (2 read + 2 written)
+        dst, src = torch.empty_like(expected), expected.clone()
+        fill = device_ms(lambda _k: dst.fill_(1.0))
+        copy = device_ms(lambda _k: dst.copy_(src))
+        print(f"# floors: fill {fill:.4f} ms ({rows * cols * 2 / fill / 1e9:.2f} TB/s written), copy {copy:.4f} ms "
+              f"({rows * cols * 4 / copy / 1e9:.2f} TB/s moved)", flush=True)
         default = (nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES)
         for paired in (False, True):  # 16-bit interleaved stores, or two bf16 per 32-bit word
             for outputs in (1024, 2048, 4096, 8192):

@@ -116,13 +116,15 @@ def rms_norm_backward(dy2, x2, weight, rstd, offset: float, compute_dw: bool = T
 
     ``programs`` overrides :func:`row_programs` via :func:`row_split` (tests: any split of the rows gives the same result).
     ``residual``: a ``[rows, n]`` gradient in x's dtype reaching x by another path (a pre-norm block's
-    residual sum): dx is then ``residual + dx`` as PyTorch adds the two, in the same launch."""
+    residual sum): dx is then ``residual + dx`` as PyTorch adds the two, in the same launch. 16-bit x
+    only: dx is rounded to x's dtype before the add, which keeps the compiler from fusing the add into
+    the last multiply (an fp32 sum could come out of one FMA, not two roundings)."""
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     if residual is not None and (tuple(residual.shape) != (n_rows, n_cols) or residual.dtype != x2.dtype
-                                 or residual.stride(-1) != 1):
+                                 or residual.stride(-1) != 1 or x2.dtype not in (torch.bfloat16, torch.float16)):
         raise ConfigError(f"rms_norm_backward residual= must be [{n_rows}, {n_cols}] {x2.dtype} with unit column "
-                          f"stride, got {tuple(residual.shape)} {residual.dtype}")
+                          f"stride, x 16-bit; got {tuple(residual.shape)} {residual.dtype} for {x2.dtype} x")
     n_prog, rows_per_program = row_split(x2.device, n_rows, compute_dw, programs)
     part = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     if n_rows:

@@ -163,13 +163,15 @@ def test_unpatch_drops_it():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_written_out_backward_on_gpu_matches_autograd(arch, monkeypatch, runs):
-    """bf16 autocast, offloaded inputs and every carried value (through pinned host memory)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, runs):
+    """bf16 autocast over an fp32 or a bf16 model, offloaded inputs and every carried value (through
+    pinned host memory)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
     monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
-    model = _lora_model(arch, layers=4, device="cuda")
+    model = _lora_model(arch, layers=4, device="cuda").to(dtype)
     for _ in range(2):  # the carried values' pinned buffers are pinned in the background, for later passes
         _step(model, autocast=True, device="cuda", seq=128)
         host_offload._POOL.wait_for_pinning()

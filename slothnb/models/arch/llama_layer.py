@@ -300,12 +300,15 @@ def _backward(plan, st, x, dy):
 FUSED_RESIDUAL_GRAD = os.environ.get("SLOTHNB_FUSED_RESIDUAL_GRAD", "1") != "0"
 
 
+_16BIT = (torch.bfloat16, torch.float16)
+
+
 def _norm_backward(ctx, dy, residual):
     """``residual + dx`` of the RMSNorm whose forward state is ``ctx`` (x's two gradients in a pre-norm
     block, summed as autograd's input buffer sums them), the sum done by the norm's backward kernel."""
     x2, weight, rstd = ctx.saved_tensors
     res = residual.reshape(-1, x2.shape[-1])
-    if FUSED_RESIDUAL_GRAD and res.dtype == x2.dtype and res.stride(-1) == 1:
+    if FUSED_RESIDUAL_GRAD and res.dtype == x2.dtype and x2.dtype in _16BIT and res.stride(-1) == 1:
         return rms_norm_backward(dy.reshape(-1, x2.shape[-1]), x2, weight, rstd, ctx.offset, compute_dw=False,
                                  residual=res)[0].view(residual.shape)
     return residual + RMSNormFunction.backward(ctx, dy)[0]
