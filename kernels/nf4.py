@@ -17,8 +17,9 @@ The Triton kernel reads each byte once per output pair and decodes both absmax l
 registers, so nothing but the output is written. ``dequantize_nf4`` is what the fused LoRA ops call
 in forward AND backward (the dequantised copy is never kept between them).
 """
+import os
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -28,6 +29,10 @@ from ._utils import cdiv, fast_launch, next_power_of_2, round_fp32_for_bf16, use
 from ..errors import ConfigError
 
 OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
+# Each program thread decodes one 32-bit word of packed codes into 8 consecutive outputs and stores
+# them as one 16-byte run, instead of interleaving the nibbles of a [blocks, block] tile (whose stores
+# the compiler splits): bench/sweep_nf4.py times both. Bit-identical either way.
+WORD_STORES = os.environ.get("SLOTHNB_NF4_WORD_STORES", "1") != "0"
 NUM_WARPS = 4
 # bf16 outputs stored as 32-bit words of two values instead of interleaved 16-bit ones. Off until
 # bench/sweep_nf4.py has timed it on the GPU (it prints both); bit-identical either way.
@@ -71,6 +76,32 @@ def _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr
 
 
 @triton.jit
+def _decode_words(pid, words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len,
+                  out_row_stride, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                  BF16: tl.constexpr, WORDS: tl.constexpr):
+    """Program ``pid``'s WORDS 32-bit words of packed codes, 8 outputs each (see ``WORD_STORES``)."""
+    word_idx = pid * WORDS + tl.arange(0, WORDS)
+    first = word_idx * 8  # flat index of each word's first element; all 8 share a quantisation block
+    ok = first < n
+    word = tl.load(words_ptr + word_idx, mask=ok, other=0)
+    j = tl.arange(0, 8)
+    shift = (j // 2) * 8 + (1 - j % 2) * 4  # little-endian bytes; element 2i is byte i's high nibble
+    nibble = (word[:, None] >> shift[None, :]) & 0xF
+    block = first // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0).to(tl.float32)
+    value = tl.load(code_ptr + nibble) * scale[:, None]
+    if BF16:
+        value = round_fp32_for_bf16(value)
+    start = (first // row_len) * out_row_stride + first % row_len  # 8 outputs never straddle a row here
+    tl.store(out_ptr + start[:, None] + j[None, :], value.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _write_tail(tail_pid, tail_ptr, tail_row_stride, tail_scale, n_rows, out_ptr, row_len, out_row_stride,
                 BF16: tl.constexpr, TAIL_ZEROS: tl.constexpr, TAIL_COLS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
                 TAIL_ROWS: tl.constexpr):
@@ -95,7 +126,7 @@ def _dequantize_nf4_kernel(
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
     BLOCKS: tl.constexpr, PAIRS: tl.constexpr,
     TAIL: tl.constexpr, TAIL_ZEROS: tl.constexpr, TAIL_COLS: tl.constexpr, TAIL_BLOCK: tl.constexpr,
-    TAIL_ROWS: tl.constexpr,
+    TAIL_ROWS: tl.constexpr, WORDS: tl.constexpr,
 ):
     """BLOCKS quantisation blocks per program, one row each: the block's scale is decoded once, the
     two nibbles of each byte are interleaved in registers (or, with PAIRS, packed into one 32-bit word
@@ -107,13 +138,12 @@ def _dequantize_nf4_kernel(
     weight instead (TAIL_ROWS rows a program): TAIL_ZEROS zeros, then ``tail_scale * tail[row]``
     (TAIL_COLS values, rounded once, as ``copy_`` then ``mul_`` would)."""
     pid = tl.program_id(0).to(tl.int64)
-    if TAIL:
-        if pid >= main_programs:
-            _write_tail(pid - main_programs, tail_ptr, tail_row_stride, tail_scale, n_rows, out_ptr, row_len,
-                        out_row_stride, BF16, TAIL_ZEROS, TAIL_COLS, TAIL_BLOCK, TAIL_ROWS)
-        else:
-            _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
-                           row_len, out_row_stride, BLOCKSIZE, BLOCKSIZE2, NESTED, BF16, BLOCKS, PAIRS)
+    if TAIL and pid >= main_programs:
+        _write_tail(pid - main_programs, tail_ptr, tail_row_stride, tail_scale, n_rows, out_ptr, row_len,
+                    out_row_stride, BF16, TAIL_ZEROS, TAIL_COLS, TAIL_BLOCK, TAIL_ROWS)
+    elif WORDS > 0:  # packed_ptr holds 32-bit words
+        _decode_words(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+                      row_len, out_row_stride, BLOCKSIZE, BLOCKSIZE2, NESTED, BF16, WORDS)
     else:
         _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
                        row_len, out_row_stride, BLOCKSIZE, BLOCKSIZE2, NESTED, BF16, BLOCKS, PAIRS)
@@ -182,6 +212,7 @@ class _Decoded(NamedTuple):
     code2: torch.Tensor
     offset: torch.Tensor
     blocksize2: int
+    words: Optional[torch.Tensor]  # data as int32 (4 packed bytes, 8 codes) when its size and alignment allow
 
 
 _DECODED: dict = {}  # id(packed) -> (weakref(packed), quant_state, data_ptr, _Decoded)
@@ -213,8 +244,9 @@ def _decoded(packed, quant_state) -> _Decoded:
         absmax = qs.absmax.to(device=device, dtype=torch.float32)
         absmax2 = code2 = offset = absmax  # unused placeholders
         blocksize2 = 1
+    words = data.view(torch.int32) if n % 8 == 0 and data.numel() % 4 == 0 and data.data_ptr() % 4 == 0 else None
     decoded = _Decoded(data, tuple(int(s) for s in qs.shape), n, qs.dtype, int(qs.blocksize), bool(qs.nested),
-                       absmax, code, absmax2, code2, offset, blocksize2)
+                       absmax, code, absmax2, code2, offset, blocksize2, words)
     try:
         ref = weakref.ref(packed, lambda _, k=key: _DECODED.pop(k, None))
     except TypeError:  # not weak-referenceable: not cached
@@ -276,9 +308,10 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
         return out
     row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
     blocks = max(1, OUTPUTS_PER_PROGRAM // w.blocksize)
-    main = cdiv(cdiv(n, w.blocksize), blocks)
-    pairs = (PAIRED_STORES and tail is None and dtype == torch.bfloat16 and n % 2 == 0 and row_stride % 2 == 0
-             and out.storage_offset() % 2 == 0)
+    words = WORD_STORES and w.words is not None and w.blocksize % 8 == 0 and (not strided or row_len % 8 == 0)
+    main = cdiv(n // 8, OUTPUTS_PER_PROGRAM // 8) if words else cdiv(cdiv(n, w.blocksize), blocks)
+    pairs = (PAIRED_STORES and not words and tail is None and dtype == torch.bfloat16 and n % 2 == 0
+             and row_stride % 2 == 0 and out.storage_offset() % 2 == 0)
     if tail is not None:
         T, scale, zeros = tail
         rows = shape[0]
@@ -293,10 +326,10 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
         tail_meta = dict(TAIL=False, TAIL_ZEROS=0, TAIL_COLS=0, TAIL_BLOCK=1, TAIL_ROWS=1)
         grid = (main,)
     _dequantize_nf4_kernel[grid](
-        w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset, _as_words(out) if pairs else out, n, row_len,
-        row_stride, *tail_args, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
-        BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs, **tail_meta, num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
+        w.words if words else w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset,
+        _as_words(out) if pairs else out, n, row_len, row_stride, *tail_args, BLOCKSIZE=w.blocksize,
+        BLOCKSIZE2=w.blocksize2, NESTED=w.nested, BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs,
+        **tail_meta, WORDS=OUTPUTS_PER_PROGRAM // 8 if words else 0, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
 

@@ -17,6 +17,15 @@ from slothnb.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference  # noqa
 NF4_MAX_HALF_GAP = (1.0 - 0.6961928009986877) / 2  # widest gap of the NF4 table (-1 .. -0.696), halved
 
 
+@pytest.fixture(autouse=True, params=[True, False], ids=["word-stores", "block-tiles"])
+def _both_decoders(request, monkeypatch):
+    """Every test runs with each of the kernel's two decoders (``nf4.WORD_STORES``): 32-bit words of
+    codes, 8 outputs a thread, or tiles of whole quantisation blocks."""
+    from slothnb.kernels import nf4
+
+    monkeypatch.setattr(nf4, "WORD_STORES", request.param)
+
+
 def quantized(shape, dtype=torch.bfloat16, nested=True, blocksize=64, device="cpu", seed=0, **kw):
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(shape, generator=gen) * 0.05).to(dtype).to(device)
