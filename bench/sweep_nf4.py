@@ -38,20 +38,22 @@ def main():
         copy = device_ms(lambda _k: dst.copy_(src))
         print(f"# floors: fill {fill:.4f} ms ({rows * cols * 2 / fill / 1e9:.2f} TB/s written), copy {copy:.4f} ms "
               f"({rows * cols * 4 / copy / 1e9:.2f} TB/s moved)", flush=True)
-        default = (nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES, nf4.WORD_STORES)
+        default = (nf4.OUTPUTS_PER_PROGRAM, nf4.WORD_OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES,
+                   nf4.WORD_STORES)
         # words: 8 outputs a thread from a 32-bit word; else tiles of blocks, 16-bit interleaved stores
         # or (paired) two bf16 per 32-bit word
         for words, paired in ((True, False), (False, False), (False, True)):
-            for outputs in (1024, 2048, 4096, 8192):
+            for outputs in (512, 1024, 2048, 4096, 8192):
                 for warps in (2, 4, 8):
-                    nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES, nf4.WORD_STORES = (
-                        outputs, warps, paired, words)
+                    nf4.OUTPUTS_PER_PROGRAM = nf4.WORD_OUTPUTS_PER_PROGRAM = outputs
+                    nf4.NUM_WARPS, nf4.PAIRED_STORES, nf4.WORD_STORES = warps, paired, words
                     out = nf4.dequantize_nf4(packed, state)
                     exact = torch.equal(out, expected)
                     ms = device_ms(lambda _k: nf4.dequantize_nf4(packed, state))
                     print(f"words {words:d} paired {paired:d} outputs/program {outputs:5d} warps {warps}: {ms:.4f} ms "
                           f"({moved / ms / 1e9:.2f} TB/s, {ref / ms:.2f}x bitsandbytes) exact={exact}", flush=True)
-        nf4.OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES, nf4.WORD_STORES = default
+        (nf4.OUTPUTS_PER_PROGRAM, nf4.WORD_OUTPUTS_PER_PROGRAM, nf4.NUM_WARPS, nf4.PAIRED_STORES,
+         nf4.WORD_STORES) = default
         wide = torch.empty(rows, cols + 16, dtype=torch.bfloat16, device="cuda")
         nf4.dequantize_nf4(packed, state, out=wide[:, 16:])
         ms = device_ms(lambda _k: nf4.dequantize_nf4(packed, state, out=wide[:, 16:]))

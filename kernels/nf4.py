@@ -31,8 +31,12 @@ from ..errors import ConfigError
 OUTPUTS_PER_PROGRAM = 2048  # whole quantisation blocks per program (bench/sweep_nf4.py chose it)
 # Each program thread decodes one 32-bit word of packed codes into 8 consecutive outputs and stores
 # them as one 16-byte run, instead of interleaving the nibbles of a [blocks, block] tile (whose stores
-# the compiler splits): bench/sweep_nf4.py times both. Bit-identical either way.
+# the compiler splits). H100, 14336 x 4096 bf16 (bench/sweep_nf4.py, docs/benchmarks.md session 16):
+# 0.0614 ms (2.39 TB/s) with 1,024 outputs a program and 4 warps, against 0.0759 for the tiles at their
+# best, 0.0748 for bitsandbytes and 0.0363 to merely write the output. Bit-identical either way.
+# SLOTHNB_NF4_WORD_STORES=0: the tiles.
 WORD_STORES = os.environ.get("SLOTHNB_NF4_WORD_STORES", "1") != "0"
+WORD_OUTPUTS_PER_PROGRAM = 1024
 NUM_WARPS = 4
 # bf16 outputs stored as 32-bit words of two values instead of interleaved 16-bit ones. Off until
 # bench/sweep_nf4.py has timed it on the GPU (it prints both); bit-identical either way.
@@ -309,7 +313,7 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
     row_len, row_stride = (shape[1], out.stride(0)) if strided else (n, n)
     blocks = max(1, OUTPUTS_PER_PROGRAM // w.blocksize)
     words = WORD_STORES and w.words is not None and w.blocksize % 8 == 0 and (not strided or row_len % 8 == 0)
-    main = cdiv(n // 8, OUTPUTS_PER_PROGRAM // 8) if words else cdiv(cdiv(n, w.blocksize), blocks)
+    main = cdiv(n // 8, WORD_OUTPUTS_PER_PROGRAM // 8) if words else cdiv(cdiv(n, w.blocksize), blocks)
     pairs = (PAIRED_STORES and not words and tail is None and dtype == torch.bfloat16 and n % 2 == 0
              and row_stride % 2 == 0 and out.storage_offset() % 2 == 0)
     if tail is not None:
@@ -329,7 +333,7 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
         w.words if words else w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset,
         _as_words(out) if pairs else out, n, row_len, row_stride, *tail_args, BLOCKSIZE=w.blocksize,
         BLOCKSIZE2=w.blocksize2, NESTED=w.nested, BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs,
-        **tail_meta, WORDS=OUTPUTS_PER_PROGRAM // 8 if words else 0, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        **tail_meta, WORDS=WORD_OUTPUTS_PER_PROGRAM // 8 if words else 0, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
 
