@@ -442,7 +442,7 @@ class LoraMLPFunction(torch.autograd.Function):
         H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U
         if ha is None:  # a recompute that skipped the down projection: H A_d^T in the forward's row chunks
-            ha = _h_times_adapter(lambda a, b: H[a:b], H.shape[0], H.shape[1], Ad, H)
+            ha = _h_times_adapter(lambda a, b, H=H: H[a:b], H.shape[0], H.shape[1], Ad, H)
         dB_d = _scaled(_mm_as(dY.t(), ha, td[1]), sd)
         del dY, ha
         dA_d = _scaled(_mm_as(dyb.t(), H, td[0]), sd)

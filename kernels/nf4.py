@@ -45,6 +45,19 @@ OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
+def _block_scale(block, mask, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE2: tl.constexpr,
+                 NESTED: tl.constexpr):
+    """The fp32 scale of quantisation blocks ``block``, decoding the nested level like bitsandbytes."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
 def _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, row_len,
                    out_row_stride, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                    BF16: tl.constexpr, BLOCKS: tl.constexpr, PAIRS: tl.constexpr):
@@ -55,13 +68,7 @@ def _decode_blocks(pid, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr
     byte_mask = (first[:, None] + 2 * pair[None, :]) < n
     byte = tl.load(packed_ptr + first[:, None] // 2 + pair[None, :], mask=byte_mask, other=0).to(tl.int32)
 
-    block_mask = first < n
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=block_mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=block_mask, other=0.0).to(tl.float32)
+    scale = _block_scale(block, first < n, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE2, NESTED)
     high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]  # even elements
     low = tl.load(code_ptr + (byte & 0xF)) * scale[:, None]  # odd elements
     if BF16:
@@ -91,13 +98,7 @@ def _decode_words(pid, words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, 
     j = tl.arange(0, 8)
     shift = (j // 2) * 8 + (1 - j % 2) * 4  # little-endian bytes; element 2i is byte i's high nibble
     nibble = (word[:, None] >> shift[None, :]) & 0xF
-    block = first // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0).to(tl.float32)
+    scale = _block_scale(first // BLOCKSIZE, ok, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, BLOCKSIZE2, NESTED)
     value = tl.load(code_ptr + nibble) * scale[:, None]
     if BF16:
         value = round_fp32_for_bf16(value)

@@ -185,3 +185,18 @@ def describe(arch: str) -> str:
     """One-line summary of a tiny config, for test ids and failure messages."""
     c = tiny_config(arch)
     return json.dumps({"arch": arch, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size})
+
+
+def nf4_llama(path, fresh: bool = True, **config):
+    """A random-initialised bf16 Llama of ``config`` saved at ``path`` (when ``fresh``), loaded back
+    NF4-quantised on GPU 0 as QLoRA loads it (double quantisation, bf16 compute). GPU tests only."""
+    import transformers
+
+    if fresh:
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(pad_token_id=0, **config)
+        transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(path)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                             device_map={"": 0})

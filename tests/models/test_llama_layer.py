@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from checkpoint_checks import checkpointed_lora_model as _lora_model
-from checkpoint_checks import loss_and_grads as _loss_and_grads
 from checkpoint_checks import spy as _spy
 from slothnb.kernels import lora as lora_kernels
 from slothnb.models import checkpointing, host_offload
@@ -187,20 +186,14 @@ def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatc
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("bitsandbytes")
-    import transformers
     from peft import LoraConfig, get_peft_model
 
     from slothnb.models.checkpointing import apply_gradient_checkpointing
     from slothnb.models.patching import patch_model
+    from tiny_models import nf4_llama
 
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
-                                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=512, pad_token_id=0)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
-                                                              dtype=torch.bfloat16, device_map={"": 0})
+    model = nf4_llama(tmp_path, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=512)
     patch_model(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              init_lora_weights=False))

@@ -13,6 +13,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from slothnb.models.patching import patch_model
+from tiny_models import nf4_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -125,16 +126,10 @@ def test_real_shapes_bf16_generate(name, built):
 def test_qlora_nf4_patched_matches_transformers(tmp_path):
     """QLoRA: the fused kernels read the packed NF4 weights (double-quantised absmax) themselves."""
     pytest.importorskip("bitsandbytes")
-    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
-                                      num_key_value_heads=4, num_hidden_layers=2, vocab_size=1024, pad_token_id=0)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     runs = []
     for patched in (False, True):
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
-                                                                  dtype=torch.bfloat16, device_map={"": 0})
+        model = nf4_llama(tmp_path, fresh=not patched, hidden_size=1024, intermediate_size=2816,
+                          num_attention_heads=16, num_key_value_heads=4, num_hidden_layers=2, vocab_size=1024)
         torch.manual_seed(1)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                                  init_lora_weights=False))
