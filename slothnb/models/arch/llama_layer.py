@@ -22,8 +22,8 @@ adapters' gradients are accumulated into ``.grad`` as autograd's AccumulateGrad 
 It applies only where it is the same function as the layer: the decoder layer's forward is
 Llama's (Llama, Mistral, Qwen2, Gemma), every sub-module runs slothnb's patched forward with all
 seven projections fusable, SDPA/eager attention without dropout, a KV cache or attention outputs,
-frozen norms, trainable adapters without hooks, untiled MLP, Triton RMSNorm (a GPU, or the
-interpreter in tests). Anything else answers None and the autograd path runs.
+frozen norms, trainable adapters without hooks, an MLP not split into token chunks, Triton RMSNorm
+(a GPU, or the interpreter in tests). Anything else answers None and the autograd path runs.
 ``SLOTHNB_WRITTEN_LAYERS=0`` (or ``ENABLED = False``) turns it off.
 """
 from __future__ import annotations
@@ -95,7 +95,8 @@ def _trainable(weights) -> bool:
 
 
 def _plan(layer, x, kwargs):
-    """What ``backward`` needs of this call, or None when it does not apply."""
+    """What ``forward`` and ``backward`` need of this call (the layer's parts, each projection's
+    ``lora_weights``, the activation, cos/sin), or None when writing the layer out does not apply."""
     if not (ENABLED and layer.training and isinstance(x, torch.Tensor) and x.dim() == 3 and use_triton(x)):
         return None
     if layer._forward_hooks or layer._forward_pre_hooks or _nn_module._global_forward_hooks \
