@@ -196,7 +196,10 @@ class _Carried:
         e = self.entries.popleft()
         return e.restore() if isinstance(e, host_offload.OffloadedTensor) else e
 
-    def drain(self) -> None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
         """Restore what the recompute did not read, so its pinned buffers go back to the pool."""
         while self.entries:
             self.popleft()
@@ -224,14 +227,6 @@ class _Call:
     def run(self, tensors):
         args, kwargs = self.arguments(tensors)
         return self.function(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _draining(carried: _Carried):
-    try:
-        yield
-    finally:
-        carried.drain()
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -281,7 +276,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
             entries = [e.restore() if isinstance(e, host_offload.OffloadedTensor) else e for e in reversed(entries)][::-1]
         carried = _Carried(entries)
         ctx.carried = None
-        with ctx.state.replay(), _recomputing(), _carry_scope("replay", carried), _draining(carried):
+        with ctx.state.replay(), _recomputing(), _carry_scope("replay", carried), carried:
             if call.graphs is not None:
                 grads = call.graphs.backward(call.run, inputs, grad_outs, [x.requires_grad for x in inputs])
                 if grads is not None:
