@@ -66,8 +66,6 @@ def applies_to(layer) -> bool:
 class _Ctx:
     """Stands in for an autograd ctx when a Function's forward and backward are called directly."""
 
-    __slots__ = ("needs_input_grad", "saved_tensors", "__dict__")
-
     def __init__(self, *needs):
         self.needs_input_grad = needs
 
@@ -199,12 +197,12 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     hd = attn.head_dim
     st.norm1 = _Ctx(True, False, False, False)
     qkv_w = [p[0] for p in qkv]
-    h1, st.norm1.widened = _norm(norm1, x, qkv_w, st.norm1)
+    h1, widened = _norm(norm1, x, qkv_w, st.norm1)
     qkv_tensors, qkv_bundles = _adapters(qkv_w)
     st.qkv = _Ctx(x_needs_grad)
-    st.qkv.widened = st.norm1.widened
+    st.qkv.widened = widened
     projected = LoraQKVFunction.forward(st.qkv, h1, qkv_bundles, *qkv_tensors)
-    st.qkv.widened = st.norm1.widened = None
+    st.qkv.widened = widened = None
     if not recompute:  # a forward keeps nothing for a backward (as the Functions' apply without grad)
         st.qkv = st.norm1 = None
     del h1
