@@ -86,6 +86,10 @@ def _recomputing():
 CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
 CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "1") == "1"
 CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "2")))
+# The written-out layer also hands over the attention's output and log-sum-exp (``carry_attention_state``)
+# so that its recompute skips the attention forward: per byte over the link the best of the three at
+# 4,096 tokens (attention grows with the square of the length). SLOTHNB_CARRY_SDPA=0 turns it off.
+CARRY_SDPA = os.environ.get("SLOTHNB_CARRY_SDPA", "1") == "1"
 CARRY_MAX_BYTES = 512 << 20
 # Carrying pays where the GPU sets the step's pace. Below this many bytes of input to the attention
 # output projection or the MLP (the Llama-3.2-1B shape at 4,096 tokens a step: 16 MiB) the step is
@@ -94,25 +98,33 @@ CARRY_MIN_BYTES = 24 << 20
 _CARRY = threading.local()
 
 
-def carry(t: torch.Tensor, allowed: bool = True) -> None:
-    """In an offload-checkpointed layer's forward: hand ``t``'s values to the layer's recompute. On the
-    GPU they go to pinned host memory when ``host_offload.offload_carried`` finds room and a free pinned
-    buffer; otherwise (or not ``allowed``) the recompute computes them."""
+def carry(t: torch.Tensor, allowed: bool = True, tag: str = "") -> None:
+    """In an offload-checkpointed layer's forward: hand ``t``'s values to the layer's recompute, which
+    asks for them by ``tag``. On the GPU they go to pinned host memory when ``host_offload.offload_carried``
+    finds room and a free pinned buffer; otherwise (or not ``allowed``) the recompute computes them."""
     entries = getattr(_CARRY, "record", None)
     if entries is None:
         return
     if not allowed or t.nbytes > CARRY_MAX_BYTES:
-        entries.append(None)
+        entries.append((tag, None))
     elif not host_offload.worth_offloading(t):
-        entries.append(t)  # a CPU tensor: nothing to move
+        entries.append((tag, t))  # a CPU tensor: nothing to move
     else:
-        entries.append(host_offload.offload_carried(t))
+        entries.append((tag, host_offload.offload_carried(t)))
 
 
-def carried() -> torch.Tensor | None:
-    """In a recompute: what its forward handed over at this point (``carry``, same call order), or None."""
+def carry_object(value, tag: str) -> None:
+    """Hand a small non-tensor value (or tiny tensors that may stay where they are) to the recompute."""
+    entries = getattr(_CARRY, "record", None)
+    if entries is not None:
+        entries.append((tag, value))
+
+
+def carried(tag: str = ""):
+    """In a recompute: what its forward handed over as ``tag`` (``carry``), or None. Entries before it
+    that the recompute does not ask for (a part it computes another way) are dropped."""
     entries = getattr(_CARRY, "replay", None)
-    return entries.popleft() if entries else None
+    return entries.pop(tag) if entries else None
 
 
 def _worth_carrying(x: torch.Tensor) -> bool:
@@ -123,12 +135,33 @@ def _worth_carrying(x: torch.Tensor) -> bool:
 def carry_attention_output(x: torch.Tensor, out: torch.Tensor) -> None:
     """The attention output projection's result (``out``; ``x`` its input), carried when ``CARRY`` is on."""
     if CARRY and _worth_carrying(x):
-        carry(out)
+        carry(out, tag="o_proj")
 
 
 def carried_attention_output(x: torch.Tensor) -> torch.Tensor | None:
     """In a recompute: the attention output projection's result its forward carried, or None."""
-    return carried() if CARRY and _worth_carrying(x) else None
+    return carried("o_proj") if CARRY and _worth_carrying(x) else None
+
+
+def carry_attention_state(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rest) -> None:
+    """The attention's output ``out`` (``[b, s, heads * d]``, the output projection's input ``x``), its
+    log-sum-exp and the rest its flash backward takes (``arch.sdpa_direct``), carried when
+    ``CARRY_SDPA`` is on: the recompute then skips the attention forward. Both tensors or neither."""
+    if not (CARRY_SDPA and _worth_carrying(x)) or getattr(_CARRY, "record", None) is None:
+        return
+    allowed = not host_offload.worth_offloading(out) or (
+        host_offload.pinned_buffers_ready(out, 1) and host_offload.pinned_buffers_ready(lse, 1))
+    carry(lse, allowed, "sdpa_lse")
+    carry(out, allowed, "sdpa_out")
+    carry_object(rest, "sdpa_rest")
+
+
+def carried_attention_state(x: torch.Tensor):
+    """In a recompute: ``(out, lse, rest)`` its forward carried (``carry_attention_state``), or None."""
+    if not (CARRY_SDPA and _worth_carrying(x)) or getattr(_CARRY, "replay", None) is None:
+        return None
+    lse, out, rest = carried("sdpa_lse"), carried("sdpa_out"), carried("sdpa_rest")
+    return None if lse is None or out is None else (out, lse, rest)
 
 
 def carry_gate_up(x: torch.Tensor):
@@ -140,7 +173,7 @@ def carry_gate_up(x: torch.Tensor):
     if getattr(_CARRY, "record", None) is not None:
         return None, _keep_gate_up
     if getattr(_CARRY, "replay", None) is not None:
-        g, u = carried(), carried()
+        g, u = carried("gate"), carried("up")
         return ((g, u) if g is not None and u is not None else None), None
     return None, None
 
@@ -158,10 +191,10 @@ def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
     if allowed and on_gpu:  # both or neither: pinned buffers for both must be free
         allowed = host_offload.pinned_buffers_ready(G, 2)
     entries = getattr(_CARRY, "record", None)
-    carry(G, allowed)
-    carry(U, allowed)
+    carry(G, allowed, "gate")
+    carry(U, allowed, "up")
     if entries is not None and on_gpu:
-        host_offload.COUNTS["gate_up_carried" if entries[-1] is not None else "gate_up_recomputed"] += 1
+        host_offload.COUNTS["gate_up_carried" if entries[-1][1] is not None else "gate_up_recomputed"] += 1
 
 
 @contextlib.contextmanager
@@ -180,11 +213,13 @@ LAZY_CARRIED = os.environ.get("SLOTHNB_LAZY_CARRIED", "1") != "0"
 
 
 class _Carried:
-    """A recompute's carried values, each restored when the recompute reads it (``carried``): the
-    compute stream then waits for that value's host->device copy there, not before the layer starts.
-    A Llama-3.1-8B layer that carries G and U brings back ~300 MB, more than the link moves during the
-    layer before it; waiting for all of it up front left the GPU idle while the layer's norm, q/k/v and
-    attention could already run. Their copies are queued in that order (``OffloadedTensor.restore``)."""
+    """A recompute's carried values, ``(tag, value)`` in forward order, each restored when the recompute
+    reads it (``carried``): the compute stream then waits for that value's host->device copy there, not
+    before the layer starts. A Llama-3.1-8B layer that carries G and U brings back ~300 MB, more than the
+    link moves during the layer before it; waiting for all of it up front left the GPU idle while the
+    layer's norm, q/k/v and attention could already run. Their copies are queued in that order
+    (``OffloadedTensor.restore``). Tags keep a recompute that runs another way than its forward (the
+    written-out layer's forward, the modules' recompute) from reading one value as another."""
 
     def __init__(self, entries):
         self.entries = collections.deque(entries)
@@ -192,9 +227,18 @@ class _Carried:
     def __bool__(self):
         return bool(self.entries)
 
-    def popleft(self):
-        e = self.entries.popleft()
+    def _take(self):
+        e = self.entries.popleft()[1]
         return e.restore() if isinstance(e, host_offload.OffloadedTensor) else e
+
+    def pop(self, tag: str):
+        """The value carried as ``tag`` (restored), dropping the entries before it; None if there is none."""
+        ahead = next((i for i, (t, _) in enumerate(self.entries) if t == tag), None)
+        if ahead is None:
+            return None
+        for _ in range(ahead):
+            self._take()
+        return self._take()
 
     def __enter__(self):
         return self
@@ -202,7 +246,7 @@ class _Carried:
     def __exit__(self, *exc) -> None:
         """Restore what the recompute did not read, so its pinned buffers go back to the pool."""
         while self.entries:
-            self.popleft()
+            self._take()
 
 
 class _Call:
@@ -236,7 +280,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, call: _Call, anchor, *tensors):
         ctx.call = call
         ctx.state = RecomputeState(tensors, call.preserve_rng)
-        ctx.carried = [] if (CARRY or CARRY_MLP) and call.graphs is None else None  # a graph would bake host addresses
+        ctx.carried = [] if (CARRY or CARRY_MLP or CARRY_SDPA) and call.graphs is None else None  # a graph would bake host addresses
         with torch.no_grad(), _carry_scope("record", ctx.carried):
             if call.graphs is not None:
                 out = call.graphs.forward(call.run, tensors)
@@ -273,7 +317,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
             inputs.append(x)
         entries = ctx.carried or []
         if not LAZY_CARRIED:  # every carried value waited for before the layer starts (benchmarks)
-            entries = [e.restore() if isinstance(e, host_offload.OffloadedTensor) else e for e in reversed(entries)][::-1]
+            entries = [(tag, e.restore() if isinstance(e, host_offload.OffloadedTensor) else e)
+                       for tag, e in reversed(entries)][::-1]
         carried = _Carried(entries)
         ctx.carried = None
         with ctx.state.replay(), _recomputing(), _carry_scope("replay", carried), carried:

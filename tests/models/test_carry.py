@@ -142,7 +142,7 @@ def test_gate_and_up_are_not_carried_per_token_chunk_or_over_the_copy_limit(monk
     entries = []
     with checkpointing._carry_scope("record", entries):
         checkpointing._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
-    assert entries == [None, None]
+    assert entries == [("gate", None), ("up", None)]
 
 
 def test_lora_mlp_refuses_gate_up_of_the_wrong_shape():
@@ -179,9 +179,9 @@ def test_gate_and_up_are_carried_in_one_layer_of_every_few(monkeypatch):
     with checkpointing._carry_scope("record", entries):
         for _ in range(7):
             checkpointing._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
-    carried = [entries[i] is not None for i in range(0, 14, 2)]
+    carried = [entries[i][1] is not None for i in range(0, 14, 2)]
     assert carried == [True, False, False, True, False, False, True]
-    assert all((entries[i] is None) == (entries[i + 1] is None) for i in range(0, 14, 2))  # G and U together
+    assert all((entries[i][1] is None) == (entries[i + 1][1] is None) for i in range(0, 14, 2))  # G and U together
 
 
 def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
@@ -190,7 +190,7 @@ def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
     with checkpointing._carry_scope("record", entries):
         checkpointing.carry(torch.ones(16))  # 64 bytes: carried
         checkpointing.carry(torch.ones(17))  # 68 bytes: recomputed
-    assert entries[0] is not None and entries[1] is None
+    assert entries[0][1] is not None and entries[1][1] is None
 
 
 def test_small_layers_carry_nothing(monkeypatch):

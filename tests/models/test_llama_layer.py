@@ -8,7 +8,7 @@ from checkpoint_checks import checkpointed_lora_model as _lora_model
 from checkpoint_checks import spy as _spy
 from slothnb.kernels import lora as lora_kernels
 from slothnb.models import checkpointing, host_offload
-from slothnb.models.arch import llama_layer
+from slothnb.models.arch import llama_layer, sdpa_direct
 from slothnb.models.patching import unpatch_model
 
 LLAMA_LAYERS = ["llama", "qwen2", "mistral", "gemma"]
@@ -81,6 +81,52 @@ def test_written_out_backward_matches_autograd_bit_for_bit(arch, monkeypatch, ru
     assert written == 2 and len(runs.forwards) == 2  # every layer but the last is offload-checkpointed
     assert sum(g[0] is not None for g in handed) == 4  # each recompute, both ways, was handed o_proj's output
     _same(ref, got)
+
+
+@pytest.fixture
+def flash_forwards(monkeypatch):
+    """Calls of the direct flash forward: ``["forward" | "recompute", ...]``."""
+    calls, real = [], sdpa_direct.forward
+
+    def spy(*a):
+        calls.append("recompute" if checkpointing.recomputing() else "forward")
+        return real(*a)
+
+    monkeypatch.setattr(sdpa_direct, "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_recompute_skips_the_attention_forward_it_was_handed(carry, monkeypatch, runs, flash_forwards):
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpointing, "CARRY_SDPA", carry)
+    model = _lora_model("llama", layers=3)
+    ref, got, written = _both_ways(model, monkeypatch, runs)
+    assert written == 2
+    # 3 layers: the last one is not checkpointed (its own module forward, SDPA under autograd)
+    assert flash_forwards == ["forward"] * 2 + ["recompute"] * (0 if carry else 2)
+    _same(ref, got)
+
+
+@pytest.mark.parametrize("written_pass", ["forward", "recompute"])
+def test_a_recompute_that_runs_another_way_than_its_forward_reads_only_what_it_asks_for(
+        written_pass, monkeypatch, runs):
+    """Written-out forward + autograd recompute (or the reverse): the carried values are tagged, so the
+    attention state one of them carries is never read as the other's o_proj output or G, U."""
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    model = _lora_model("llama", layers=3)
+    monkeypatch.setattr(llama_layer, "ENABLED", False)
+    ref = _step(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(llama_layer, "ENABLED", written_pass == "forward")
+    loss = model(input_ids=ids, labels=ids).loss
+    monkeypatch.setattr(llama_layer, "ENABLED", written_pass == "recompute")
+    loss.backward()
+    assert len(runs if written_pass == "recompute" else runs.forwards) == 2 and not (
+        runs.forwards if written_pass == "recompute" else runs)
+    _same(ref, (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -163,7 +209,7 @@ def test_unpatch_drops_it():
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, runs):
+def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, runs, flash_forwards):
     """bf16 autocast over an fp32 or a bf16 model, offloaded inputs and every carried value (through
     pinned host memory)."""
     if not torch.cuda.is_available():
@@ -175,8 +221,10 @@ def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, 
         _step(model, autocast=True, device="cuda", seq=128)
         host_offload._POOL.wait_for_pinning()
     host_offload.COUNTS.clear()
+    flash_forwards.clear()
     ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True, device="cuda", seq=128)
     assert written == 3 and host_offload.COUNTS["gate_up_carried"] == 6
+    assert flash_forwards == ["forward"] * 3  # the recomputes were handed the attention's output and lse
     _same(ref, got)
 
 

@@ -15,9 +15,11 @@ Each op's ``torch.autograd.Function`` is called through its static ``forward`` /
 stand-in ``ctx`` (``_Ctx``), so the arithmetic is the Functions' own and the gradients are
 bit-identical to the autograd path (tests compare them). Written out, the RMSNorm ahead of NF4
 projections writes straight into their widened input ``[h | h A^T ...]`` (``lora.widened_buffer``)
-instead of the projections copying it there. Attention stays a one-node autograd graph
-(``torch.autograd.grad`` over SDPA), so whichever SDPA backend runs keeps its own backward. The
-adapters' gradients are accumulated into ``.grad`` as autograd's AccumulateGrad does.
+instead of the projections copying it there. Where SDPA would run its flash kernels they are called
+directly (``sdpa_direct``): the forward carries the attention's output and log-sum-exp to the
+recompute, which then skips the attention forward, and the backward calls the flash backward. Other
+backends stay a one-node autograd graph (``torch.autograd.grad`` over SDPA). The adapters' gradients
+are accumulated into ``.grad`` as autograd's AccumulateGrad does.
 
 It applies only where it is the same function as the layer: the decoder layer's forward is
 Llama's (Llama, Mistral, Qwen2, Gemma), every sub-module runs slothnb's patched forward with all
@@ -39,7 +41,7 @@ from slothnb.kernels.lora import LoraLinearFunction, LoraMLPFunction, LoraQKVFun
 from slothnb.kernels.rms_norm import RMSNormFunction, rms_norm_backward, rms_norm_forward
 from slothnb.kernels.rope import RoPEProjectionsFunction, rope_in_place_ok
 from slothnb.models import checkpointing, lora_fusion
-from slothnb.models.arch import common
+from slothnb.models.arch import common, sdpa_direct
 
 ENABLED = os.environ.get("SLOTHNB_WRITTEN_LAYERS", "1") != "0"
 
@@ -184,7 +186,7 @@ def _norm(norm, x, into_weights, ctx):
 class _State:
     """What the recompute leaves its backward: each op's ctx, the attention's one-node graph, dtypes."""
 
-    __slots__ = ("norm1", "qkv", "rope", "q4", "k4", "v4", "a4", "o", "norm2", "mlp", "dtypes", "x_needs_grad")
+    __slots__ = ("norm1", "qkv", "rope", "sdpa", "q4", "k4", "v4", "a4", "o", "norm2", "mlp", "dtypes", "x_needs_grad")
 
 
 def _forward(plan, x, mask, recompute, x_needs_grad=False):
@@ -217,17 +219,33 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
         st.rope = None
     q4, k4, v4 = [t.view(b, s, -1, hd).transpose(1, 2) for t in (q, k, v)]
     del q, k, v
-    if recompute:
+    direct = sdpa_direct.prepare(attn, q4, k4, v4, mask, requires_grad=recompute)
+    st.sdpa = None
+    if direct is not None:  # SDPA's own flash kernels, called directly: out and lse can be carried
+        flash, q4, k4, v4 = direct
+        del direct
+        kept = checkpointing.carried_attention_state(q4) if recompute else None
+        if kept is None:
+            a4, lse, rest = sdpa_direct.forward(flash, q4, k4, v4)
+            a = a4.transpose(1, 2).reshape(b, s, -1)  # a view on the GPU (flash writes [b, s, heads, d])
+            if not recompute:
+                checkpointing.carry_attention_state(a, a, lse, rest)
+        else:
+            a, lse, rest = kept
+            a4 = a.view(b, s, -1, hd).transpose(1, 2)
+        if recompute:
+            st.sdpa = (flash, q4, k4, v4, a4, lse, rest)
+        del a4, lse, rest
+    elif recompute:
         with torch.enable_grad():
             q4, k4, v4 = [t.detach().requires_grad_() for t in (q4, k4, v4)]
             a4 = common._sdpa(attn, q4, k4, v4, mask, 0.0)
         st.q4, st.k4, st.v4, st.a4 = q4, k4, v4, a4
-        a4 = a4.detach()
+        a = a4.detach().transpose(1, 2).reshape(b, s, -1)
+        del a4
     else:
-        a4 = common._sdpa(attn, q4, k4, v4, mask, 0.0)
+        a = common._sdpa(attn, q4, k4, v4, mask, 0.0).transpose(1, 2).reshape(b, s, -1)
     del q4, k4, v4
-    a = a4.transpose(1, 2).reshape(b, s, -1)
-    del a4
     st.o = _Ctx(True)
     o_tensors, o_bundles = _adapters([o_w])
     given = checkpointing.carried_attention_output(a)
@@ -278,8 +296,16 @@ def _backward(plan, st, x, dy):
     da, _, _, dA_o, dB_o = LoraLinearFunction.backward(st.o, dh.to(o_dtype))
     st.o = None
     _accumulate([o_w], (dA_o, dB_o))
-    dq4, dk4, dv4 = torch.autograd.grad(st.a4, (st.q4, st.k4, st.v4), da.view(b, s, -1, hd).transpose(1, 2))
-    st.a4 = st.q4 = st.k4 = st.v4 = None
+    da4 = da.view(b, s, -1, hd).transpose(1, 2)
+    if st.sdpa is not None:
+        flash, q4, k4, v4, a4, lse, rest = st.sdpa
+        st.sdpa = None
+        dq4, dk4, dv4 = sdpa_direct.backward(flash, da4, q4, k4, v4, a4, lse, rest)
+        del q4, k4, v4, a4, lse, rest
+    else:
+        dq4, dk4, dv4 = torch.autograd.grad(st.a4, (st.q4, st.k4, st.v4), da4)
+        st.a4 = st.q4 = st.k4 = st.v4 = None
+    del da4
     del da
     dq, dk, dv = [t.transpose(1, 2).reshape(b, s, -1) for t in (dq4, dk4, dv4)]
     del dq4, dk4, dv4
