@@ -143,25 +143,32 @@ def carried_attention_output(x: torch.Tensor) -> torch.Tensor | None:
     return carried("o_proj") if CARRY and _worth_carrying(x) else None
 
 
-def carry_attention_state(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, rest) -> None:
-    """The attention's output ``out`` (``[b, s, heads * d]``, the output projection's input ``x``), its
-    log-sum-exp and the rest its flash backward takes (``arch.sdpa_direct``), carried when
-    ``CARRY_SDPA`` is on: the recompute then skips the attention forward. Both tensors or neither."""
-    if not (CARRY_SDPA and _worth_carrying(x)) or getattr(_CARRY, "record", None) is None:
+def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
+    """The attention's output ``out`` (``[b, heads, s, d]``), its log-sum-exp and the rest its fused
+    backward takes (``arch.sdpa_direct``), carried when ``CARRY_SDPA`` is on: the recompute then skips
+    the attention forward. Both tensors or neither. ``out`` travels in the layout its kernel wrote
+    ([b, heads, s, d] for cuDNN and the CPU, [b, s, heads, d] for CUDA flash), so that the backward
+    reads it as the autograd path would."""
+    if not (CARRY_SDPA and _worth_carrying(out)) or getattr(_CARRY, "record", None) is None:
         return
-    allowed = not host_offload.worth_offloading(out) or (
-        host_offload.pinned_buffers_ready(out, 1) and host_offload.pinned_buffers_ready(lse, 1))
+    native = out if out.is_contiguous() else out.transpose(1, 2)
+    allowed = native.is_contiguous() and (not host_offload.worth_offloading(out) or (
+        host_offload.pinned_buffers_ready(native, 1) and host_offload.pinned_buffers_ready(lse, 1)))
     carry(lse, allowed, "sdpa_lse")
-    carry(out, allowed, "sdpa_out")
-    carry_object(rest, "sdpa_rest")
+    carry(native, allowed, "sdpa_out")
+    carry_object((rest, native is not out), "sdpa_rest")
 
 
-def carried_attention_state(x: torch.Tensor):
-    """In a recompute: ``(out, lse, rest)`` its forward carried (``carry_attention_state``), or None."""
-    if not (CARRY_SDPA and _worth_carrying(x)) or getattr(_CARRY, "replay", None) is None:
+def carried_attention_state(like: torch.Tensor):
+    """In a recompute: ``(out, lse, rest)`` its forward carried (``carry_attention_state``; ``like``:
+    a tensor of out's size, q), or None."""
+    if not (CARRY_SDPA and _worth_carrying(like)) or getattr(_CARRY, "replay", None) is None:
         return None
-    lse, out, rest = carried("sdpa_lse"), carried("sdpa_out"), carried("sdpa_rest")
-    return None if lse is None or out is None else (out, lse, rest)
+    lse, native, extra = carried("sdpa_lse"), carried("sdpa_out"), carried("sdpa_rest")
+    if lse is None or native is None or extra is None:
+        return None
+    rest, transposed = extra
+    return (native.transpose(1, 2) if transposed else native), lse, rest
 
 
 def carry_gate_up(x: torch.Tensor):

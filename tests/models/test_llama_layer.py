@@ -216,6 +216,7 @@ def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, 
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
     monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(sdpa_direct, "CUDA", True)  # not yet the default on CUDA (sdpa_direct's docstring)
     model = _lora_model(arch, layers=4, device="cuda").to(dtype)
     for _ in range(2):  # the carried values' pinned buffers are pinned in the background, for later passes
         _step(model, autocast=True, device="cuda", seq=128)

@@ -60,16 +60,45 @@ def test_steps_aside_where_sdpa_would_not_run_flash(monkeypatch):
     assert sdpa_direct.prepare(attn, q, k, v, None, False) is None
 
 
+def test_attention_state_is_carried_in_the_layout_its_kernel_wrote(monkeypatch):
+    """CUDA flash writes out as [b, s, heads, d] (a transposed view of [b, heads, s, d]); cuDNN and the
+    CPU write [b, heads, s, d]. The carried copy keeps the kernel's layout (a host copy is contiguous)."""
+    from slothnb.models import checkpointing
+
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    lse = torch.randn(2, 4, 6)
+    for out in (torch.randn(2, 4, 6, 8), torch.randn(2, 6, 4, 8).transpose(1, 2)):
+        entries = []
+        with checkpointing._carry_scope("record", entries):
+            checkpointing.carry_attention_state(out, lse, "rest")
+        assert [tag for tag, _ in entries] == ["sdpa_lse", "sdpa_out", "sdpa_rest"]
+        assert entries[1][1].is_contiguous()
+        with checkpointing._carry_scope("replay", checkpointing._Carried(entries)):
+            got, got_lse, rest = checkpointing.carried_attention_state(out)
+        assert torch.equal(got, out) and got.stride() == out.stride() and got_lse is lse and rest == "rest"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True])
-def test_matches_sdpa_on_gpu(autocast):
+@pytest.mark.parametrize("s", [300, 2048])
+def test_matches_sdpa_on_gpu(autocast, s, monkeypatch):
+    """Whichever fused backend SDPA picks (cuDNN on an H100 with torch 2.11, else flash). cuDNN's dq is
+    not bit-reproducible at long sequences even between two autograd runs: then it is compared as
+    closely as those two runs agree."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(sdpa_direct, "CUDA", True)
     attn = _attn(heads=8, kv_heads=2, d=64)
-    q, k, v = _qkv(torch.float32 if autocast else torch.bfloat16, heads=8, kv_heads=2, s=300, d=64, device="cuda")
-    grad = torch.randn(2, 8, 300, 64, device="cuda")
+    q, k, v = _qkv(torch.float32 if autocast else torch.bfloat16, heads=8, kv_heads=2, s=s, d=64, device="cuda")
+    grad = torch.randn(2, 8, s, 64, device="cuda")
     ref_out, ref_grads = _reference(attn, q, k, v, grad, autocast)
+    again = _reference(attn, q, k, v, grad, autocast)[1][0]
     out, grads = _direct(attn, q, k, v, grad, autocast)
     assert out.stride() == ref_out.stride() and torch.equal(out, ref_out)
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == r.dtype and torch.equal(g, r)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == r.dtype
+        if i == 0 and not torch.equal(again, r):
+            spread = (again.float() - r.float()).abs().max().item()
+            torch.testing.assert_close(g.float(), r.float(), rtol=0, atol=4 * spread)
+        else:
+            assert torch.equal(g, r), i

@@ -221,18 +221,17 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     del q, k, v
     direct = sdpa_direct.prepare(attn, q4, k4, v4, mask, requires_grad=recompute)
     st.sdpa = None
-    if direct is not None:  # SDPA's own flash kernels, called directly: out and lse can be carried
+    if direct is not None:  # SDPA's own fused kernels, called directly: out and lse can be carried
         flash, q4, k4, v4 = direct
         del direct
         kept = checkpointing.carried_attention_state(q4) if recompute else None
         if kept is None:
             a4, lse, rest = sdpa_direct.forward(flash, q4, k4, v4)
-            a = a4.transpose(1, 2).reshape(b, s, -1)  # a view on the GPU (flash writes [b, s, heads, d])
             if not recompute:
-                checkpointing.carry_attention_state(a, a, lse, rest)
+                checkpointing.carry_attention_state(a4, lse, rest)
         else:
-            a, lse, rest = kept
-            a4 = a.view(b, s, -1, hd).transpose(1, 2)
+            a4, lse, rest = kept
+        a = a4.transpose(1, 2).reshape(b, s, -1)  # a view for CUDA flash ([b, s, heads, d]), else a copy
         if recompute:
             st.sdpa = (flash, q4, k4, v4, a4, lse, rest)
         del a4, lse, rest
