@@ -21,12 +21,18 @@ from ._utils import as_rows, fast_launch, round_fp32_for_bf16, row_block, row_sp
 
 @fast_launch
 @triton.jit
-def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
-                  GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_fwd(X, W, Y, RSTD, ADD, H, x_stride, y_stride, add_stride, n_cols, eps, offset,
+                  GEMMA: tl.constexpr, ADD_IN: tl.constexpr, H_BF16: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x_in = tl.load(X + row * x_stride + cols, mask=mask, other=0.0)
+    if ADD_IN:  # the norm of h = x + add, h rounded to its dtype once (as PyTorch adds) and stored
+        h = x_in.to(tl.float32) + tl.load(ADD + row * add_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        if H_BF16:
+            h = round_fp32_for_bf16(h)
+        x_in = h.to(H.dtype.element_ty)
+        tl.store(H + row * n_cols + cols, x_in, mask=mask)
     x = x_in.to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
@@ -86,13 +92,30 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dt
     return x.dtype if offset != 0.0 else torch.promote_types(x.dtype, weight.dtype)
 
 
-def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, out_shape=None, out=None):
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, out_shape=None, out=None,
+                     add=None):
     """Triton forward on ``[rows, n]`` (unit column stride): returns ``(y [rows, n], rstd [rows] fp32)``.
 
     ``out_shape``: allocate y in that (contiguous) shape instead, so that it is not a view (a later
     in-place op under autograd, e.g. RoPE on Qwen3's normed q/k, is then allowed). ``out``: write y
     there instead (``[rows, n]``, unit column stride, any row stride: the first columns of a
-    widened LoRA input, ``lora.widened_buffer``)."""
+    widened LoRA input, ``lora.widened_buffer``).
+
+    ``add``: a ``[rows, n]`` tensor of x's dtype (unit column stride): the norm is then of
+    ``h = x2 + add``, computed in the same launch (a pre-norm block's residual sum, which would
+    otherwise read x and add and write h in a launch of its own), and ``(y, rstd, h)`` is returned,
+    h ``[rows, n]`` contiguous with PyTorch's bits for ``x2 + add``."""
+    if add is not None:
+        if tuple(add.shape) != tuple(x2.shape) or add.dtype != x2.dtype or add.stride(-1) != 1 or add.device != x2.device:
+            raise ConfigError(f"rms_norm_forward add= must be a {tuple(x2.shape)} {x2.dtype} tensor with unit column "
+                              f"stride on {x2.device}, got {tuple(add.shape)} {add.dtype} on {add.device}")
+        h = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        y, rstd = _forward(x2, weight, eps, offset, out_shape, out, add, h)
+        return y, rstd, h
+    return _forward(x2, weight, eps, offset, out_shape, out, None, None)
+
+
+def _forward(x2, weight, eps, offset, out_shape, out, add, h):
     n_rows, n_cols = x2.shape
     if out is not None:
         if (tuple(out.shape) != (n_rows, n_cols) or out.stride(-1) != 1 or out.device != x2.device
@@ -106,8 +129,10 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
     if n_rows:
         block, warps = row_block(n_cols)
         y_stride = y.stride(0) if out is not None else n_cols
-        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y_stride, n_cols, eps, offset,
-                                 GEMMA=offset != 0.0, BLOCK=block, num_warps=warps)
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2 if add is None else add, y if h is None else h,
+                                 x2.stride(0), y_stride, 0 if add is None else add.stride(0), n_cols, eps, offset,
+                                 GEMMA=offset != 0.0, ADD_IN=add is not None, H_BF16=x2.dtype == torch.bfloat16,
+                                 BLOCK=block, num_warps=warps)
     return y, rstd
 
 

@@ -108,6 +108,22 @@ def test_recompute_skips_the_attention_forward_it_was_handed(carry, monkeypatch,
     _same(ref, got)
 
 
+@pytest.mark.parametrize("fused", ["cpu", "0"])
+def test_the_second_norm_computes_the_residual_sum(fused, monkeypatch, runs):
+    monkeypatch.setattr(llama_layer, "_RESIDUAL_ADD", fused)
+    adds, real = [], llama_layer.rms_norm_forward
+
+    def spy(*a, **kw):
+        adds.append(kw.get("add") is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(llama_layer, "rms_norm_forward", spy)
+    model = _lora_model("qwen2", layers=3).to(torch.bfloat16)
+    ref, got, written = _both_ways(model, monkeypatch, runs)
+    assert written == 2 and adds.count(True) == (4 if fused == "cpu" else 0)  # 2 layers, forward + recompute
+    _same(ref, got)
+
+
 @pytest.mark.parametrize("written_pass", ["forward", "recompute"])
 def test_a_recompute_that_runs_another_way_than_its_forward_reads_only_what_it_asks_for(
         written_pass, monkeypatch, runs):
@@ -216,7 +232,8 @@ def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, 
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
     monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
-    monkeypatch.setattr(sdpa_direct, "CUDA", True)  # not yet the default on CUDA (sdpa_direct's docstring)
+    monkeypatch.setattr(sdpa_direct, "CUDA", True)  # not yet the defaults on CUDA (sdpa_direct's docstring,
+    monkeypatch.setattr(llama_layer, "_RESIDUAL_ADD", "1")  # llama_layer._RESIDUAL_ADD)
     model = _lora_model(arch, layers=4, device="cuda").to(dtype)
     for _ in range(2):  # the carried values' pinned buffers are pinned in the background, for later passes
         _step(model, autocast=True, device="cuda", seq=128)
@@ -241,6 +258,8 @@ def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatc
     from slothnb.models.patching import patch_model
     from tiny_models import nf4_llama
 
+    monkeypatch.setattr(sdpa_direct, "CUDA", True)  # not yet the defaults on CUDA
+    monkeypatch.setattr(llama_layer, "_RESIDUAL_ADD", "1")
     model = nf4_llama(tmp_path, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
                       num_key_value_heads=2, num_hidden_layers=3, vocab_size=512)
     patch_model(model)
@@ -248,6 +267,7 @@ def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatc
                                              init_lora_weights=False))
     apply_gradient_checkpointing(model, "slothnb")
     model.train()
-    ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True, padded=True, device="cuda", seq=256)
-    assert written == 2
-    _same(ref, got)
+    for padded in (True, False):  # a padding mask keeps SDPA; none: its fused kernels called directly
+        ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True, padded=padded, device="cuda", seq=256)
+        assert written == 2
+        _same(ref, got)

@@ -175,3 +175,22 @@ def test_rms_norm_backward_adds_the_residual_gradient_as_pytorch_does(dtype, off
     x32 = x.float()  # fp32: the add could be fused into an FMA on the GPU, so it is refused
     with pytest.raises(ConfigError, match="16-bit"):
         rms_norm_backward(dy.float(), x32, w.float(), rstd, offset, False, residual=res.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_forward_of_a_residual_sum_is_pytorchs_add_then_the_norm(dtype, offset, device):
+    """``add=`` (a pre-norm block's ``h = x + o``): h has PyTorch's bits for the sum, and y and rstd are
+    the norm of that h, bit for bit, also when y goes into a wider buffer."""
+    x, w = _inputs((7, 300), device, seed=9)
+    x, w = x.to(dtype), w.to(dtype)
+    o = (torch.randn(7, 300, generator=torch.Generator().manual_seed(10), dtype=torch.float64) * 3).to(dtype).to(device)
+    h_ref = x + o
+    y_ref, rstd_ref = rms_norm_forward(h_ref, w, 1e-6, offset)
+    y, rstd, h = rms_norm_forward(x, w, 1e-6, offset, add=o)
+    assert torch.equal(h, h_ref) and torch.equal(y, y_ref) and torch.equal(rstd, rstd_ref)
+    wide = torch.zeros(7, 320, dtype=y.dtype, device=device)
+    rms_norm_forward(x, w, 1e-6, offset, out=wide[:, :300], add=o)
+    assert torch.equal(wide[:, :300], y_ref) and not wide[:, 300:].any()
+    with pytest.raises(ConfigError, match="add="):
+        rms_norm_forward(x, w, 1e-6, offset, add=o[:, :299])
