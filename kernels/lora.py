@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from .adapter_casts import _cast, _stacked
-from .nf4 import _write_tail_torch, dequantize_nf4
+from .lora_widened import _adapter_in_gemm, _adapter_inputs, _forward_shared, _widened_input
+from .nf4 import dequantize_nf4
 from ..errors import ConfigError
 from .lora_activations import ACTIVATIONS, gated_backward, gated_forward
 
@@ -89,97 +90,6 @@ def _base(weight, quant_state, dtype) -> torch.Tensor:
     if quant_state is not None:
         return dequantize_nf4(weight, quant_state, dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
-
-
-# Projections that share their input and have NF4 bases run as ``[X | xa_1 .. xa_k] @ [W_j | 0 | s_j B_j]^T``:
-# the adapter's contribution rides in the base matmul's reduction instead of a second pass over the
-# output (``y.addmm_(xa, B^T)`` reads and writes all of y: for the 8B gate and up projections at 4,096
-# tokens that is ~0.5 GB a pass). The dequantisation writes W straight into the wider buffer, so it
-# costs one copy of X. 16-bit bases keep two matmuls (widening W would copy it every call), ordered so
-# that the second one adds itself onto the first's output in its epilogue (``_forward``, ``_add_base``).
-# SLOTHNB_ADAPTER_IN_GEMM=0 turns it off (benchmarks).
-ADAPTER_IN_GEMM = os.environ.get("SLOTHNB_ADAPTER_IN_GEMM", "1") != "0"
-# The dequantisation writes the 0 and s B columns too (``tail``): ~470 launches fewer an 8B QLoRA step.
-DEQUANT_TAIL = os.environ.get("SLOTHNB_DEQUANT_TAIL", "1") != "0"
-_ALIGN = 8  # row strides padded to 16 bytes of bf16, so cuBLAS keeps its fast kernels
-
-
-def _padded(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def _adapter_in_gemm(parts) -> bool:
-    """Whether ``_forward_shared`` applies: NF4 bases whose rows are whole quantisation blocks."""
-    return ADAPTER_IN_GEMM and all(
-        qs is not None and qs.shape[1] % int(qs.blocksize) == 0 for _, qs, *_ in parts)
-
-
-def _forward_shared(X, parts, out_shapes, into=None):
-    """(Xa, [x A_j^T views], [y_j]) of projections ``parts`` = [(W, quant_state, scale, A, B)] sharing X.
-
-    ``Xa = [X | x A_1^T | ... | x A_k^T]`` is what the backward keeps (X and each ``x A_j^T`` are views
-    of it: no more memory than keeping them apart). Projection j reads the first ``H + r_1 + .. + r_j``
-    columns against ``[W_j | 0 | s_j B_j]``, so its output is one matmul with fp32 accumulation of the
-    base and adapter terms together.
-    """
-    h = X.shape[1]
-    Xa, xas = _widened_input(X, [p[3] for p in parts], into)
-    ys, start = [], h
-    for (weight, quant_state, scale, _A, B), xa, shape in zip(parts, xas, out_shapes):
-        width = start + xa.shape[1]
-        W = torch.empty(B.shape[0], _padded(width), dtype=X.dtype, device=X.device)[:, :width]
-        tail = (B if B.stride(-1) == 1 else B.contiguous(), scale, start - h)  # zeros facing the other xa's
-        if DEQUANT_TAIL:  # W, the zeros and s B in one launch; SLOTHNB_DEQUANT_TAIL=0: op by op (benchmarks)
-            dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h], tail=tail)
-        else:
-            _write_tail_torch(dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h]), tail)
-        y = torch.empty(shape, dtype=X.dtype, device=X.device)
-        torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
-        del W
-        ys.append(y)
-        start = width
-    return Xa, xas, ys
-
-
-def _adapter_inputs(X, As):
-    """The ``x A_j^T`` of adapters sharing X, from one matmul (column views of ``x [A_1; ..]^T``)."""
-    xa, out, start = X @ _stacked(As).t(), [], 0
-    for A in As:
-        out.append(xa[:, start:start + A.shape[0]])
-        start += A.shape[0]
-    return out
-
-
-def widened_buffer(x: torch.Tensor, weights) -> Optional[torch.Tensor]:
-    """An empty ``[tokens, in + ranks]`` buffer (rows padded) whose first columns the producer of x
-    (an RMSNorm) may write, for LoRA projections ``weights`` that share x and will widen it
-    (``_forward_shared``), so that X is never copied into it; None when they will not widen it.
-    Pass it on as ``into``: the Function bodies take it from ``ctx.widened``."""
-    if not _adapter_in_gemm([(w.weight, w.quant_state) for w in weights]):
-        return None
-    h = x.shape[-1]
-    return torch.empty(x.numel() // h, _padded(h + sum(w.A.shape[0] for w in weights)), dtype=x.dtype,
-                       device=x.device)
-
-
-def _widened_input(X, As, into=None):
-    """(``Xa = [X | X A_1^T | ...]``, the ``X A_j^T`` as views of it), rows padded to ``_ALIGN``.
-    ``into``: a ``widened_buffer`` whose first columns already are X (nothing is copied then)."""
-    n, h = X.shape
-    ranks = [A.shape[0] for A in As]
-    width = _padded(h + sum(ranks))
-    if (into is not None and tuple(into.shape) == (n, width) and into.dtype == X.dtype
-            and into.data_ptr() == X.data_ptr() and X.stride() == (width, 1)):
-        Xa = into
-    else:
-        Xa = torch.empty(n, width, dtype=X.dtype, device=X.device)
-        Xa[:, :h].copy_(X)
-    Xa[:, h:h + sum(ranks)] = X @ _stacked(As).t()
-    xas, start = [], h
-    for r in ranks:
-        xas.append(Xa[:, start:start + r])
-        start += r
-    return Xa, xas
 
 
 def _forward(X, weight, quant_state, A, B, scale, out_shape=None, xa=None):

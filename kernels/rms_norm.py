@@ -99,7 +99,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
     ``out_shape``: allocate y in that (contiguous) shape instead, so that it is not a view (a later
     in-place op under autograd, e.g. RoPE on Qwen3's normed q/k, is then allowed). ``out``: write y
     there instead (``[rows, n]``, unit column stride, any row stride: the first columns of a
-    widened LoRA input, ``lora.widened_buffer``).
+    widened LoRA input, ``lora_widened.widened_buffer``).
 
     ``add``: a ``[rows, n]`` tensor of x's dtype (unit column stride): the norm is then of
     ``h = x2 + add``, computed in the same launch (a pre-norm block's residual sum, which would

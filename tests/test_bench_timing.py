@@ -97,11 +97,11 @@ def test_gemm_flops_from_recorded_shapes():
 
 def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
     import lora_step
-    from slothnb.kernels import _utils, lora
+    from slothnb.kernels import _utils, lora, lora_widened
 
-    switches = lora_step._switches("slothnb.kernels._utils._RUNTIME=None,slothnb.kernels.lora.DEQUANT_TAIL=0,"
+    switches = lora_step._switches("slothnb.kernels._utils._RUNTIME=None,slothnb.kernels.lora_widened.DEQUANT_TAIL=0,"
                                    "slothnb.kernels.lora.H_CHUNK_BYTES=4096")
-    assert switches == [(_utils, "_RUNTIME", None), (lora, "DEQUANT_TAIL", False), (lora, "H_CHUNK_BYTES", 4096)]
+    assert switches == [(_utils, "_RUNTIME", None), (lora_widened, "DEQUANT_TAIL", False), (lora, "H_CHUNK_BYTES", 4096)]
     assert lora_step._switches("") == []
     with pytest.raises(AttributeError):
         lora_step._switches("slothnb.kernels.lora.NO_SUCH_SETTING=1")

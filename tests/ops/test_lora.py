@@ -201,11 +201,11 @@ def test_nothing_dense_is_kept_between_forward_and_backward():
 def test_adapter_in_gemm_matches_the_two_matmul_form(ranks, monkeypatch):
     """NF4 projections sharing x run as one matmul ``[x | xa_1 ..] @ [W | 0 | s B]^T``
     (``ADAPTER_IN_GEMM``); it gives what ``x W^T + s (x A^T) B^T`` gives, outputs and gradients."""
-    import slothnb.kernels.lora as lora_mod
+    import slothnb.kernels.lora_widened as widened_mod
 
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(lora_mod, "ADAPTER_IN_GEMM", fused)
+        monkeypatch.setattr(widened_mod, "ADAPTER_IN_GEMM", fused)
         (q, _), (k, _), (v, _) = (pair(o, 64, "nf4", torch.float64, r=r, seed=s)
                                   for s, (o, r) in enumerate(zip((64, 32, 32), ranks)))
         (g, _), (u, _), (d, _) = (pair(o, i, "nf4", torch.float64, r=r, seed=s)
@@ -214,7 +214,7 @@ def test_adapter_in_gemm_matches_the_two_matmul_form(ranks, monkeypatch):
         x, _ = make_x("noncontig", 64, torch.float64)
         outs = list(lora_qkv(x, q, k, v)) + [lora_mlp(x, g, u, d)]
         kept = [o.grad_fn.saved_tensors[0].shape[1] for o in (outs[0], outs[3])]  # x, or x beside its x A^T
-        pad = lora_mod._padded
+        pad = widened_mod._padded
         assert kept == ([pad(64 + sum(ranks)), pad(64 + ranks[1] + ranks[2])] if fused else [64, 64])
         gen = torch.Generator().manual_seed(3)
         torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs])
@@ -424,6 +424,7 @@ def test_a_widened_buffer_filled_by_the_norm_gives_the_same_projections_without_
     ``[X | X A^T ..]`` buffer, so ``_widened_input`` copies nothing, and every output and saved value
     is the one the plain path computes."""
     import slothnb.kernels.lora as lora_mod
+    from slothnb.kernels.lora_widened import widened_buffer
     from slothnb.kernels.rms_norm import rms_norm_forward
 
     class Ctx:
@@ -437,7 +438,7 @@ def test_a_widened_buffer_filled_by_the_norm_gives_the_same_projections_without_
     runs = []
     for widened in (False, True):
         torch.set_grad_enabled(False)  # as inside a Function's forward
-        buf = lora_mod.widened_buffer(x, (q, k, v)) if widened else None
+        buf = widened_buffer(x, (q, k, v)) if widened else None
         h, _ = rms_norm_forward(x.reshape(-1, 64), weight, 1e-6, 0.0,
                                 out=None if buf is None else buf[:, :64])
         copies = []
@@ -455,4 +456,4 @@ def test_a_widened_buffer_filled_by_the_norm_gives_the_same_projections_without_
     assert (10, 64) in copies_a and (10, 64) not in copies_b  # X copied into the buffer only without it
     for a, b in zip((*outs_a, *saved_a), (*outs_b, *saved_b)):
         assert torch.equal(a, b)
-    assert lora_mod.widened_buffer(x, (pair(64, 64)[0],)) is None  # a 16-bit base is never widened
+    assert widened_buffer(x, (pair(64, 64)[0],)) is None  # a 16-bit base is never widened

@@ -14,7 +14,7 @@ the fused ops' forward and backward bodies in order (the checkpoint's no-grad fo
 Each op's ``torch.autograd.Function`` is called through its static ``forward`` / ``backward`` with a
 stand-in ``ctx`` (``_Ctx``), so the arithmetic is the Functions' own and the gradients are
 bit-identical to the autograd path (tests compare them). Written out, the RMSNorm ahead of NF4
-projections writes straight into their widened input ``[h | h A^T ...]`` (``lora.widened_buffer``)
+projections writes straight into their widened input ``[h | h A^T ...]`` (``lora_widened.widened_buffer``)
 instead of the projections copying it there. Where SDPA would run its flash kernels they are called
 directly (``sdpa_direct``): the forward carries the attention's output and log-sum-exp to the
 recompute, which then skips the attention forward, and the backward calls the flash backward. Other
@@ -37,7 +37,8 @@ import torch
 from torch.nn.modules import module as _nn_module
 
 from slothnb.kernels._utils import use_triton
-from slothnb.kernels.lora import LoraLinearFunction, LoraMLPFunction, LoraQKVFunction, _adapters, widened_buffer
+from slothnb.kernels.lora import LoraLinearFunction, LoraMLPFunction, LoraQKVFunction, _adapters
+from slothnb.kernels.lora_widened import widened_buffer
 from slothnb.kernels.rms_norm import RMSNormFunction, rms_norm_backward, rms_norm_forward
 from slothnb.kernels.rope import RoPEProjectionsFunction, rope_in_place_ok
 from slothnb.models import checkpointing, lora_fusion
