@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .adapter_casts import _cast, _stacked
-from .lora_widened import _adapter_in_gemm, _adapter_inputs, _forward_shared, _widened_input
+from .lora_widened import _adapter_in_gemm, _adapter_inputs, _forward_shared, _widened_input, backward_bases, keeps
 from .nf4 import dequantize_nf4
 from ..errors import ConfigError
 from .lora_activations import ACTIVATIONS, gated_backward, gated_forward
@@ -110,13 +110,13 @@ def _forward(X, weight, quant_state, A, B, scale, out_shape=None, xa=None):
     return xa, y
 
 
-def _add_base(out, dY, weight, quant_state, beta, transpose=True):
+def _add_base(out, dY, weight, quant_state, beta, transpose=True, W=None):
     """``out = beta * out + dY W^T`` (or ``dY W`` with ``transpose=False``): the frozen base's matmul
     accumulating onto a low-rank term already in ``out``, in one GEMM. Holding out's adapter term
     first and letting the base matmul add itself (``beta`` in its epilogue) saves the separate
     ``out.addmm_(xa, B^T)`` pass over the whole output: for the 8B gate and up projections at 4,096
-    tokens that is ~0.5 GB of traffic a call."""
-    W = _base(weight, quant_state, dY.dtype)
+    tokens that is ~0.5 GB of traffic a call. ``W``: the dense base when the caller has it."""
+    W = _base(weight, quant_state, dY.dtype) if W is None else W
     out.addmm_(dY, W.t() if transpose else W, beta=beta)
 
 
@@ -169,7 +169,7 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True):
+def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened=False):
     """(dX, [(dA_j, dB_j)]) of LoRA projections sharing the input X (one projection, or q/k/v, or
     gate/up): ``parts`` = [(W, quant_state, scale, A, B)] with A, B in dY's dtype, ``dtypes`` = [(A dtype,
     B dtype)] of the parameters, in which their gradients come back.
@@ -178,6 +178,8 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True):
     terms of all projections come from one matmul each: ``dA = [dY_j B_j]^T X`` (split into row views)
     and ``dX += [dY_j B_j] [A_j]``, four launches fewer for q/k/v and two for gate/up than one by one;
     the A's are one view when packed (``_stacked``). ``dYs`` entries are dropped as they are used.
+    ``widened``: the forward ran them widened (``lora_widened``); ``kept``: its dequantised W of each
+    projection (``lora_widened.KEEP``).
     """
     n, dt = X.shape[0], X.dtype
     ranks = [p[3].shape[0] for p in parts]
@@ -197,9 +199,10 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True):
     dX = None
     if need_dx:  # the adapter terms first, then each base matmul adds itself onto them (``_add_base``)
         dX = dyb_t.t() @ _stacked([p[3] for p in parts])
+        bases = backward_bases(X, parts, kept) if widened else [None] * len(parts)
         for j, (weight, quant_state, *_rest) in enumerate(parts):
-            _add_base(dX, dYs[j], weight, quant_state, common if j == 0 else 1.0, transpose=False)
-            dYs[j] = None
+            _add_base(dX, dYs[j], weight, quant_state, common if j == 0 else 1.0, transpose=False, W=bases[j])
+            dYs[j] = bases[j] = None
     dYs.clear()
     grads, start = [], 0
     for r, dB, (ta, _) in zip(ranks, dBs, dtypes):
@@ -263,8 +266,11 @@ class LoraQKVFunction(torch.autograd.Function):
         X = _rows(x, dt)
         parts = _prepared(dt, bundles, AB)
         shapes = [(*x.shape[:-1], p[4].shape[0]) for p in parts]
+        ctx.kept = None
         if _adapter_in_gemm(parts):
-            Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes, getattr(ctx, "widened", None))
+            ctx.kept = [] if getattr(ctx, "keep_bases", False) and keeps(X) else None
+            Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes, getattr(ctx, "widened", None),
+                                            ctx.kept)
             X, saved = Xa, [Xa]  # X itself is Xa[:, :in]
         else:
             xas, outs, saved = _adapter_inputs(X, [p[3] for p in parts]), [], [X]
@@ -287,8 +293,9 @@ class LoraQKVFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         dX, grads = None, []
         parts = [(w, qs, sc, rest[3 * i + 1], rest[3 * i + 2]) for i, (w, qs, sc, _) in enumerate(ctx.bases)]
+        kept, ctx.kept = ctx.kept, None
         dX, pairs = _backward([_rows(dy, X.dtype) for dy in dys], X, rest[0::3], parts, [b[3] for b in ctx.bases],
-                              need_dx=need_dx)
+                              need_dx=need_dx, kept=kept, widened=True)
         grads = [g for pair in pairs for g in pair]
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
         return (dx, None, *grads)
@@ -302,6 +309,7 @@ class LoraMLPFunction(torch.autograd.Function):
         (Wg, qg, sg, Ag, Bg, tg), (Wu, qu, su, Au, Bu, tu), (Wd, qd, sd, Ad, Bd, td) = _prepared(dt, bundles, AB)
         gate_up = [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)]
         given, keep = gate_up_io
+        ctx.kept = None
         shared = _adapter_in_gemm(gate_up)
         if given is not None:  # G and U are known (a recompute handed the forward's): only the adapter inputs
             G, U = given
@@ -311,8 +319,9 @@ class LoraMLPFunction(torch.autograd.Function):
                 xa_g, xa_u = _adapter_inputs(X, [Ag, Au])
         elif shared:
             n = X.shape[0]
+            ctx.kept = [] if getattr(ctx, "keep_bases", False) and keeps(X) else None
             X, (xa_g, xa_u), (G, U) = _forward_shared(X, gate_up, [(n, Bg.shape[0]), (n, Bu.shape[0])],
-                                                      getattr(ctx, "widened", None))
+                                                      getattr(ctx, "widened", None), ctx.kept)
         else:
             xa_g, xa_u = _adapter_inputs(X, [Ag, Au])
             G = _forward(X, Wg, qg, Ag, Bg, sg, xa=xa_g)[1]
@@ -360,8 +369,10 @@ class LoraMLPFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         dYs = [dG, dU]
         del dG, dU  # _backward drops each as it is used
+        kept, ctx.kept = ctx.kept, None
         dX, ((dA_g, dB_g), (dA_u, dB_u)) = _backward(
-            dYs, X, [xa_g, xa_u], [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)], [tg, tu], need_dx=need_dx)
+            dYs, X, [xa_g, xa_u], [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)], [tg, tu], need_dx=need_dx, kept=kept,
+            widened=True)
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
         return (dx, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 

@@ -25,8 +25,40 @@ DEQUANT_TAIL = os.environ.get("SLOTHNB_DEQUANT_TAIL", "1") != "0"
 _ALIGN = 8  # row strides padded to 16 bytes of bf16, so cuBLAS keeps its fast kernels
 
 
+# SLOTHNB_KEEP_DEQUANTIZED: a recompute's widened weights kept for the backward that follows it, which
+# then reads W from them (``backward_base``) instead of dequantising it again: 3 launches a Llama layer for
+# q/k/v (+50 MB while the layer's backward runs, 8B shapes), 2 more for gate/up with ``KEEP_GATE_UP``
+# (+235 MB). With it on, every widened projection's backward reads W in the forward's padded row layout,
+# kept or dequantised afresh, so that both give the same matmul and the same bits. "cpu" (default): only
+# where the tests check it (the interpreter); "1" on CUDA too (not yet run there); "0" nowhere.
+KEEP = os.environ.get("SLOTHNB_KEEP_DEQUANTIZED", "cpu")
+KEEP_GATE_UP = os.environ.get("SLOTHNB_KEEP_GATE_UP", "0") == "1"
+
+
+def keeps(X) -> bool:
+    """Whether ``KEEP`` is on for tensors like X (``--ab-switch`` may set it to the int 0 or 1)."""
+    mode = str(KEEP)
+    return mode == "1" or (mode == "cpu" and not X.is_cuda)
+
+
 def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
+
+
+def backward_bases(X, parts, kept=None):
+    """W ``[out, in]`` of each widened projection ``parts`` (sharing X) for its backward's ``dY W``, or
+    None each where the caller dequantises as before (``KEEP`` off): the forward's kept widened weight's
+    first columns, or a fresh dequantisation into the same padded row layout."""
+    if kept is not None:
+        return kept
+    if not (keeps(X) and _adapter_in_gemm(parts)):
+        return [None] * len(parts)
+    h, start, out = X.shape[1], X.shape[1], []
+    for weight, quant_state, _scale, A, B in (p[:5] for p in parts):
+        start += A.shape[0]
+        W = torch.empty(B.shape[0], _padded(start), dtype=X.dtype, device=X.device)[:, :h]
+        out.append(dequantize_nf4(weight, quant_state, X.dtype, out=W))
+    return out
 
 
 def _adapter_in_gemm(parts) -> bool:
@@ -35,13 +67,14 @@ def _adapter_in_gemm(parts) -> bool:
         qs is not None and qs.shape[1] % int(qs.blocksize) == 0 for _, qs, *_ in parts)
 
 
-def _forward_shared(X, parts, out_shapes, into=None):
+def _forward_shared(X, parts, out_shapes, into=None, keep=None):
     """(Xa, [x A_j^T views], [y_j]) of projections ``parts`` = [(W, quant_state, scale, A, B)] sharing X.
 
     ``Xa = [X | x A_1^T | ... | x A_k^T]`` is what the backward keeps (X and each ``x A_j^T`` are views
     of it: no more memory than keeping them apart). Projection j reads the first ``H + r_1 + .. + r_j``
     columns against ``[W_j | 0 | s_j B_j]``, so its output is one matmul with fp32 accumulation of the
-    base and adapter terms together.
+    base and adapter terms together. ``keep``: a list that receives each dequantised W ``[out, H]``
+    (a view of its widened buffer) for the backward, instead of dropping it.
     """
     h = X.shape[1]
     Xa, xas = _widened_input(X, [p[3] for p in parts], into)
@@ -56,6 +89,8 @@ def _forward_shared(X, parts, out_shapes, into=None):
             _write_tail_torch(dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h]), tail)
         y = torch.empty(shape, dtype=X.dtype, device=X.device)
         torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
+        if keep is not None:
+            keep.append(W[:, :h])
         del W
         ys.append(y)
         start = width

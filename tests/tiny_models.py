@@ -187,9 +187,10 @@ def describe(arch: str) -> str:
     return json.dumps({"arch": arch, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size})
 
 
-def nf4_llama(path, fresh: bool = True, **config):
+def nf4_llama(path, fresh: bool = True, device=0, **config):
     """A random-initialised bf16 Llama of ``config`` saved at ``path`` (when ``fresh``), loaded back
-    NF4-quantised on GPU 0 as QLoRA loads it (double quantisation, bf16 compute). GPU tests only."""
+    NF4-quantised on ``device`` (GPU 0; bitsandbytes also quantises on the CPU) as QLoRA loads it
+    (double quantisation, bf16 compute)."""
     import transformers
 
     if fresh:
@@ -199,4 +200,4 @@ def nf4_llama(path, fresh: bool = True, **config):
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                             device_map={"": 0})
+                                                             device_map={"": device})

@@ -7,6 +7,7 @@ import torch
 from checkpoint_checks import checkpointed_lora_model as _lora_model
 from checkpoint_checks import spy as _spy
 from slothnb.kernels import lora as lora_kernels
+from slothnb.kernels import lora_widened
 from slothnb.models import checkpointing, host_offload
 from slothnb.models.arch import llama_layer, sdpa_direct
 from slothnb.models.patching import unpatch_model
@@ -246,27 +247,56 @@ def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, 
     _same(ref, got)
 
 
-@pytest.mark.gpu
-def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatch, runs):
-    """NF4 bases (the widened q/k/v and gate/up matmuls), bf16 autocast, a padded batch."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("bitsandbytes")
+def _qlora_model(tmp_path, device, **config):
     from peft import LoraConfig, get_peft_model
 
     from slothnb.models.checkpointing import apply_gradient_checkpointing
     from slothnb.models.patching import patch_model
     from tiny_models import nf4_llama
 
-    monkeypatch.setattr(sdpa_direct, "CUDA", True)  # not yet the defaults on CUDA
-    monkeypatch.setattr(llama_layer, "_RESIDUAL_ADD", "1")
-    model = nf4_llama(tmp_path, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
-                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=512)
+    model = nf4_llama(tmp_path, device=device, **config)
     patch_model(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              init_lora_weights=False))
     apply_gradient_checkpointing(model, "slothnb")
     model.train()
+    return model
+
+
+def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, flash_forwards):
+    """NF4 bases through bitsandbytes' CPU quantisation and the interpreted kernels: the widened q/k/v
+    and gate/up matmuls, the norm writing their input, the recompute's dequantised weights kept for the
+    backward, the attention state carried, h = x + o in the norm; bit for bit the autograd path's."""
+    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(lora_widened, "KEEP_GATE_UP", True)
+    kept, real = [], lora_kernels._backward
+
+    def spy(*a, **kw):
+        kept.append(kw.get("kept") is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lora_kernels, "_backward", spy)
+    model = _qlora_model(tmp_path, "cpu", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=3, vocab_size=128)
+    ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True)
+    assert written == 2 and flash_forwards == ["forward"] * 2
+    # written out, each recompute kept q/k/v and (with G, U not carried in one layer of two) gate/up
+    assert kept.count(True) == 2 + 1
+    _same(ref, got)
+
+
+@pytest.mark.gpu
+def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatch, runs):
+    """NF4 bases (the widened q/k/v and gate/up matmuls), bf16 autocast, a padded batch."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(sdpa_direct, "CUDA", True)  # not yet the defaults on CUDA
+    monkeypatch.setattr(llama_layer, "_RESIDUAL_ADD", "1")
+    monkeypatch.setattr(lora_widened, "KEEP", "1")
+    monkeypatch.setattr(lora_widened, "KEEP_GATE_UP", True)
+    model = _qlora_model(tmp_path, 0, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                         num_key_value_heads=2, num_hidden_layers=3, vocab_size=512)
     for padded in (True, False):  # a padding mask keeps SDPA; none: its fused kernels called directly
         ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True, padded=padded, device="cuda", seq=256)
         assert written == 2

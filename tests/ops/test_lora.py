@@ -457,3 +457,74 @@ def test_a_widened_buffer_filled_by_the_norm_gives_the_same_projections_without_
     for a, b in zip((*outs_a, *saved_a), (*outs_b, *saved_b)):
         assert torch.equal(a, b)
     assert widened_buffer(x, (pair(64, 64)[0],)) is None  # a 16-bit base is never widened
+
+
+class _StandInCtx:
+    """An autograd ctx for calling a Function's forward and backward directly (as arch.llama_layer does)."""
+
+    def __init__(self, keep):
+        self.needs_input_grad = (True,) + (False,) * 4 + (True,) * 6
+        self.keep_bases = keep
+
+    def save_for_backward(self, *t):
+        self.saved_tensors = t
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("part", ["qkv", "mlp"])
+def test_a_recompute_keeps_its_dequantised_weights_for_the_backward(part, device, monkeypatch):
+    """``ctx.keep_bases`` (a recompute whose backward follows at once, ``lora_widened.KEEP``): the
+    backward reads W from the forward's widened buffers instead of dequantising q/k/v (or gate/up)
+    again, and its gradients are the autograd path's bit for bit (both read W in the padded layout)."""
+    import slothnb.kernels.lora as lora_mod
+    import slothnb.kernels.lora_widened as widened_mod
+    from slothnb.kernels.lora import LoraMLPFunction, LoraQKVFunction, _adapters
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        monkeypatch.setattr(widened_mod, "KEEP", "1")  # not yet the default on CUDA
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    shapes = ((64, 64), (32, 64), (32, 64)) if part == "qkv" else ((128, 64), (128, 64), (64, 128))
+    ps = [pair(o, i, "nf4", dt, r=r, seed=s, device=device)[0] for s, ((o, i), r) in enumerate(zip(shapes, (8, 5, 16)))]
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3)).to(device, dt)
+    out_f = [p.out_features for p in ps] if part == "qkv" else [64]
+    dys = [torch.randn(2, 5, o, generator=torch.Generator().manual_seed(4 + j)).to(device, dt)
+           for j, o in enumerate(out_f)]
+    leaves = [x] + [t for p in ps for t in (p.A, p.B)]
+
+    xr = x.clone().requires_grad_()
+    outs = lora_qkv(xr, *ps) if part == "qkv" else [lora_mlp(xr, *ps)]
+    ref = torch.autograd.grad(outs, [xr] + leaves[1:], dys)
+
+    calls = []
+    real = widened_mod.dequantize_nf4
+    counting = lambda *a, **kw: calls.append(kw.get("tail") is not None) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(widened_mod, "dequantize_nf4", counting)
+    monkeypatch.setattr(lora_mod, "dequantize_nf4", counting)
+    for keep in (True, False):
+        tensors, bundles = _adapters(ps)
+        ctx = _StandInCtx(keep)
+        with torch.no_grad():
+            if part == "qkv":
+                LoraQKVFunction.forward(ctx, x, bundles, *tensors)
+            else:
+                LoraMLPFunction.forward(ctx, x, "swiglu", True, (None, None), bundles, *tensors)
+            assert (ctx.kept is not None) == keep
+            calls.clear()
+            got = (LoraQKVFunction.backward(ctx, *dys) if part == "qkv" else LoraMLPFunction.backward(ctx, dys[0]))
+        got = [g for g in got if isinstance(g, torch.Tensor)]
+        # the backward's dequantisations: down's W for the MLP, and q/k/v or gate/up unless kept
+        assert len(calls) == (0 if part == "qkv" else 1) + (0 if keep else (3 if part == "qkv" else 2))
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+    monkeypatch.setattr(widened_mod, "KEEP", 0)  # off (as --ab-switch sets it): nothing kept
+    ctx = _StandInCtx(True)
+    tensors, bundles = _adapters(ps)
+    with torch.no_grad():
+        if part == "qkv":
+            LoraQKVFunction.forward(ctx, x, bundles, *tensors)
+        else:
+            LoraMLPFunction.forward(ctx, x, "swiglu", True, (None, None), bundles, *tensors)
+    assert ctx.kept is None

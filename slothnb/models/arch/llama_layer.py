@@ -38,6 +38,7 @@ from torch.nn.modules import module as _nn_module
 
 from slothnb.kernels._utils import use_triton
 from slothnb.kernels.lora import LoraLinearFunction, LoraMLPFunction, LoraQKVFunction, _adapters
+from slothnb.kernels import lora_widened
 from slothnb.kernels.lora_widened import widened_buffer
 from slothnb.kernels.rms_norm import RMSNormFunction, rms_norm_backward, rms_norm_forward
 from slothnb.kernels.rope import RoPEProjectionsFunction, rope_in_place_ok
@@ -222,6 +223,7 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     qkv_tensors, qkv_bundles = _adapters(qkv_w)
     st.qkv = _Ctx(x_needs_grad)
     st.qkv.widened = widened
+    st.qkv.keep_bases = recompute  # its dequantised W kept for the backward that follows (lora_widened.KEEP)
     projected = LoraQKVFunction.forward(st.qkv, h1, qkv_bundles, *qkv_tensors)
     st.qkv.widened = widened = None
     if not recompute:  # a forward keeps nothing for a backward (as the Functions' apply without grad)
@@ -289,6 +291,7 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     mlp_tensors, mlp_bundles = _adapters(mlp_w)
     st.mlp = _Ctx(True)
     st.mlp.widened = widened
+    st.mlp.keep_bases = recompute and lora_widened.KEEP_GATE_UP
     # a recompute's MLP output is never read (benchmarks may switch the skip off)
     output_needed = not recompute or not common.RECOMPUTE_SKIP
     m = LoraMLPFunction.forward(st.mlp, h2, activation, output_needed, (gate_up, keep), mlp_bundles, *mlp_tensors)
