@@ -143,6 +143,11 @@ def carried_attention_output(x: torch.Tensor) -> torch.Tensor | None:
     return carried("o_proj") if CARRY and _worth_carrying(x) else None
 
 
+def carries_attention_state(like: torch.Tensor) -> bool:
+    """Whether a forward recording now carries an attention state of ``like``'s size (q's)."""
+    return CARRY_SDPA and getattr(_CARRY, "record", None) is not None and _worth_carrying(like)
+
+
 def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
     """The attention's output ``out`` (``[b, heads, s, d]``), its log-sum-exp and the rest its fused
     backward takes (``arch.sdpa_direct``), carried when ``CARRY_SDPA`` is on: the recompute then skips

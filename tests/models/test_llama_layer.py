@@ -89,9 +89,9 @@ def flash_forwards(monkeypatch):
     """Calls of the direct flash forward: ``["forward" | "recompute", ...]``."""
     calls, real = [], sdpa_direct.forward
 
-    def spy(*a):
+    def spy(*a, **kw):
         calls.append("recompute" if checkpointing.recomputing() else "forward")
-        return real(*a)
+        return real(*a, **kw)
 
     monkeypatch.setattr(sdpa_direct, "forward", spy)
     return calls

@@ -247,8 +247,9 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
         del direct
         kept = checkpointing.carried_attention_state(q4) if recompute else None
         if kept is None:
-            a4, lse, rest = sdpa_direct.forward(flash, q4, k4, v4)
-            if not recompute:
+            carry = not recompute and checkpointing.carries_attention_state(q4)
+            a4, lse, rest = sdpa_direct.forward(flash, q4, k4, v4, lse_needed=recompute or carry)
+            if carry:
                 checkpointing.carry_attention_state(a4, lse, rest)
         else:
             a4, lse, rest = kept

@@ -70,12 +70,14 @@ def prepare(attn, q, k, v, mask, requires_grad: bool):
     return Fused(backend, is_causal, attn.scaling, dtypes), q, k, v
 
 
-def forward(f: Fused, q, k, v):
+def forward(f: Fused, q, k, v, lse_needed: bool = True):
     """(out, logsumexp, rest): out ``[b, heads, s, d]`` as SDPA returns it; ``rest`` is what else the
-    CUDA backward takes (sequence bounds, RNG state), None on the CPU."""
+    CUDA backward takes (sequence bounds, RNG state), None on the CPU. ``lse_needed=False``: a forward
+    whose log-sum-exp nobody reads; cuDNN is then asked for none, as SDPA asks without grad (flash
+    always computes it)."""
     if f.backend == "cudnn":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = _ops._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, f.is_causal, False, scale=f.scale)
+            q, k, v, None, lse_needed, 0.0, f.is_causal, False, scale=f.scale)
         return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
     if q.is_cuda:
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = _ops._scaled_dot_product_flash_attention(
