@@ -29,6 +29,9 @@ def main(paths):
                   f"max {max(timed) * 1e3:6.1f} | peak {r['peak_alloc_gib']} GiB | losses {r['losses'][:3]} | "
                   f"host queued median {statistics.median(queued) * 1e3 if queued else float('nan'):6.1f} ms"
                   + (f" | GC ms total {sum(gc):.0f}, max {max(gc):.0f}" if gc else ""))
+            for row in r.get("ab_variants") or []:  # --ab-switch: each variant beside the defaults
+                print(f"    {row['tok_s']:>9} tok/s  host {row['host_ms']:6.1f} ms  peak {row['peak_alloc_gib']} GiB"
+                      f"  ({row['steps']} steps)  {row['switch']}")
 
 
 if __name__ == "__main__":

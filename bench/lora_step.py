@@ -176,6 +176,37 @@ def _switches(spec):
     return out
 
 
+def _variants(spec):
+    """``--ab-switch`` "A;B;..": one list of (module, attribute, value) per variant (``_switches``)."""
+    return [_switches(part) for part in (spec or "").split(";") if part]
+
+
+def variant_of_step(i, warmup, k):
+    """Which of ``k`` variants step ``i`` runs (None: the defaults): they take turns with the defaults,
+    step by step, so every variant sees the same host drift; the warm-up steps take turns too (a
+    variant's first step would otherwise pin its host buffers and compile its kernels while timed)."""
+    if k == 0:
+        return None
+    slot = (i - warmup) % (k + 1)
+    return None if slot == 0 else slot - 1
+
+
+def ab_slots(spec, times, queued, peaks, tokens, k):
+    """Per slot (the defaults, then each variant of ``spec``): median tok/s and host ms of its timed
+    steps, their count, and the largest per-step peak of allocated memory (GiB)."""
+    names = ["defaults"] + [part for part in spec.split(";") if part]
+    out = []
+    for slot, name in enumerate(names):
+        idx = [j for j in range(len(times)) if (j % (k + 1)) == slot]
+        if not idx:
+            continue
+        out.append({"switch": name, "steps": len(idx),
+                    "tok_s": round(tokens / statistics.median([times[j] for j in idx]), 1),
+                    "host_ms": round(statistics.median([queued[j] for j in idx]) * 1e3, 1),
+                    "peak_alloc_gib": round(max(peaks[j] for j in idx) / 2**30, 3)})
+    return out
+
+
 def ab_halves(switch, times, queued, tokens):
     """``--ab-switch``'s record: median tok/s and host ms of the timed steps run with the defaults (the
     even ones) and with the switch (the odd ones)."""
@@ -228,11 +259,14 @@ def run(args, rec):
     from slothnb.models import host_offload
 
     times, queued, losses, peaks, reserved, counts = [], [], [], [], [], []
-    switches = _switches(args.ab_switch)
-    defaults = [getattr(m, attr) for m, attr, _ in switches]
+    variants = _variants(args.ab_switch)
+    defaults = {(m, attr): getattr(m, attr) for v in variants for m, attr, _ in v}
     for i in range(n):
-        for (m, attr, value), d in zip(switches, defaults):  # --ab-switch: on in every other timed step
-            setattr(m, attr, value if i >= args.warmup and (i - args.warmup) % 2 else d)
+        for (m, attr), d in defaults.items():  # --ab-switch: each variant in turn with the defaults
+            setattr(m, attr, d)
+        active = variant_of_step(i, args.warmup, len(variants))
+        for m, attr, value in (variants[active] if active is not None else ()):
+            setattr(m, attr, value)
         x = data[i].cuda()
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -248,12 +282,17 @@ def run(args, rec):
         torch.cuda.reset_peak_memory_stats()
         counts.append(dict(host_offload.COUNTS))  # what each step offloaded, carried and pinned
         host_offload.COUNTS.clear()
-    for (m, attr, _), d in zip(switches, defaults):
+    for (m, attr), d in defaults.items():
         setattr(m, attr, d)
     timed = times[args.warmup:]
-    if switches:  # the step's default and switched halves, interleaved step by step (same host drift)
+    if len(variants) == 1:  # the step's default and switched halves, interleaved step by step (same host drift)
         rec["ab"] = ab_halves(args.ab_switch, timed, queued[args.warmup:], args.batch * args.seq)
         print("AB", json.dumps(rec["ab"]), flush=True)
+    if variants:
+        rec["ab_variants"] = ab_slots(args.ab_switch, timed, queued[args.warmup:], peaks[args.warmup:],
+                                      args.batch * args.seq, len(variants))
+        for row in rec["ab_variants"]:
+            print("AB", json.dumps(row), flush=True)
     med = statistics.median(timed)
     tokens = args.batch * args.seq
     rec.update(first_step_s=round(times[0], 3), step_s_median=round(med, 4),
@@ -297,7 +336,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--ab-switch", default="",
                     help="module.ATTR=value[,...] set in every other timed step (the rest run the defaults): a "
-                         "same-process A/B whose halves see the same host; results in the record's 'ab'")
+                         "same-process A/B whose halves see the same host; results in the record's 'ab'. "
+                         "Several variants, 'A;B;..', take turns with the defaults (defaults, A, B, defaults, "
+                         "..): per variant tok/s, host ms and peak in 'ab_variants'")
     args = ap.parse_args(argv)
     if args.grad_ckpt in ("true", "false"):
         args.grad_ckpt = args.grad_ckpt == "true"

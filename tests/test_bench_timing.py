@@ -111,6 +111,20 @@ def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
                   "default_host_ms": 50.0, "switched_host_ms": 80.0}
 
 
+def test_lora_step_ab_variants_take_turns_with_the_defaults():
+    import lora_step
+
+    # 2 warm-up steps, then defaults, A, B, defaults, ...; the warm-up steps take turns as well
+    assert [lora_step.variant_of_step(i, 2, 2) for i in range(8)] == [0, 1, None, 0, 1, None, 0, 1]
+    assert [lora_step.variant_of_step(i, 3, 1) for i in range(7)] == [0, None, 0, None, 0, None, 0]
+    assert lora_step.variant_of_step(5, 3, 0) is None
+    assert len(lora_step._variants("slothnb.kernels.lora.H_CHUNK_BYTES=1;slothnb.kernels.lora.H_CHUNK_BYTES=2")) == 2
+    times = [0.1, 0.2, 0.4, 0.1, 0.2, 0.4]  # defaults, A, B, defaults, A, B
+    rows = lora_step.ab_slots("A;B", times, [t / 2 for t in times], [1 << 30, 2 << 30, 3 << 30] * 2, 1000, 2)
+    assert [(r["switch"], r["tok_s"], r["host_ms"], r["peak_alloc_gib"], r["steps"]) for r in rows] == [
+        ("defaults", 10000.0, 50.0, 1.0, 2), ("A", 5000.0, 100.0, 2.0, 2), ("B", 2500.0, 200.0, 3.0, 2)]
+
+
 def test_host_costs_times_the_same_gradient_both_ways(capsys, monkeypatch):
     import host_costs
 
