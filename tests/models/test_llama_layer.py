@@ -84,17 +84,23 @@ def test_written_out_backward_matches_autograd_bit_for_bit(arch, monkeypatch, ru
     _same(ref, got)
 
 
-@pytest.fixture
-def flash_forwards(monkeypatch):
-    """Calls of the direct flash forward: ``["forward" | "recompute", ...]``."""
-    calls, real = [], sdpa_direct.forward
+def _recording(monkeypatch, owner, name, note):
+    """Wrap ``owner.name`` so that each call appends ``note(args, kwargs)`` to the list returned."""
+    notes, real = [], getattr(owner, name)
 
     def spy(*a, **kw):
-        calls.append("recompute" if checkpointing.recomputing() else "forward")
+        notes.append(note(a, kw))
         return real(*a, **kw)
 
-    monkeypatch.setattr(sdpa_direct, "forward", spy)
-    return calls
+    monkeypatch.setattr(owner, name, spy)
+    return notes
+
+
+@pytest.fixture
+def flash_forwards(monkeypatch):
+    """Calls of the direct fused-attention forward: ``["forward" | "recompute", ...]``."""
+    return _recording(monkeypatch, sdpa_direct, "forward",
+                      lambda a, kw: "recompute" if checkpointing.recomputing() else "forward")
 
 
 @pytest.mark.parametrize("carry", [True, False])
@@ -112,13 +118,7 @@ def test_recompute_skips_the_attention_forward_it_was_handed(carry, monkeypatch,
 @pytest.mark.parametrize("fused", ["cpu", "0"])
 def test_the_second_norm_computes_the_residual_sum(fused, monkeypatch, runs):
     monkeypatch.setattr(llama_layer, "_RESIDUAL_ADD", fused)
-    adds, real = [], llama_layer.rms_norm_forward
-
-    def spy(*a, **kw):
-        adds.append(kw.get("add") is not None)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(llama_layer, "rms_norm_forward", spy)
+    adds = _recording(monkeypatch, llama_layer, "rms_norm_forward", lambda a, kw: kw.get("add") is not None)
     model = _lora_model("qwen2", layers=3).to(torch.bfloat16)
     ref, got, written = _both_ways(model, monkeypatch, runs)
     assert written == 2 and adds.count(True) == (4 if fused == "cpu" else 0)  # 2 layers, forward + recompute
@@ -269,13 +269,7 @@ def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, 
     backward, the attention state carried, h = x + o in the norm; bit for bit the autograd path's."""
     monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
     monkeypatch.setattr(lora_widened, "KEEP_GATE_UP", True)
-    kept, real = [], lora_kernels._backward
-
-    def spy(*a, **kw):
-        kept.append(kw.get("kept") is not None)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(lora_kernels, "_backward", spy)
+    kept = _recording(monkeypatch, lora_kernels, "_backward", lambda a, kw: kw.get("kept") is not None)
     model = _qlora_model(tmp_path, "cpu", hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, num_hidden_layers=3, vocab_size=128)
     ref, got, written = _both_ways(model, monkeypatch, runs, autocast=True)
