@@ -15,9 +15,9 @@ Each op's ``torch.autograd.Function`` is called through its static ``forward`` /
 stand-in ``ctx`` (``_Ctx``), so the arithmetic is the Functions' own and the gradients are
 bit-identical to the autograd path (tests compare them). Written out, the RMSNorm ahead of NF4
 projections writes straight into their widened input ``[h | h A^T ...]`` (``lora_widened.widened_buffer``)
-instead of the projections copying it there. Where SDPA would run its flash kernels they are called
-directly (``sdpa_direct``): the forward carries the attention's output and log-sum-exp to the
-recompute, which then skips the attention forward, and the backward calls the flash backward. Other
+instead of the projections copying it there. Where SDPA would run its flash or cuDNN kernels they are
+called directly (``sdpa_direct``): the forward carries the attention's output and log-sum-exp to the
+recompute, which then skips the attention forward, and the backward calls the fused backward. Other
 backends stay a one-node autograd graph (``torch.autograd.grad`` over SDPA). The adapters' gradients
 are accumulated into ``.grad`` as autograd's AccumulateGrad does.
 
@@ -204,7 +204,8 @@ def _norm(norm, x, into_weights, ctx, add=None):
 
 
 class _State:
-    """What the recompute leaves its backward: each op's ctx, the attention's one-node graph, dtypes."""
+    """What the recompute leaves its backward: each op's ctx, the attention's inputs and output (with
+    its log-sum-exp, or as a one-node graph), dtypes."""
 
     __slots__ = ("norm1", "qkv", "rope", "sdpa", "q4", "k4", "v4", "a4", "o", "norm2", "mlp", "dtypes", "x_needs_grad")
 
@@ -243,19 +244,19 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     direct = sdpa_direct.prepare(attn, q4, k4, v4, mask, requires_grad=recompute)
     st.sdpa = None
     if direct is not None:  # SDPA's own fused kernels, called directly: out and lse can be carried
-        flash, q4, k4, v4 = direct
+        fused, q4, k4, v4 = direct
         del direct
         kept = checkpointing.carried_attention_state(q4) if recompute else None
         if kept is None:
             carry = not recompute and checkpointing.carries_attention_state(q4)
-            a4, lse, rest = sdpa_direct.forward(flash, q4, k4, v4, lse_needed=recompute or carry)
+            a4, lse, rest = sdpa_direct.forward(fused, q4, k4, v4, lse_needed=recompute or carry)
             if carry:
                 checkpointing.carry_attention_state(a4, lse, rest)
         else:
             a4, lse, rest = kept
         a = a4.transpose(1, 2).reshape(b, s, -1)  # a view for CUDA flash ([b, s, heads, d]), else a copy
         if recompute:
-            st.sdpa = (flash, q4, k4, v4, a4, lse, rest)
+            st.sdpa = (fused, q4, k4, v4, a4, lse, rest)
         del a4, lse, rest
     elif recompute:
         with torch.enable_grad():
@@ -323,9 +324,9 @@ def _backward(plan, st, x, dy):
     _accumulate([o_w], (dA_o, dB_o))
     da4 = da.view(b, s, -1, hd).transpose(1, 2)
     if st.sdpa is not None:
-        flash, q4, k4, v4, a4, lse, rest = st.sdpa
+        fused, q4, k4, v4, a4, lse, rest = st.sdpa
         st.sdpa = None
-        dq4, dk4, dv4 = sdpa_direct.backward(flash, da4, q4, k4, v4, a4, lse, rest)
+        dq4, dk4, dv4 = sdpa_direct.backward(fused, da4, q4, k4, v4, a4, lse, rest)
         del q4, k4, v4, a4, lse, rest
     else:
         dq4, dk4, dv4 = torch.autograd.grad(st.a4, (st.q4, st.k4, st.v4), da4)
