@@ -2,6 +2,7 @@
 bench/kernels_elementwise.py at tiny shapes (slothnb rows on Triton's interpreter)."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +124,24 @@ def test_lora_step_ab_variants_take_turns_with_the_defaults():
     rows = lora_step.ab_slots("A;B", times, [t / 2 for t in times], [1 << 30, 2 << 30, 3 << 30] * 2, 1000, 2)
     assert [(r["switch"], r["tok_s"], r["host_ms"], r["peak_alloc_gib"], r["steps"]) for r in rows] == [
         ("defaults", 10000.0, 50.0, 1.0, 2), ("A", 5000.0, 100.0, 2.0, 2), ("B", 2500.0, 200.0, 3.0, 2)]
+
+
+def test_ab_levers_names_settings_that_exist():
+    """bench/ab_levers.sh's variants resolve here (a misspelt name would cost a GPU call to find)."""
+    import re
+    import subprocess
+
+    import lora_step
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "ab_levers.sh"
+    text = script.read_text()
+    lines = re.search(r"^SDPA=.*?^VARIANTS=[^\n]*", text, re.M | re.S).group(0)  # the assignments only
+    variants = subprocess.run(["bash", "-c", lines + '\necho "$VARIANTS"'], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    parsed = lora_step._variants(variants)
+    assert len(parsed) == 6 and all(parsed)
+    names = {f"{m.__name__}.{attr}" for v in parsed for m, attr, _ in v}
+    assert "slothnb.models.arch.sdpa_direct.CUDA" in names and "slothnb.kernels.lora_widened.KEEP" in names
 
 
 def test_host_costs_times_the_same_gradient_both_ways(capsys, monkeypatch):

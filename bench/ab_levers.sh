@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Session 17's levers on the GPU machine in one call: their GPU tests, then every lever beside the
+# defaults in one process per case (bench/lora_step.py --ab-switch "A;B;..": the variants take turns
+# with the defaults step by step; per-variant tok/s, host ms and peak in the record's ab_variants).
+#
+#   bash bench/run_gpu.sh info model:8b      # wheels into /tmp/site, the 8B checkpoint
+#   bash bench/ab_levers.sh [CASE...]         # CASE as in run_gpu.sh; default 8B QLoRA at 2048 and 4096
+#
+# Env: STEPS (timed steps, default 49: 7 each for the defaults and 6 variants), TESTS_TIMEOUT (180 s),
+# SKIP_TESTS=1.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export OUT="${OUT:-$PWD/bench-out}"
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout -k 5 "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/models/test_sdpa_direct.py tests/models/test_llama_layer.py tests/ops/test_lora.py \
+    tests/ops/test_rms_norm.py tests/models/test_carry.py 2>&1 | tee "$OUT/levers-tests.log" | tail -8
+fi
+SDPA=slothnb.models.arch.sdpa_direct.CUDA=1
+ADD=slothnb.models.arch.llama_layer._RESIDUAL_ADD=1
+KEEP=slothnb.kernels.lora_widened.KEEP=1
+GATE_UP=slothnb.kernels.lora_widened.KEEP_GATE_UP=1
+NO_O=slothnb.models.checkpointing.CARRY=0  # the attention state over the link instead of o_proj's output
+VARIANTS="$SDPA;$ADD;$KEEP;$KEEP,$GATE_UP;$SDPA,$NO_O;$SDPA,$ADD,$KEEP"
+[ $# -gt 0 ] || set -- slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2
+LORA_STEP_ARGS="--steps ${STEPS:-49} --ab-switch $VARIANTS" bash bench/run_gpu.sh "$@" 2>&1 | grep -v '^|' | tail -20
+python3 bench/ab_summary.py "$OUT/results.jsonl"
