@@ -17,7 +17,8 @@ needs is one ``torch.autograd.Function`` with a hand-written backward:
 
 NF4 bases are dequantised (``nf4.dequantize_nf4``, one Triton launch) right before each matmul
 that needs W, in forward and again in backward, and dropped immediately: only the packed 4-bit
-weight is held between the passes.
+weight is held between the passes. (A recompute whose backward follows at once may hand its widened
+q/k/v and gate/up weights to that backward: ``lora_widened.KEEP``.)
 
 Dtypes: the matmuls run in the compute dtype, the autocast dtype when autocast is on (as a
 peft+autocast model would), else x's dtype. A and B may be fp32 master weights: they are cast for
