@@ -3,8 +3,11 @@
 # defaults in one process per case (bench/lora_step.py --ab-switch "A;B;..": the variants take turns
 # with the defaults step by step; per-variant tok/s, host ms and peak in the record's ab_variants).
 #
-#   bash bench/run_gpu.sh info model:8b      # wheels into /tmp/site, the 8B checkpoint
-#   bash bench/ab_levers.sh [CASE...]         # CASE as in run_gpu.sh; default 8B QLoRA at 2048 and 4096
+#   bash bench/run_gpu.sh info model:8b model:1b   # wheels into /tmp/site, the checkpoints
+#   bash bench/ab_levers.sh [CASE...]   # CASE as in run_gpu.sh; default 8B QLoRA at 2048 and 4096, 1B bf16
+#
+# The 1B step is host-bound and carries nothing (its layers are under CARRY_MIN_BYTES): there the
+# direct attention call matters for the host time it saves, not for the recompute it skips.
 #
 # Env: STEPS (timed steps, default 49: 7 each for the defaults and 6 variants, after 7 warm-up steps
 # that run each once: first-call compiles and pinned buffers), TESTS_TIMEOUT (180 s),
@@ -24,6 +27,6 @@ KEEP=slothnb.kernels.lora_widened.KEEP=1
 GATE_UP=slothnb.kernels.lora_widened.KEEP_GATE_UP=1
 NO_O=slothnb.models.checkpointing.CARRY=0  # the attention state over the link instead of o_proj's output
 VARIANTS="$SDPA;$ADD;$KEEP;$KEEP,$GATE_UP;$SDPA,$NO_O;$SDPA,$ADD,$KEEP"
-[ $# -gt 0 ] || set -- slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2
+[ $# -gt 0 ] || set -- slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2 slothnb:1b:none:2048:2
 LORA_STEP_ARGS="--warmup 7 --steps ${STEPS:-49} --ab-switch $VARIANTS" bash bench/run_gpu.sh "$@" 2>&1 | grep -v '^|' | tail -20
 python3 bench/ab_summary.py "$OUT/results.jsonl"
