@@ -16,6 +16,18 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OUT="${OUT:-$PWD/bench-out}"
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+# Does cuDNN's forward give the same output with and without the log-sum-exp asked for? A forward that
+# carries the attention state asks for it, SDPA without grad does not (docs/perf-notes.md section 16).
+python3 - <<'PY' 2>&1 | tail -3
+import torch
+A = torch.ops.aten
+for s in (2048, 4096):
+    q = torch.randn(2, 32, s, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, s, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    outs = [A._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, True, False, scale=128 ** -0.5)[0]
+            for lse in (True, False)]
+    print(f"cuDNN forward, seq {s}: same output with and without the log-sum-exp: {torch.equal(*outs)}")
+PY
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout -k 5 "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/models/test_sdpa_direct.py tests/models/test_llama_layer.py tests/ops/test_lora.py \
