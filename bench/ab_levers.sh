@@ -37,7 +37,7 @@ SDPA=slothnb.models.arch.sdpa_direct.CUDA=1
 ADD=slothnb.models.arch.llama_layer._RESIDUAL_ADD=1
 KEEP=slothnb.kernels.lora_widened.KEEP=1
 GATE_UP=slothnb.kernels.lora_widened.KEEP_GATE_UP=1
-NO_O=slothnb.models.checkpointing.CARRY=0  # the attention state over the link instead of o_proj's output
+NO_O=slothnb.models.carrying.CARRY=0  # the attention state over the link instead of o_proj's output
 VARIANTS="$SDPA;$ADD;$KEEP;$KEEP,$GATE_UP;$SDPA,$NO_O;$SDPA,$ADD,$KEEP"
 [ $# -gt 0 ] || set -- slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2 slothnb:1b:none:2048:2
 LORA_STEP_ARGS="--warmup 7 --steps ${STEPS:-49} --ab-switch $VARIANTS" bash bench/run_gpu.sh "$@" 2>&1 | grep -v '^|' | tail -20

@@ -382,7 +382,7 @@ def lora_linear(x: torch.Tensor, p: LoraWeights, output: Optional[torch.Tensor] 
     """``x W^T + scale (x A^T) B^T`` for x ``[..., in]``: one autograd node, grads for x, A, B.
 
     ``output``: that result's values when they are already known (a checkpoint's recompute handed the
-    forward's own output, ``checkpointing.carried``): it is returned as the node's output and neither
+    forward's own output, ``carrying.carried``): it is returned as the node's output and neither
     the base matmul nor its dequantisation runs. The gradients are the same.
     """
     _check(p, x.shape[-1], "p")

@@ -57,7 +57,7 @@ class _PinnedPool:
     """Reuses pinned host buffers across steps: pinning is slow, and a step needs one per layer.
 
     Layer inputs take a buffer now (``take``), allocating one on a miss. Carried values
-    (``checkpointing.carry``) are optional, so they never wait for pinning: ``take_ready`` returns only
+    (``carrying.carry``) are optional, so they never wait for pinning: ``take_ready`` returns only
     a free buffer and, on a miss, asks a background thread to pin one for the next step. Pinning a
     Llama-3.1-8B layer's G (117 MB at 4,096 tokens) costs tens of ms; done inline, a pool that grows
     by a few buffers a step (the link decides how many layers carry) slows every step until it stops
@@ -243,7 +243,7 @@ class OffloadedTensor:
 
     def __init__(self, x: torch.Tensor, carried: bool = False, buf: torch.Tensor | None = None):
         """Only after ``HOST_BUDGET.admit(x.nbytes)``: the bytes are released by restore or on GC.
-        ``carried``: a value a layer's forward hands its recompute (``checkpointing.carry``), restored
+        ``carried``: a value a layer's forward hands its recompute (``carrying.carry``), restored
         right after that layer's input. ``buf``: a pinned buffer of x's shape already taken from the pool."""
         self.device, self.gpu, self.ready, self.carried = x.device, None, None, carried
         self.nbytes, self.buf = x.nbytes, buf
@@ -295,7 +295,7 @@ class OffloadedTensor:
         the values carried with it, so they all travel while this layer recomputes. They are queued in
         the order the backward uses them: this layer's carried values, the next layer's input, then its
         carried values, each group in forward order (the attention output before G and U): a recompute
-        waits for each carried value only where it reads it (``checkpointing._Carried``)."""
+        waits for each carried value only where it reads it (``carrying._Carried``)."""
         own, next_input, next_carried = [], None, []
         p = self.prev() if self.prev is not None else None
         while p is not None and p.device == self.device:

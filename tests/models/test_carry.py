@@ -1,5 +1,5 @@
 """A checkpointed layer's forward hands its attention output projection's result to its recompute
-(``checkpointing.carry`` / ``carried``, ``SLOTHNB_CARRY_ATTN_OUTPUT=1``): the recompute skips that
+(``carrying.carry`` / ``carried``, ``SLOTHNB_CARRY_ATTN_OUTPUT=1``): the recompute skips that
 projection's base matmul, and the loss and every gradient stay bit-identical."""
 import pytest
 import torch
@@ -10,13 +10,13 @@ from checkpoint_checks import spy as _spy
 from slothnb.errors import ConfigError
 from slothnb.kernels import lora as lora_kernels
 from slothnb.kernels.lora import LoraWeights, lora_linear
-from slothnb.models import checkpointing, host_offload
+from slothnb.models import carrying, host_offload
 
 
 @pytest.fixture(autouse=True)
 def _tiny_models_carry_too(monkeypatch):
     """These tiny models are far below the size from which carrying pays (``CARRY_MIN_BYTES``)."""
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
 
 
 def _base_matmuls(monkeypatch):
@@ -32,9 +32,9 @@ def _counts(given):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma", "phi3", "gemma2"])
 def test_carried_attention_output_skips_the_recompute_matmul_with_identical_gradients(arch, monkeypatch):
     model = _lora_model(arch)
-    monkeypatch.setattr(checkpointing, "CARRY", False)
+    monkeypatch.setattr(carrying, "CARRY", False)
     ref_loss, ref = _loss_and_grads(model)
-    monkeypatch.setattr(checkpointing, "CARRY", True)
+    monkeypatch.setattr(carrying, "CARRY", True)
     given = _base_matmuls(monkeypatch)
     loss, got = _loss_and_grads(model)
     # 2 layers: 2 forwards compute o_proj; the recompute of layer 0 is handed it
@@ -47,12 +47,12 @@ def test_carried_attention_output_skips_the_recompute_matmul_with_identical_grad
 
 def test_nothing_is_carried_when_off_or_outside_a_checkpoint(monkeypatch):
     model = _lora_model("llama")
-    monkeypatch.setattr(checkpointing, "CARRY", False)
+    monkeypatch.setattr(carrying, "CARRY", False)
     given = _base_matmuls(monkeypatch)
     _loss_and_grads(model)
     assert _counts(given) == {"computed": 3, "handed": 0}  # 2 forwards + 1 recompute
-    checkpointing.carry(torch.ones(2))  # no layer forward is recording: a no-op
-    assert checkpointing.carried() is None
+    carrying.carry(torch.ones(2))  # no layer forward is recording: a no-op
+    assert carrying.carried() is None
 
 
 def test_host_budget_keeps_room_for_the_layer_inputs():
@@ -78,9 +78,9 @@ def test_carry_on_gpu_goes_through_host_memory_and_trains_identically(monkeypatc
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     model = _lora_model("llama", layers=4, device="cuda")
-    monkeypatch.setattr(checkpointing, "CARRY", False)
+    monkeypatch.setattr(carrying, "CARRY", False)
     ref_loss, ref = _loss_and_grads(model, seq=128, device="cuda")
-    monkeypatch.setattr(checkpointing, "CARRY", True)
+    monkeypatch.setattr(carrying, "CARRY", True)
     for _ in range(3):  # each pass requests the pinned buffers it lacked; they are pinned in the
         _loss_and_grads(model, seq=128, device="cuda")  # background, free for a later pass
         host_offload._POOL.wait_for_pinning()
@@ -108,10 +108,10 @@ def test_carried_gate_and_up_skip_their_recompute_with_identical_gradients(arch,
                                                                            monkeypatch):
     model = _lora_model(arch)
     ref_loss, ref = _loss_and_grads(model)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(carrying, "CARRY_MLP", True)
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 1)
     # both at once share one FIFO, popped in call order; alone, the MLP still records
-    monkeypatch.setattr(checkpointing, "CARRY", with_attention_output)
+    monkeypatch.setattr(carrying, "CARRY", with_attention_output)
     io = _mlp_handed(monkeypatch)
     given = _base_matmuls(monkeypatch)
     loss, got = _loss_and_grads(model)
@@ -129,8 +129,8 @@ def test_gate_and_up_are_not_carried_per_token_chunk_or_over_the_copy_limit(monk
 
     model = _lora_model("llama", layers=3)
     ref_loss, ref = _loss_and_grads(model, seq=24)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(carrying, "CARRY_MLP", True)
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 1)
     monkeypatch.setattr(common, "MLP_CHUNK_TOKENS", 16)  # 48 tokens: chunked, whose recompute runs per chunk
     io = _mlp_handed(monkeypatch)
     loss, got = _loss_and_grads(model, seq=24)
@@ -140,8 +140,8 @@ def test_gate_and_up_are_not_carried_per_token_chunk_or_over_the_copy_limit(monk
     monkeypatch.setattr(host_offload, "worth_offloading", lambda t: True)
     monkeypatch.setattr(host_offload, "in_flight_bytes", lambda: 1 << 40)
     entries = []
-    with checkpointing._carry_scope("record", entries):
-        checkpointing._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+    with carrying._carry_scope("record", entries):
+        carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
     assert entries == [("gate", None), ("up", None)]
 
 
@@ -159,8 +159,8 @@ def test_carried_gate_and_up_on_gpu_train_identically(monkeypatch):
         pytest.skip("needs a CUDA GPU")
     model = _lora_model("llama", layers=4, device="cuda")
     ref_loss, ref = _loss_and_grads(model, seq=128, device="cuda")
-    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(carrying, "CARRY_MLP", True)
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 1)
     _loss_and_grads(model, seq=128, device="cuda")  # pinned buffers requested, pinned in the background
     host_offload._POOL.wait_for_pinning()
     io = _mlp_handed(monkeypatch)
@@ -173,23 +173,23 @@ def test_carried_gate_and_up_on_gpu_train_identically(monkeypatch):
 
 def test_gate_and_up_are_carried_in_one_layer_of_every_few(monkeypatch):
     """Every layer's G and U would be ~7x a layer input's bytes over PCIe each way: the forward would wait."""
-    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 3)
-    monkeypatch.setattr(checkpointing, "_GATE_UP_SEEN", __import__("itertools").count())
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 3)
+    monkeypatch.setattr(carrying, "_GATE_UP_SEEN", __import__("itertools").count())
     entries = []
-    with checkpointing._carry_scope("record", entries):
+    with carrying._carry_scope("record", entries):
         for _ in range(7):
-            checkpointing._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+            carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
     carried = [entries[i][1] is not None for i in range(0, 14, 2)]
     assert carried == [True, False, False, True, False, False, True]
     assert all((entries[i][1] is None) == (entries[i + 1][1] is None) for i in range(0, 14, 2))  # G and U together
 
 
 def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
-    monkeypatch.setattr(checkpointing, "CARRY_MAX_BYTES", 64)
+    monkeypatch.setattr(carrying, "CARRY_MAX_BYTES", 64)
     entries = []
-    with checkpointing._carry_scope("record", entries):
-        checkpointing.carry(torch.ones(16))  # 64 bytes: carried
-        checkpointing.carry(torch.ones(17))  # 68 bytes: recomputed
+    with carrying._carry_scope("record", entries):
+        carrying.carry(torch.ones(16))  # 64 bytes: carried
+        carrying.carry(torch.ones(17))  # 68 bytes: recomputed
     assert entries[0][1] is not None and entries[1][1] is None
 
 
@@ -197,10 +197,10 @@ def test_small_layers_carry_nothing(monkeypatch):
     """Below CARRY_MIN_BYTES of input (the host-bound 1B shape) neither client carries, in both passes."""
     model = _lora_model("llama")
     ref_loss, ref = _loss_and_grads(model)
-    monkeypatch.setattr(checkpointing, "CARRY", True)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP", True)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 1 << 30)
+    monkeypatch.setattr(carrying, "CARRY", True)
+    monkeypatch.setattr(carrying, "CARRY_MLP", True)
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 1 << 30)
     io, given = _mlp_handed(monkeypatch), _base_matmuls(monkeypatch)
     loss, got = _loss_and_grads(model)
     assert not any(g is not None for g, _ in io) and _counts(given)["handed"] == 0

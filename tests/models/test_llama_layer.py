@@ -8,7 +8,7 @@ from checkpoint_checks import checkpointed_lora_model as _lora_model
 from checkpoint_checks import spy as _spy
 from slothnb.kernels import lora as lora_kernels
 from slothnb.kernels import lora_widened
-from slothnb.models import checkpointing, host_offload
+from slothnb.models import carrying, checkpointing, host_offload
 from slothnb.models.arch import llama_layer, sdpa_direct
 from slothnb.models.patching import unpatch_model
 
@@ -75,7 +75,7 @@ def _both_ways(model, monkeypatch, runs, **step):
 
 @pytest.mark.parametrize("arch", LLAMA_LAYERS)
 def test_written_out_backward_matches_autograd_bit_for_bit(arch, monkeypatch, runs):
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)  # the tiny model's layers carry values too
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)  # the tiny model's layers carry values too
     model = _lora_model(arch, layers=3)
     handed = _spy(monkeypatch, lora_kernels.LoraLinearFunction, 2)
     ref, got, written = _both_ways(model, monkeypatch, runs)
@@ -105,8 +105,8 @@ def flash_forwards(monkeypatch):
 
 @pytest.mark.parametrize("carry", [True, False])
 def test_recompute_skips_the_attention_forward_it_was_handed(carry, monkeypatch, runs, flash_forwards):
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
-    monkeypatch.setattr(checkpointing, "CARRY_SDPA", carry)
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "CARRY_SDPA", carry)
     model = _lora_model("llama", layers=3)
     ref, got, written = _both_ways(model, monkeypatch, runs)
     assert written == 2
@@ -130,8 +130,8 @@ def test_a_recompute_that_runs_another_way_than_its_forward_reads_only_what_it_a
         written_pass, monkeypatch, runs):
     """Written-out forward + autograd recompute (or the reverse): the carried values are tagged, so the
     attention state one of them carries is never read as the other's o_proj output or G, U."""
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 1)
     model = _lora_model("llama", layers=3)
     monkeypatch.setattr(llama_layer, "ENABLED", False)
     ref = _step(model)
@@ -231,8 +231,8 @@ def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, 
     pinned host memory)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
-    monkeypatch.setattr(checkpointing, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 1)
     monkeypatch.setattr(sdpa_direct, "CUDA", True)  # not yet the defaults on CUDA (sdpa_direct's docstring,
     monkeypatch.setattr(llama_layer, "_RESIDUAL_ADD", "1")  # llama_layer._RESIDUAL_ADD)
     model = _lora_model(arch, layers=4, device="cuda").to(dtype)
@@ -267,7 +267,7 @@ def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, 
     """NF4 bases through bitsandbytes' CPU quantisation and the interpreted kernels: the widened q/k/v
     and gate/up matmuls, the norm writing their input, the recompute's dequantised weights kept for the
     backward, the attention state carried, h = x + o in the norm; bit for bit the autograd path's."""
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
     monkeypatch.setattr(lora_widened, "KEEP_GATE_UP", True)
     kept = _recording(monkeypatch, lora_kernels, "_backward", lambda a, kw: kw.get("kept") is not None)
     model = _qlora_model(tmp_path, "cpu", hidden_size=64, intermediate_size=128, num_attention_heads=4,

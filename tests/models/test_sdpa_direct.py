@@ -63,18 +63,18 @@ def test_steps_aside_where_sdpa_would_not_run_flash(monkeypatch):
 def test_attention_state_is_carried_in_the_layout_its_kernel_wrote(monkeypatch):
     """CUDA flash writes out as [b, s, heads, d] (a transposed view of [b, heads, s, d]); cuDNN and the
     CPU write [b, heads, s, d]. The carried copy keeps the kernel's layout (a host copy is contiguous)."""
-    from slothnb.models import checkpointing
+    from slothnb.models import carrying
 
-    monkeypatch.setattr(checkpointing, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
     lse = torch.randn(2, 4, 6)
     for out in (torch.randn(2, 4, 6, 8), torch.randn(2, 6, 4, 8).transpose(1, 2)):
         entries = []
-        with checkpointing._carry_scope("record", entries):
-            checkpointing.carry_attention_state(out, lse, "rest")
+        with carrying._carry_scope("record", entries):
+            carrying.carry_attention_state(out, lse, "rest")
         assert [tag for tag, _ in entries] == ["sdpa_lse", "sdpa_out", "sdpa_rest"]
         assert entries[1][1].is_contiguous()
-        with checkpointing._carry_scope("replay", checkpointing._Carried(entries)):
-            got, got_lse, rest = checkpointing.carried_attention_state(out)
+        with carrying._carry_scope("replay", carrying._Carried(entries)):
+            got, got_lse, rest = carrying.carried_attention_state(out)
         assert torch.equal(got, out) and got.stride() == out.stride() and got_lse is lse and rest == "rest"
 
 

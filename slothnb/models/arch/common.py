@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from slothnb.kernels._utils import use_triton
 from slothnb.kernels.lora_chunked import token_chunked
-from slothnb.models import checkpointing, lora_fusion
+from slothnb.models import carrying, checkpointing, lora_fusion
 from slothnb.models.arch import _ops
 
 
@@ -96,7 +96,7 @@ def _mlp(self, x, output_needed=True, carry=False):
     """The MLP; ``output_needed=False`` lets the fused path leave the output's values unset (its graph
     is exact). Unfused paths (plain linears, DoRA, dropout...) compute the output regardless. ``carry``:
     the fused path may hand G and U from a checkpointed forward to its recompute
-    (``checkpointing.carry_gate_up``; never per token chunk, whose recompute runs elsewhere)."""
+    (``carrying.carry_gate_up``; never per token chunk, whose recompute runs elsewhere)."""
     act_module = _act_module(self)
     activation = fused_activation(self)
     if self._slothnb_spec.fused_gate_up:
@@ -104,7 +104,7 @@ def _mlp(self, x, output_needed=True, carry=False):
     if activation is not None:
         parts = [lora_fusion.lora_weights(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(p is not None for p in parts):
-            gate_up, keep = checkpointing.carry_gate_up(x) if carry else (None, None)
+            gate_up, keep = carrying.carry_gate_up(x) if carry else (None, None)
             return _ops.lora_mlp(x, parts[0][0], parts[1][0], parts[2][0], activation=activation,
                                  output_needed=output_needed, gate_up=gate_up, keep_gate_up=keep)
     gate, up = self.gate_proj(x), self.up_proj(x)
@@ -153,8 +153,8 @@ def _project_out(self, x):
         return _ops.lora_linear(x, part[0]) + part[1]
     # an offload-checkpointed layer's forward hands this output to its recompute, which then skips the
     # base matmul (SLOTHNB_CARRY_ATTN_OUTPUT=1; both calls do nothing elsewhere)
-    out = _ops.lora_linear(x, part[0], output=checkpointing.carried_attention_output(x))
-    checkpointing.carry_attention_output(x, out)
+    out = _ops.lora_linear(x, part[0], output=carrying.carried_attention_output(x))
+    carrying.carry_attention_output(x, out)
     return out
 
 

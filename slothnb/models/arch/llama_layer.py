@@ -42,7 +42,7 @@ from slothnb.kernels import lora_widened
 from slothnb.kernels.lora_widened import widened_buffer
 from slothnb.kernels.rms_norm import RMSNormFunction, rms_norm_backward, rms_norm_forward
 from slothnb.kernels.rope import RoPEProjectionsFunction, rope_in_place_ok
-from slothnb.models import checkpointing, lora_fusion
+from slothnb.models import carrying, lora_fusion
 from slothnb.models.arch import common, sdpa_direct
 
 ENABLED = os.environ.get("SLOTHNB_WRITTEN_LAYERS", "1") != "0"
@@ -246,12 +246,12 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     if direct is not None:  # SDPA's own fused kernels, called directly: out and lse can be carried
         fused, q4, k4, v4 = direct
         del direct
-        kept = checkpointing.carried_attention_state(q4) if recompute else None
+        kept = carrying.carried_attention_state(q4) if recompute else None
         if kept is None:
-            carry = not recompute and checkpointing.carries_attention_state(q4)
+            carry = not recompute and carrying.carries_attention_state(q4)
             a4, lse, rest = sdpa_direct.forward(fused, q4, k4, v4, lse_needed=recompute or carry)
             if carry:
-                checkpointing.carry_attention_state(a4, lse, rest)
+                carrying.carry_attention_state(a4, lse, rest)
         else:
             a4, lse, rest = kept
         a = a4.transpose(1, 2).reshape(b, s, -1)  # a view for CUDA flash ([b, s, heads, d]), else a copy
@@ -270,10 +270,10 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     del q4, k4, v4
     st.o = _Ctx(True)
     o_tensors, o_bundles = _adapters([o_w])
-    given = checkpointing.carried_attention_output(a)
+    given = carrying.carried_attention_output(a)
     o = LoraLinearFunction.forward(st.o, a, o_bundles, [given], *o_tensors)
     if not recompute:
-        checkpointing.carry_attention_output(a, o)
+        carrying.carry_attention_output(a, o)
         st.o = None
     del a
     o_dtype = o.dtype
@@ -289,7 +289,7 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
         del h
     else:
         st.norm2 = None
-    gate_up, keep = checkpointing.carry_gate_up(h2)
+    gate_up, keep = carrying.carry_gate_up(h2)
     mlp_tensors, mlp_bundles = _adapters(mlp_w)
     st.mlp = _Ctx(True)
     st.mlp.widened = widened

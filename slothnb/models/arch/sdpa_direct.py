@@ -5,7 +5,7 @@ Under autograd, ``F.scaled_dot_product_attention`` runs a fused forward (flash o
 to get ``out`` and ``logsumexp`` back; at long context it is a large part of the recompute (H100,
 Llama-3.1-8B shapes, cuDNN: 0.15 ms a layer at 2,048 tokens a sequence, 0.49 ms at 4,096). The
 written-out layer (``llama_layer``) calls the forward here, carries ``out`` and ``logsumexp`` to its
-recompute (``checkpointing.carry_attention_state``) and calls the backward with them: the same ops on
+recompute (``carrying.carry_attention_state``) and calls the backward with them: the same ops on
 the same tensors as the autograd path.
 
 It applies only where SDPA itself would run that backend (``torch._fused_sdp_choice``: flash on the

@@ -1,0 +1,206 @@
+"""What a checkpointed layer's forward hands its own recompute ("carried values").
+
+A checkpointed layer's no-grad forward may hand values it computed to its own recompute (``carry``,
+then ``carried`` by tag), in pinned host memory like the layer input. The recompute then need not
+compute them, and since they are the forward's own values the gradients are bit-identical. The
+checkpoint (``checkpointing.OffloadedCheckpoint``) opens the scopes: ``_carry_scope("record", ...)``
+around the forward, ``("replay", _Carried(...))`` around the recompute.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import os
+import threading
+
+import torch
+
+from slothnb.models import host_offload
+
+# The patched attention hands over its output projection's result (``arch.common._project_out``), so
+# the recompute skips that projection's base matmul and dequantisation (~10% of a Llama-3.1-8B
+# recompute's matmul FLOPs): SLOTHNB_CARRY_ATTN_OUTPUT=0 turns it off. The MLP hands over its gate and
+# up outputs (``carry_gate_up``: 74% of a recompute's matmul FLOPs, but 7x the bytes of a layer input)
+# in one layer of every ``CARRY_MLP_EVERY``: the PCIe link takes no more without the forward waiting
+# for it (H100, 8B, 4,096 tokens a step: every layer made the step 10-30% slower; one in three was
+# ~4% faster than none, one in two 1-4% faster again, in six of six same-machine pairs over 8B at
+# 4,096 and 8,192 tokens and Qwen2.5-7B in session 14). SLOTHNB_CARRY_MLP=0 turns it off. Values
+# over ``CARRY_MAX_BYTES`` are not carried: at long context the host memory is the layer inputs'
+# (400K tokens need 27 of 32 of them there).
+CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
+CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "1") == "1"
+CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "2")))
+# The written-out layer also hands over the attention's output and log-sum-exp (``carry_attention_state``)
+# so that its recompute skips the attention forward: per byte over the link the best of the three at
+# 4,096 tokens (attention grows with the square of the length). SLOTHNB_CARRY_SDPA=0 turns it off.
+CARRY_SDPA = os.environ.get("SLOTHNB_CARRY_SDPA", "1") == "1"
+CARRY_MAX_BYTES = 512 << 20
+# Carrying pays where the GPU sets the step's pace. Below this many bytes of input to the attention
+# output projection or the MLP (the Llama-3.2-1B shape at 4,096 tokens a step: 16 MiB) the step is
+# host-bound and its memory target tight, so nothing is carried; 7-9B shapes at 4,096 tokens: 28-32 MiB.
+CARRY_MIN_BYTES = 24 << 20
+_CARRY = threading.local()
+
+
+def carry(t: torch.Tensor, allowed: bool = True, tag: str = "") -> None:
+    """In an offload-checkpointed layer's forward: hand ``t``'s values to the layer's recompute, which
+    asks for them by ``tag``. On the GPU they go to pinned host memory when ``host_offload.offload_carried``
+    finds room and a free pinned buffer; otherwise (or not ``allowed``) the recompute computes them."""
+    entries = getattr(_CARRY, "record", None)
+    if entries is None:
+        return
+    if not allowed or t.nbytes > CARRY_MAX_BYTES:
+        entries.append((tag, None))
+    elif not host_offload.worth_offloading(t):
+        entries.append((tag, t))  # a CPU tensor: nothing to move
+    else:
+        entries.append((tag, host_offload.offload_carried(t)))
+
+
+def carry_object(value, tag: str) -> None:
+    """Hand a small non-tensor value (or tiny tensors that may stay where they are) to the recompute."""
+    entries = getattr(_CARRY, "record", None)
+    if entries is not None:
+        entries.append((tag, value))
+
+
+def carried(tag: str = ""):
+    """In a recompute: what its forward handed over as ``tag`` (``carry``), or None. Entries before it
+    that the recompute does not ask for (a part it computes another way) are dropped."""
+    entries = getattr(_CARRY, "replay", None)
+    return entries.pop(tag) if entries else None
+
+
+def _worth_carrying(x: torch.Tensor) -> bool:
+    """By the size of a layer part's input (the same in a forward and its recompute)."""
+    return x.numel() * x.element_size() >= CARRY_MIN_BYTES
+
+
+def carry_attention_output(x: torch.Tensor, out: torch.Tensor) -> None:
+    """The attention output projection's result (``out``; ``x`` its input), carried when ``CARRY`` is on."""
+    if CARRY and _worth_carrying(x):
+        carry(out, tag="o_proj")
+
+
+def carried_attention_output(x: torch.Tensor) -> torch.Tensor | None:
+    """In a recompute: the attention output projection's result its forward carried, or None."""
+    return carried("o_proj") if CARRY and _worth_carrying(x) else None
+
+
+def carries_attention_state(like: torch.Tensor) -> bool:
+    """Whether a forward recording now carries an attention state of ``like``'s size (q's)."""
+    return CARRY_SDPA and getattr(_CARRY, "record", None) is not None and _worth_carrying(like)
+
+
+def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
+    """The attention's output ``out`` (``[b, heads, s, d]``), its log-sum-exp and the rest its fused
+    backward takes (``arch.sdpa_direct``), carried when ``CARRY_SDPA`` is on: the recompute then skips
+    the attention forward. Both tensors or neither. ``out`` travels in the layout its kernel wrote
+    ([b, heads, s, d] for cuDNN and the CPU, [b, s, heads, d] for CUDA flash), so that the backward
+    reads it as the autograd path would."""
+    if not (CARRY_SDPA and _worth_carrying(out)) or getattr(_CARRY, "record", None) is None:
+        return
+    native = out if out.is_contiguous() else out.transpose(1, 2)
+    allowed = native.is_contiguous() and (not host_offload.worth_offloading(out) or (
+        host_offload.pinned_buffers_ready(native, 1) and host_offload.pinned_buffers_ready(lse, 1)))
+    carry(lse, allowed, "sdpa_lse")
+    carry(native, allowed, "sdpa_out")
+    carry_object((rest, native is not out), "sdpa_rest")
+
+
+def carried_attention_state(like: torch.Tensor):
+    """In a recompute: ``(out, lse, rest)`` its forward carried (``carry_attention_state``; ``like``:
+    a tensor of out's size, q), or None."""
+    if not (CARRY_SDPA and _worth_carrying(like)) or getattr(_CARRY, "replay", None) is None:
+        return None
+    lse, native, extra = carried("sdpa_lse"), carried("sdpa_out"), carried("sdpa_rest")
+    if lse is None or native is None or extra is None:
+        return None
+    rest, transposed = extra
+    return (native.transpose(1, 2) if transposed else native), lse, rest
+
+
+def carry_gate_up(x: torch.Tensor):
+    """``(gate_up, keep_gate_up)`` for ``lora_mlp`` of input ``x`` in an offload-checkpointed layer
+    (``CARRY_MLP``): in its forward, a callback that carries G and U; in its recompute, the (G, U)
+    carried, if both were. Called at the same point of both passes (the unchunked fused MLP)."""
+    if not CARRY_MLP or not _worth_carrying(x):
+        return None, None
+    if getattr(_CARRY, "record", None) is not None:
+        return None, _keep_gate_up
+    if getattr(_CARRY, "replay", None) is not None:
+        g, u = carried("gate"), carried("up")
+        return ((g, u) if g is not None and u is not None else None), None
+    return None, None
+
+
+_GATE_UP_SEEN = itertools.count()  # MLP forwards offered G and U: one in CARRY_MLP_EVERY carries them
+
+
+def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
+    """Carry G and U in one layer of every ``CARRY_MLP_EVERY``, unless the copies already queued exceed
+    one layer's G and U (a slower link: that layer is recomputed, and GPU memory held for copies stays
+    bounded) or no pinned buffers are free yet (they are pinned in the background for later steps)."""
+    on_gpu = host_offload.worth_offloading(G)
+    allowed = next(_GATE_UP_SEEN) % CARRY_MLP_EVERY == 0
+    allowed = allowed and (not on_gpu or host_offload.in_flight_bytes() <= G.nbytes + U.nbytes)
+    if allowed and on_gpu:  # both or neither: pinned buffers for both must be free
+        allowed = host_offload.pinned_buffers_ready(G, 2)
+    entries = getattr(_CARRY, "record", None)
+    carry(G, allowed, "gate")
+    carry(U, allowed, "up")
+    if entries is not None and on_gpu:
+        host_offload.COUNTS["gate_up_carried" if entries[-1][1] is not None else "gate_up_recomputed"] += 1
+
+
+@contextlib.contextmanager
+def _carry_scope(role: str, entries):
+    """``role`` "record" (a forward collects into ``entries``) or "replay" (a recompute pops them)."""
+    previous = getattr(_CARRY, role, None)
+    setattr(_CARRY, role, entries)
+    try:
+        yield
+    finally:
+        setattr(_CARRY, role, previous)
+
+
+# SLOTHNB_LAZY_CARRIED=0: a recompute waits for all its carried values before it starts (benchmarks).
+LAZY_CARRIED = os.environ.get("SLOTHNB_LAZY_CARRIED", "1") != "0"
+
+
+class _Carried:
+    """A recompute's carried values, ``(tag, value)`` in forward order, each restored when the recompute
+    reads it (``carried``): the compute stream then waits for that value's host->device copy there, not
+    before the layer starts. A Llama-3.1-8B layer that carries G and U brings back ~300 MB, more than the
+    link moves during the layer before it; waiting for all of it up front left the GPU idle while the
+    layer's norm, q/k/v and attention could already run. Their copies are queued in that order
+    (``OffloadedTensor.restore``). Tags keep a recompute that runs another way than its forward (the
+    written-out layer's forward, the modules' recompute) from reading one value as another."""
+
+    def __init__(self, entries):
+        self.entries = collections.deque(entries)
+
+    def __bool__(self):
+        return bool(self.entries)
+
+    def _take(self):
+        e = self.entries.popleft()[1]
+        return e.restore() if isinstance(e, host_offload.OffloadedTensor) else e
+
+    def pop(self, tag: str):
+        """The value carried as ``tag`` (restored), dropping the entries before it; None if there is none."""
+        ahead = next((i for i, (t, _) in enumerate(self.entries) if t == tag), None)
+        if ahead is None:
+            return None
+        for _ in range(ahead):
+            self._take()
+        return self._take()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Restore what the recompute did not read, so its pinned buffers go back to the pool."""
+        while self.entries:
+            self._take()
