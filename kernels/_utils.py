@@ -32,6 +32,13 @@ def tanh(x):
     return tl.where(x >= 0, r, -r)
 
 
+def switched_on(mode, t: torch.Tensor) -> bool:
+    """A ``"0" | "1" | "cpu"`` switch for tensors like t: ``"cpu"`` is on only off CUDA (a path tested in
+    the interpreter, not yet timed on a GPU). ``--ab-switch`` may set it to the int 0 or 1."""
+    mode = str(mode)
+    return mode == "1" or (mode == "cpu" and not t.is_cuda)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` should go through the Triton kernel rather than the PyTorch path."""
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ._utils import switched_on
 from .adapter_casts import _stacked
 from .nf4 import _write_tail_torch, dequantize_nf4
 
@@ -36,9 +37,8 @@ KEEP_GATE_UP = os.environ.get("SLOTHNB_KEEP_GATE_UP", "0") == "1"
 
 
 def keeps(X) -> bool:
-    """Whether ``KEEP`` is on for tensors like X (``--ab-switch`` may set it to the int 0 or 1)."""
-    mode = str(KEEP)
-    return mode == "1" or (mode == "cpu" and not X.is_cuda)
+    """Whether ``KEEP`` is on for tensors like X."""
+    return switched_on(KEEP, X)
 
 
 def _padded(n: int) -> int:

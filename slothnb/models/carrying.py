@@ -99,7 +99,7 @@ def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
     the attention forward. Both tensors or neither. ``out`` travels in the layout its kernel wrote
     ([b, heads, s, d] for cuDNN and the CPU, [b, s, heads, d] for CUDA flash), so that the backward
     reads it as the autograd path would."""
-    if not (CARRY_SDPA and _worth_carrying(out)) or getattr(_CARRY, "record", None) is None:
+    if not carries_attention_state(out):
         return
     native = out if out.is_contiguous() else out.transpose(1, 2)
     allowed = native.is_contiguous() and (not host_offload.worth_offloading(out) or (

@@ -36,7 +36,7 @@ import os
 import torch
 from torch.nn.modules import module as _nn_module
 
-from slothnb.kernels._utils import use_triton
+from slothnb.kernels._utils import switched_on, use_triton
 from slothnb.kernels.lora import LoraLinearFunction, LoraMLPFunction, LoraQKVFunction, _adapters
 from slothnb.kernels import lora_widened
 from slothnb.kernels.lora_widened import widened_buffer
@@ -180,9 +180,7 @@ _RESIDUAL_ADD = os.environ.get("SLOTHNB_FUSED_RESIDUAL_ADD", "cpu")
 
 
 def _fuses_residual_add(x, o) -> bool:
-    mode = str(_RESIDUAL_ADD)  # bench/lora_step.py --ab-switch may set it to the int 1
-    on = mode == "1" or (mode == "cpu" and not x.is_cuda)
-    return on and x.dtype == o.dtype and x.shape == o.shape and x.is_contiguous() and o.is_contiguous()
+    return switched_on(_RESIDUAL_ADD, x) and x.dtype == o.dtype and x.shape == o.shape and x.is_contiguous() and o.is_contiguous()
 
 
 def _norm(norm, x, into_weights, ctx, add=None):
