@@ -30,9 +30,9 @@ _ALIGN = 8  # row strides padded to 16 bytes of bf16, so cuBLAS keeps its fast k
 # then reads W from them (``backward_base``) instead of dequantising it again: 3 launches a Llama layer for
 # q/k/v (+50 MB while the layer's backward runs, 8B shapes), 2 more for gate/up with ``KEEP_GATE_UP``
 # (+235 MB). With it on, every widened projection's backward reads W in the forward's padded row layout,
-# kept or dequantised afresh, so that both give the same matmul and the same bits. "cpu" (default): only
-# where the tests check it (the interpreter); "1" on CUDA too (not yet run there); "0" nowhere.
-KEEP = os.environ.get("SLOTHNB_KEEP_DEQUANTIZED", "cpu")
+# kept or dequantised afresh, so that both give the same matmul and the same bits. "1" (default) everywhere,
+# "cpu" only off CUDA, "0" nowhere.
+KEEP = os.environ.get("SLOTHNB_KEEP_DEQUANTIZED", "1")
 KEEP_GATE_UP = os.environ.get("SLOTHNB_KEEP_GATE_UP", "0") == "1"
 
 

@@ -83,8 +83,10 @@ def test_attention_state_is_carried_in_the_layout_its_kernel_wrote(monkeypatch):
 @pytest.mark.parametrize("s", [300, 2048])
 def test_matches_sdpa_on_gpu(autocast, s, monkeypatch):
     """Whichever fused backend SDPA picks (cuDNN on an H100 with torch 2.11, else flash). cuDNN's dq is
-    not bit-reproducible at long sequences even between two autograd runs: then it is compared as
-    closely as those two runs agree."""
+    not bit-reproducible at long sequences even between two autograd runs (its fp32 sums run in no
+    fixed order, so a rare element rounds to the neighbouring bf16 value: one seen in 2M at 2,048
+    tokens, session 18): then dq may differ from autograd's by as much as two autograd runs do, or by
+    one bf16 step (2^-7 relative, 8 significant bits)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(sdpa_direct, "CUDA", True)
@@ -99,6 +101,6 @@ def test_matches_sdpa_on_gpu(autocast, s, monkeypatch):
         assert g.dtype == r.dtype
         if i == 0 and not torch.equal(again, r):
             spread = (again.float() - r.float()).abs().max().item()
-            torch.testing.assert_close(g.float(), r.float(), rtol=0, atol=4 * spread)
+            torch.testing.assert_close(g.float(), r.float(), rtol=2 ** -7, atol=4 * spread)
         else:
             assert torch.equal(g, r), i

@@ -174,9 +174,9 @@ def backward(layer, args, kwargs, inputs, grad_outs, needs):
 
 
 # SLOTHNB_FUSED_RESIDUAL_ADD: the forward's ``h = x + o`` computed by the second RMSNorm's kernel (one
-# launch and one pass over x, o and h fewer a layer). "cpu" (default): only where the tests check it bit
-# for bit, the interpreter; "1" on CUDA too (not yet run there); "0" nowhere.
-_RESIDUAL_ADD = os.environ.get("SLOTHNB_FUSED_RESIDUAL_ADD", "cpu")
+# launch and one pass over x, o and h fewer a layer). "1" (default) everywhere, "cpu" only off CUDA,
+# "0" nowhere.
+_RESIDUAL_ADD = os.environ.get("SLOTHNB_FUSED_RESIDUAL_ADD", "1")
 
 
 def _fuses_residual_add(x, o) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend
 
-_MODE = os.environ.get("SLOTHNB_DIRECT_SDPA", "cpu")
+_MODE = os.environ.get("SLOTHNB_DIRECT_SDPA", "1")
 ENABLED = _MODE != "0"
 CUDA = _MODE == "1"
 _FLASH, _CUDNN = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)
