@@ -34,8 +34,9 @@ def tanh(x):
 
 def switched_on(mode, t: torch.Tensor) -> bool:
     """A ``"0" | "1" | "cpu"`` switch for tensors like t: ``"cpu"`` is on only off CUDA (a path tested in
-    the interpreter, not yet timed on a GPU). ``--ab-switch`` may set it to the int 0 or 1."""
-    mode = str(mode)
+    the interpreter, or timed on a GPU without a gain). ``--ab-switch`` may set it to the int 0 or 1, a
+    test to a bool."""
+    mode = "1" if mode is True else "0" if mode is False else str(mode)
     return mode == "1" or (mode == "cpu" and not t.is_cuda)
 
 

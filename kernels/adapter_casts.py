@@ -26,6 +26,10 @@ def begin_pass() -> None:
     _PASS += 1
 
 
+# ``torch.cuda.is_current_stream_capturing`` without its Python wrapper (called for every cast).
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, cached for the current model pass (see ``begin_pass``).
 
@@ -39,7 +43,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.to(dtype)
     # A CUDA graph (slothnb.models.layer_graphs) must record the cast itself: a cached copy made
     # outside it would be read at every replay after this pass has dropped it.
-    cached = not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    cached = not (t.is_cuda and _capturing())
     key = id(t)
     hit = _CASTS.get(key) if cached else None
     version = t._version

@@ -16,6 +16,7 @@ import threading
 
 import torch
 
+from slothnb.kernels._utils import switched_on
 from slothnb.models import host_offload
 
 # The patched attention hands over its output projection's result (``arch.common._project_out``), so
@@ -31,10 +32,14 @@ from slothnb.models import host_offload
 CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
 CARRY_MLP = os.environ.get("SLOTHNB_CARRY_MLP", "1") == "1"
 CARRY_MLP_EVERY = max(1, int(os.environ.get("SLOTHNB_CARRY_MLP_EVERY", "2")))
-# The written-out layer also hands over the attention's output and log-sum-exp (``carry_attention_state``)
-# so that its recompute skips the attention forward: per byte over the link the best of the three at
-# 4,096 tokens (attention grows with the square of the length). SLOTHNB_CARRY_SDPA=0 turns it off.
-CARRY_SDPA = os.environ.get("SLOTHNB_CARRY_SDPA", "1") == "1"
+# The written-out layer can also hand over the attention's output and log-sum-exp (``carry_attention_state``)
+# so that its recompute skips the attention forward: per byte over the link the most valuable of the
+# carried values at 4,096 tokens. On the H100 it gained nothing (session 18, 8B QLoRA at 4,096 tokens:
+# every layer's recompute skipped its attention, but the link then had room for G and U in ~3 layers
+# instead of ~8, which cost as much as it saved) and cost host time where the host sets the pace. So
+# SLOTHNB_CARRY_SDPA is "cpu" (default: only where the tests check it, the interpreter), "1" everywhere,
+# "0" nowhere.
+CARRY_SDPA = os.environ.get("SLOTHNB_CARRY_SDPA", "cpu")
 CARRY_MAX_BYTES = 512 << 20
 # Carrying pays where the GPU sets the step's pace. Below this many bytes of input to the attention
 # output projection or the MLP (the Llama-3.2-1B shape at 4,096 tokens a step: 16 MiB) the step is
@@ -90,7 +95,7 @@ def carried_attention_output(x: torch.Tensor) -> torch.Tensor | None:
 
 def carries_attention_state(like: torch.Tensor) -> bool:
     """Whether a forward recording now carries an attention state of ``like``'s size (q's)."""
-    return CARRY_SDPA and getattr(_CARRY, "record", None) is not None and _worth_carrying(like)
+    return switched_on(CARRY_SDPA, like) and getattr(_CARRY, "record", None) is not None and _worth_carrying(like)
 
 
 def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
@@ -112,7 +117,7 @@ def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
 def carried_attention_state(like: torch.Tensor):
     """In a recompute: ``(out, lse, rest)`` its forward carried (``carry_attention_state``; ``like``:
     a tensor of out's size, q), or None."""
-    if not (CARRY_SDPA and _worth_carrying(like)) or getattr(_CARRY, "replay", None) is None:
+    if not (switched_on(CARRY_SDPA, like) and _worth_carrying(like)) or getattr(_CARRY, "replay", None) is None:
         return None
     lse, native, extra = carried("sdpa_lse"), carried("sdpa_out"), carried("sdpa_rest")
     if lse is None or native is None or extra is None:

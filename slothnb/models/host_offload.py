@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 
 from slothnb.errors import ConfigError
+from slothnb.kernels._utils import _current_device, _raw_stream
 
 
 REGISTER_MIN_BYTES = 1 << 20  # below this, torch's pinned allocator's rounding costs little
@@ -224,6 +225,69 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
+# Stream bookkeeping without torch.cuda's Python. ``torch.cuda.current_stream``, ``torch.cuda.stream(s)``
+# and ``Stream.wait_stream`` each normalise a device index and build a new Stream or Event object: 7-20 us
+# a call under the profiler on the H100 hosts, three or four of them for each offloaded tensor and
+# direction (~150 tensors a step of 8B QLoRA: ~3% of the host's time at 2,048 tokens, where the host sets
+# the pace; session 18). The same calls go straight to torch's C functions here: the current stream is
+# looked up by its raw handle, a switch of stream is one ``_cuda_setStream``, and a wait re-records one
+# event per device (a stream's wait is on the event's state when it is queued, so re-recording is safe).
+# A tensor on another device than the current one takes torch.cuda's calls. SLOTHNB_FAST_STREAMS=0 too.
+FAST_STREAMS = os.environ.get("SLOTHNB_FAST_STREAMS", "1") != "0"
+_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device, raw handle) -> its Stream object
+_WAIT_EVENTS: dict[int, torch.cuda.Event] = {}
+
+
+def _fast(index) -> bool:
+    return FAST_STREAMS and index == _current_device()
+
+
+def _current_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index
+    if not _fast(index):
+        return torch.cuda.current_stream(device)
+    key = (index, _raw_stream(index))
+    stream = _STREAMS.get(key)
+    if stream is None:
+        stream = _STREAMS[key] = torch.cuda.current_stream(index)
+    return stream
+
+
+def _wait(waiting: torch.cuda.Stream, on: torch.cuda.Stream) -> None:
+    """``waiting.wait_stream(on)``: work queued on ``waiting`` from now runs after ``on``'s queued work."""
+    if not _fast(on.device_index):
+        return waiting.wait_stream(on)
+    event = _WAIT_EVENTS.get(on.device_index)
+    if event is None:
+        event = _WAIT_EVENTS[on.device_index] = torch.cuda.Event()
+    event.record(on)
+    waiting.wait_event(event)
+
+
+class _OnStream:
+    """``with _OnStream(stream, current):`` is ``with torch.cuda.stream(stream):`` for a stream of the
+    current device, whose current stream is ``current``."""
+
+    __slots__ = ("stream", "current", "context")
+
+    def __init__(self, stream: torch.cuda.Stream, current: torch.cuda.Stream):
+        self.stream, self.current, self.context = stream, current, None
+
+    def __enter__(self):
+        if _fast(self.stream.device_index):
+            s = self.stream
+            torch._C._cuda_setStream(stream_id=s.stream_id, device_index=s.device_index, device_type=s.device_type)
+        else:
+            self.context = torch.cuda.stream(self.stream)
+            self.context.__enter__()
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            return self.context.__exit__(*exc)
+        c = self.current
+        torch._C._cuda_setStream(stream_id=c.stream_id, device_index=c.device_index, device_type=c.device_type)
+
+
 class OffloadedTensor:
     """A CUDA tensor's copy in pinned CPU memory, moved on a side stream in both directions.
 
@@ -254,9 +318,9 @@ class OffloadedTensor:
                 HOST_BUDGET.release(self.nbytes)
                 raise
         COUNTS["carried" if carried else "offloaded"] += 1
-        stream = _side_stream(x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully computed before we read it
-        with torch.cuda.stream(stream):
+        stream, current = _side_stream(x.device), _current_stream(x.device)
+        _wait(stream, current)  # x is fully computed before we read it
+        with _OnStream(stream, current):
             self.buf.copy_(x, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(stream)
@@ -271,10 +335,10 @@ class OffloadedTensor:
         """Queue the host->device copy on the side stream (once)."""
         if self.gpu is not None or self.buf is None:
             return
-        stream = _side_stream(self.device)
+        stream, current = _side_stream(self.device), _current_stream(self.device)
         self.gpu = torch.empty(self.buf.shape, dtype=self.buf.dtype, device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # earlier users of that memory are done
-        with torch.cuda.stream(stream):
+        _wait(stream, current)  # earlier users of that memory are done
+        with _OnStream(stream, current):
             self.gpu.copy_(self.buf, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
@@ -283,7 +347,7 @@ class OffloadedTensor:
         release_finished_copies()
         self.prefetch()
         self._prefetch_next_layer()
-        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        _current_stream(self.device).wait_event(self.ready)
         x, self.gpu, self.prev = self.gpu, None, None
         _POOL.give(self.buf)  # reused only by a later forward, whose copy is ordered after this one
         self.buf = None

@@ -20,6 +20,30 @@ def test_offload_round_trip_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fast", [True, False])
+def test_copies_wait_for_the_current_stream_and_leave_it_current_on_gpu(fast, monkeypatch):
+    """Under a user's stream: the device->host copy waits for the work queued before it (a long sleep,
+    then the write of x), the host->device copy for the work queued before the restore, and the user's
+    stream is current again after each (``host_offload``'s direct stream calls, and torch.cuda's)."""
+    monkeypatch.setattr(host_offload, "FAST_STREAMS", fast)
+    user = torch.cuda.Stream()
+    src = torch.randn(2, 512, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.stream(user):
+        x = torch.zeros_like(src)
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time before x is written
+        x.copy_(src)
+        off = host_offload.OffloadedTensor(x)
+        assert torch.cuda.current_stream() == user
+        del x
+        torch.cuda._sleep(100_000_000)
+        back = off.restore()
+        assert torch.cuda.current_stream() == user
+        doubled = back * 2  # queued on the user's stream after its wait for the copy
+    torch.cuda.synchronize()
+    assert torch.equal(back, src) and torch.equal(doubled, src * 2)
+
+
+@pytest.mark.gpu
 def test_large_pinned_buffers_pin_their_own_size_not_a_power_of_two_on_gpu():
     stats = torch.cuda.host_memory_stats
     before = stats().get("allocated_bytes.all.current", 0)

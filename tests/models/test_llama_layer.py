@@ -233,6 +233,7 @@ def test_written_out_backward_on_gpu_matches_autograd(arch, dtype, monkeypatch, 
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
     monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 1)
+    monkeypatch.setattr(carrying, "CARRY_SDPA", "1")  # off by default on CUDA (carrying.CARRY_SDPA)
     model = _lora_model(arch, layers=4, device="cuda").to(dtype)
     for _ in range(6):  # the carried values' pinned buffers are pinned in the background, for later passes
         flash_forwards.clear()
