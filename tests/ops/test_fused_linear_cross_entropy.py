@@ -92,8 +92,12 @@ def test_micro_batches_with_external_normaliser_sum_to_full_batch(as_tensor):
              for s in (slice(0, 4), slice(4, 10))]
     torch.testing.assert_close(parts[0][0] + parts[1][0], full[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), full[1], rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(parts[0][2] + parts[1][2], full[2], rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(parts[0][3] + parts[1][3], full[3], rtol=1e-5, atol=1e-8)
+    # weight and bias gradients: sums over the tokens in another grouping, so an element near zero
+    # (terms that cancel) differs by fp32 rounding of the terms, not of the result (~2e-7 of the
+    # largest element, on some CPUs' BLAS): the absolute tolerance follows the gradient's scale
+    for i in (2, 3):
+        torch.testing.assert_close(parts[0][i] + parts[1][i], full[i], rtol=1e-5,
+                                   atol=4e-6 * full[i].abs().max().item())
 
 
 def test_ignored_tokens_cost_no_matmul(monkeypatch):
