@@ -5,17 +5,17 @@ Under autograd, ``F.scaled_dot_product_attention`` runs a fused forward (flash o
 to get ``out`` and ``logsumexp`` back; at long context it is a large part of the recompute (H100,
 Llama-3.1-8B shapes, cuDNN: 0.15 ms a layer at 2,048 tokens a sequence, 0.49 ms at 4,096). The
 written-out layer (``llama_layer``) calls the forward here, carries ``out`` and ``logsumexp`` to its
-recompute (``carrying.carry_attention_state``) and calls the backward with them: the same ops on
-the same tensors as the autograd path.
+recompute (``carrying.carry_attention_state``, where that is switched on) and calls the backward
+with them: the same ops on the same tensors as the autograd path.
 
 It applies only where SDPA itself would run that backend (``torch._fused_sdp_choice``: flash on the
 CPU and on most GPUs, cuDNN on an H100 with torch 2.11): no mask (causal or full), no dropout, and on
 CUDA a head size SDPA does not pad. Elsewhere ``prepare`` is None and the caller runs SDPA.
 
-``SLOTHNB_DIRECT_SDPA``: ``cpu`` (default) on the CPU only, ``1`` on CUDA too, ``0`` nowhere. On CUDA
-the ops were probed on an H100 (session 17: cuDNN's forward bit-identical to SDPA's; its backward as
-exact as autograd's, whose dq is itself not bit-reproducible at 4,096 tokens), but the layer tests
-and the timings have not run there yet; they are what turns it on by default.
+``SLOTHNB_DIRECT_SDPA``: ``1`` (default) everywhere, ``cpu`` on the CPU only, ``0`` nowhere. On an
+H100 cuDNN's forward is bit-identical to SDPA's and its backward as exact as autograd's (whose dq is
+itself not bit-reproducible at 2,048-4,096 tokens); the GPU suite passes with it. Carrying the state
+(``carrying.CARRY_SDPA``) is off on CUDA: it gained nothing there (session 18).
 """
 from __future__ import annotations
 
