@@ -4,10 +4,13 @@ LoRA never trains the input embedding, yet on an untied model it is one of the l
 tensors on the card: Llama-3.1-8B's is 128,256 x 4,096 bf16 = 0.98 GiB, a sixth of its whole
 QLoRA footprint (the NF4 decoder is ~3.7 GiB). A lookup needs only ``tokens x hidden`` of it
 (32 MiB for a 2 x 2,048 batch), so the table lives in pinned host memory: the ids go to the host,
-the rows are gathered there into a pinned buffer and copied to the GPU asynchronously.
-Cost: one device-to-host copy of the ids (a sync) and a ~tokens x hidden host gather per
-forward, ~1% of an 8B step; nothing in backward (the table is frozen, its input is not
+a GPU kernel reads the rows it needs from the pinned table over PCIe (``kernels.row_gather``: no
+sync, nothing on the host); ~tokens x hidden bytes over the link per forward (~1.5 ms for 8,192
+tokens of Llama-3.1-8B), nothing in backward (the table is frozen, its input is not
 differentiable). Numbers are bit-identical: a gather copies the rows exactly.
+``SLOTHNB_EMBEDDING_GPU_GATHER=0`` (or a Triton that cannot address the pinned table) takes the
+older path: the ids copied to the host (a device sync), the rows gathered there into a pinned
+buffer and copied over.
 
 The table is registered as a persistent *buffer* named ``weight``, not a parameter: the state
 dict keeps its key (``...embed_tokens.weight``), so saving is unchanged, while transformers'
@@ -15,10 +18,15 @@ dict keeps its key (``...embed_tokens.weight``), so saving is unchanged, while t
 buffer like any other; on the ids' device the lookup is a plain ``F.embedding``.
 Not applied to a tied embedding (it is the output head too), to a trained one, or off CUDA.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slothnb.kernels.row_gather import gather_rows
+
+GPU_GATHER = os.environ.get("SLOTHNB_EMBEDDING_GPU_GATHER", "1") != "0"
 MIN_BYTES = 256 * 2**20  # smaller tables are not worth a sync per forward
 
 
@@ -37,11 +45,31 @@ class HostEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.device == self.weight.device:
             return F.embedding(ids, self.weight, self.padding_idx)
+        if GPU_GATHER and ids.is_cuda and self.weight.is_pinned():
+            rows = self._gather_on_gpu(ids)
+            if rows is not None:
+                return rows
         host_ids = ids.to("cpu").reshape(-1)
         rows = torch.empty((host_ids.numel(), self.embedding_dim), dtype=self.weight.dtype, pin_memory=ids.is_cuda)
         torch.index_select(self.weight, 0, host_ids, out=rows)
         # the caching host allocator keeps the pinned block until the copy has run
         return rows.to(ids.device, non_blocking=True).view(*ids.shape, self.embedding_dim)
+
+    def _gather_on_gpu(self, ids: torch.Tensor):
+        """The rows read by a GPU kernel from the pinned table, or None (and the host path from now on)
+        when this Triton cannot launch on a host pointer."""
+        global GPU_GATHER
+        # out-of-range ids stop the GPU with a device-side assert, as F.embedding on the GPU does
+        torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
+                            f"token id outside the input embedding's {self.num_embeddings} rows")
+        try:
+            return gather_rows(self.weight, ids)
+        except (RuntimeError, ValueError) as e:  # e.g. "Pointer argument cannot be accessed from Triton"
+            GPU_GATHER = False
+            import warnings
+
+            warnings.warn(f"slothnb: gathering embedding rows on the GPU failed ({e}); the host gathers them")
+            return None
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, on {self.weight.device.type} (slothnb offloaded)"

@@ -1,6 +1,7 @@
 """The input embedding kept in host memory (slothnb.models.embedding_offload)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slothnb.errors import ConfigError
@@ -101,3 +102,45 @@ def test_offloaded_embedding_on_gpu_frees_its_copy_and_trains_identically():
     assert torch.equal(loss_plain, loss_host)
     for a, b in zip(grads_plain, grads_host):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gpu_gather_asserts_the_id_range_and_falls_back_when_triton_cannot_address_the_table(monkeypatch):
+    """``HostEmbedding._gather_on_gpu`` (on the CPU here: the same asserts and kernel, interpreted)."""
+    from slothnb.models import embedding_offload
+
+    emb = nn.Embedding(20, 8)
+    host = HostEmbedding(emb)
+    ids = torch.tensor([[0, 19, 5]])
+    assert torch.equal(host._gather_on_gpu(ids), F.embedding(ids, emb.weight.detach()))
+    with pytest.raises(RuntimeError, match="outside the input embedding's 20 rows"):
+        host._gather_on_gpu(torch.tensor([3, 20]))
+
+    def refuse(table, ids):
+        raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
+
+    monkeypatch.setattr(embedding_offload, "gather_rows", refuse)
+    monkeypatch.setattr(embedding_offload, "GPU_GATHER", True)
+    with pytest.warns(UserWarning, match="the host gathers them"):
+        assert host._gather_on_gpu(ids) is None
+    assert embedding_offload.GPU_GATHER is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_gather", [True, False])
+def test_host_embedding_lookup_on_gpu_both_ways(gpu_gather, monkeypatch):
+    """The kernel's rows equal the host gather's, and the kernel's lookup never syncs the device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from slothnb.models import embedding_offload
+
+    monkeypatch.setattr(embedding_offload, "GPU_GATHER", gpu_gather)
+    emb = nn.Embedding(1000, 576).to(torch.bfloat16)
+    host = HostEmbedding(emb)
+    assert host.weight.is_pinned()
+    ids = torch.randint(0, 1000, (2, 300), device="cuda")
+    torch.cuda.set_sync_debug_mode("error" if gpu_gather else 0)
+    try:
+        rows = host(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert rows.is_cuda and torch.equal(rows, F.embedding(ids, emb.weight.detach().cuda()))
