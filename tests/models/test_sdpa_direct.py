@@ -83,10 +83,11 @@ def test_attention_state_is_carried_in_the_layout_its_kernel_wrote(monkeypatch):
 @pytest.mark.parametrize("s", [300, 2048])
 def test_matches_sdpa_on_gpu(autocast, s, monkeypatch):
     """Whichever fused backend SDPA picks (cuDNN on an H100 with torch 2.11, else flash). cuDNN's dq is
-    not bit-reproducible at long sequences even between two autograd runs (its fp32 sums run in no
-    fixed order, so a rare element rounds to the neighbouring bf16 value: one seen in 2M at 2,048
-    tokens, session 18): then dq may differ from autograd's by as much as two autograd runs do, or by
-    one bf16 step (2^-7 relative, 8 significant bits)."""
+    not bit-reproducible at long sequences, not even between two autograd runs (its fp32 sums run in
+    no fixed order, so a rare element rounds to the neighbouring bf16 value: one in 2M at 2,048 tokens
+    in session 18, in two GPU-suite runs of three, once when the two autograd runs agreed). At 2,048
+    tokens dq may therefore differ from autograd's by one bf16 step (2^-7 relative, 8 significant
+    bits) or by as much as two autograd runs do; everything else is compared bit for bit."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setattr(sdpa_direct, "CUDA", True)
@@ -99,7 +100,7 @@ def test_matches_sdpa_on_gpu(autocast, s, monkeypatch):
     assert out.stride() == ref_out.stride() and torch.equal(out, ref_out)
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert g.dtype == r.dtype
-        if i == 0 and not torch.equal(again, r):
+        if i == 0 and s >= 2048:
             spread = (again.float() - r.float()).abs().max().item()
             torch.testing.assert_close(g.float(), r.float(), rtol=2 ** -7, atol=4 * spread)
         else:
