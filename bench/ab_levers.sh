@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Session 17's levers on the GPU machine in one call: their GPU tests, then every lever beside the
-# defaults in one process per case (bench/lora_step.py --ab-switch "A;B;..": the variants take turns
-# with the defaults step by step; per-variant tok/s, host ms and peak in the record's ab_variants).
+# The written-out layer's levers on the GPU machine in one call: their GPU tests, then each lever
+# switched against the defaults in one process per case (bench/lora_step.py --ab-switch "A;B;..": the
+# variants take turns with the defaults step by step; per-variant tok/s, host ms and peak in the
+# record's ab_variants). Written for session 17's levers; since session 18 the defaults have direct
+# SDPA, the residual sum in the norm, kept q/k/v and the GPU embedding gather on, and the attention
+# state carry off, so each variant below turns one of those the other way.
 #
 #   bash bench/run_gpu.sh info model:8b model:1b   # wheels into /tmp/site, the checkpoints
 #   bash bench/ab_levers.sh [CASE...]   # CASE as in run_gpu.sh; default 8B QLoRA at 2048 and 4096, 1B bf16
 #
-# The 1B step is host-bound and carries nothing (its layers are under CARRY_MIN_BYTES): there the
-# direct attention call matters for the host time it saves, not for the recompute it skips.
+# The 1B step is host-bound and carries nothing (its layers are under CARRY_MIN_BYTES). On a slow host
+# (host_probe above ~35 ns) the 2,048-token and 1B steps swing ±8% per 7-step variant: compare there
+# only with more steps (session 18).
 #
 # Env: STEPS (timed steps, default 49: 7 each for the defaults and 6 variants, after 7 warm-up steps
 # that run each once: first-call compiles and pinned buffers), TESTS_TIMEOUT (180 s),
@@ -31,14 +35,16 @@ PY
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout -k 5 "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/models/test_sdpa_direct.py tests/models/test_llama_layer.py tests/ops/test_lora.py \
-    tests/ops/test_rms_norm.py tests/models/test_carry.py 2>&1 | tee "$OUT/levers-tests.log" | tail -8
+    tests/ops/test_rms_norm.py tests/models/test_carry.py tests/ops/test_row_gather.py \
+    tests/models/test_embedding_offload.py 2>&1 | tee "$OUT/levers-tests.log" | tail -8
 fi
-SDPA=slothnb.models.arch.sdpa_direct.CUDA=1
-ADD=slothnb.models.arch.llama_layer._RESIDUAL_ADD=1
-KEEP=slothnb.kernels.lora_widened.KEEP=1
+SDPA=slothnb.models.arch.sdpa_direct.CUDA=0    # SDPA through its module again
+ADD=slothnb.models.arch.llama_layer._RESIDUAL_ADD=0
+KEEP=slothnb.kernels.lora_widened.KEEP=0
 GATE_UP=slothnb.kernels.lora_widened.KEEP_GATE_UP=1
-NO_O=slothnb.models.carrying.CARRY=0  # the attention state over the link instead of o_proj's output
-VARIANTS="$SDPA;$ADD;$KEEP;$KEEP,$GATE_UP;$SDPA,$NO_O;$SDPA,$ADD,$KEEP"
+CARRY_SDPA=slothnb.models.carrying.CARRY_SDPA=1  # the attention state over the link (zero-sum with G/U in session 18)
+GATHER=slothnb.models.embedding_offload.GPU_GATHER=0  # the embedding rows gathered by the host
+VARIANTS="$SDPA;$ADD;$KEEP;$GATE_UP;$CARRY_SDPA;$GATHER"
 [ $# -gt 0 ] || set -- slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2 slothnb:1b:none:2048:2
 LORA_STEP_ARGS="--warmup 7 --steps ${STEPS:-49} --ab-switch $VARIANTS" bash bench/run_gpu.sh "$@" 2>&1 | grep -v '^|' | tail -20
 python3 bench/ab_summary.py "$OUT/results.jsonl"
