@@ -3,8 +3,8 @@
 LoRA never trains the input embedding, yet on an untied model it is one of the largest frozen
 tensors on the card: Llama-3.1-8B's is 128,256 x 4,096 bf16 = 0.98 GiB, a sixth of its whole
 QLoRA footprint (the NF4 decoder is ~3.7 GiB). A lookup needs only ``tokens x hidden`` of it
-(32 MiB for a 2 x 2,048 batch), so the table lives in pinned host memory: the ids go to the host,
-a GPU kernel reads the rows it needs from the pinned table over PCIe (``kernels.row_gather``: no
+(32 MiB for a 2 x 2,048 batch), so the table lives in pinned host memory and
+a GPU kernel reads the rows it needs from there over PCIe (``kernels.row_gather``: no
 sync, nothing on the host); ~tokens x hidden bytes over the link per forward (~1.5 ms for 8,192
 tokens of Llama-3.1-8B), nothing in backward (the table is frozen, its input is not
 differentiable). Numbers are bit-identical: a gather copies the rows exactly.
@@ -19,6 +19,7 @@ buffer like any other; on the ids' device the lookup is a plain ``F.embedding``.
 Not applied to a tied embedding (it is the output head too), to a trained one, or off CUDA.
 """
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import nn
 from slothnb.kernels.row_gather import gather_rows
 
 GPU_GATHER = os.environ.get("SLOTHNB_EMBEDDING_GPU_GATHER", "1") != "0"
-MIN_BYTES = 256 * 2**20  # smaller tables are not worth a sync per forward
+MIN_BYTES = 256 * 2**20  # smaller tables free too little GPU memory to be worth the link traffic
 
 
 class HostEmbedding(nn.Module):
@@ -66,8 +67,6 @@ class HostEmbedding(nn.Module):
             return gather_rows(self.weight, ids)
         except (RuntimeError, ValueError) as e:  # e.g. "Pointer argument cannot be accessed from Triton"
             GPU_GATHER = False
-            import warnings
-
             warnings.warn(f"slothnb: gathering embedding rows on the GPU failed ({e}); the host gathers them")
             return None
 
