@@ -32,12 +32,21 @@ def tanh(x):
     return tl.where(x >= 0, r, -r)
 
 
+def _switch(mode) -> str:
+    """A ``"0" | "1" | "cpu"`` switch's value; ``--ab-switch`` may set it to the int 0 or 1, a test to a bool."""
+    return "1" if mode is True else "0" if mode is False else str(mode)
+
+
 def switched_on(mode, t: torch.Tensor) -> bool:
     """A ``"0" | "1" | "cpu"`` switch for tensors like t: ``"cpu"`` is on only off CUDA (a path tested in
-    the interpreter, or timed on a GPU without a gain). ``--ab-switch`` may set it to the int 0 or 1, a
-    test to a bool."""
-    mode = "1" if mode is True else "0" if mode is False else str(mode)
+    the interpreter, or timed on a GPU without a gain)."""
+    mode = _switch(mode)
     return mode == "1" or (mode == "cpu" and not t.is_cuda)
+
+
+def switched_off(mode) -> bool:
+    """Whether a ``"0" | "1" | "cpu"`` switch is off for every tensor."""
+    return _switch(mode) == "0"
 
 
 def use_triton(t: torch.Tensor) -> bool:

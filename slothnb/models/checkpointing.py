@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from slothnb.errors import ConfigError
 from slothnb.models import carrying, host_offload, layer_graphs
 from slothnb.models.carrying import _Carried, _carry_scope
-from slothnb.kernels._utils import RecomputeState
+from slothnb.kernels._utils import RecomputeState, switched_off
 
 CHECKPOINTING_MODES = (False, True, "slothnb")
 _ALIASES = {"unsloth": "slothnb", "offload": "slothnb"}
@@ -98,7 +98,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, call: _Call, anchor, *tensors):
         ctx.call = call
         ctx.state = RecomputeState(tensors, call.preserve_rng)
-        ctx.carried = [] if (carrying.CARRY or carrying.CARRY_MLP or carrying.CARRY_SDPA not in (False, 0, "0")) and call.graphs is None else None  # a graph would bake host addresses
+        ctx.carried = [] if (carrying.CARRY or carrying.CARRY_MLP or not switched_off(carrying.CARRY_SDPA)) and call.graphs is None else None  # a graph would bake host addresses
         with torch.no_grad(), _carry_scope("record", ctx.carried):
             if call.graphs is not None:
                 out = call.graphs.forward(call.run, tensors)
