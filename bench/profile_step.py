@@ -45,6 +45,10 @@ def main():
     ap.add_argument("--timeline", action="store_true",
                     help="also profile 3 steps as the benchmark runs them (no syncs, GPU activity only) and say "
                          "where the compute stream idles: before which kernels, and how much of it waits on copies")
+    ap.add_argument("--sync-timeline", action="store_true",
+                    help="also profile 3 steps synchronised as the benchmark times them and split each step's wall "
+                         "time: the host's start, GPU busy and idle by phase (forward, backward, optimizer), the "
+                         "sync's tail; plus the compute stream's kernels by count")
     ap.add_argument("--model-root", default=os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
     a = ap.parse_args()
     gc = {"true": True, "false": False}.get(a.grad_ckpt, a.grad_ckpt)
@@ -102,6 +106,8 @@ def main():
         print_gemms(prof, a.top * 2)
     if a.timeline:
         print_timeline(model, opt, x, a.top)
+    if a.sync_timeline:
+        print_sync_timeline(model, opt, x, a.top)
     if a.host:
         print_host_profile(model, opt, x, a.top)
     if a.cpu_ops:
@@ -201,6 +207,90 @@ def print_timeline(model, opt, x, top, steps=3, min_gap_us=20.0):
           f"waiting on copies, {waits_host / steps / 1e3:.1f} ms on the host; by the kernel after the gap:")
     for key, (n, g) in sorted(by_next.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"#   {g / steps / 1e3:7.2f} ms {n / steps:6.1f} gaps  {key}")
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def split_sync_steps(spans, walls, min_gap_us=20.0):
+    """The compute stream's sorted (start us, end us, name) spans of ``len(walls)`` synchronised steps, each
+    opened by three ``spin_kernel`` markers (step start, backward, optimizer), and each step's host wall
+    time in seconds -> (us summed over the steps: wall, start, tail, busy and gaps per phase;
+    {(phase, kernel after the gap): (gaps, us)} for gaps over ``min_gap_us``)."""
+    steps = len(walls)
+    marks = [s for s in spans if "spin_kernel" in s[2]]
+    if len(marks) != 3 * steps:
+        raise ValueError(f"expected {3 * steps} markers on the compute stream, found {len(marks)}")
+    rows = {k: 0.0 for k in ("wall", "start", "tail", *(f"{p} {w}" for p in PHASES for w in ("busy", "gaps")))}
+    by_next = {}
+    for i in range(steps):
+        m0, m1, m2 = marks[3 * i: 3 * i + 3]
+        end = marks[3 * i + 3][0] if i + 1 < steps else float("inf")
+        step_spans = [s for s in spans if m0[0] <= s[0] < end and "spin_kernel" not in s[2]]
+        rows["wall"] += walls[i] * 1e6
+        rows["start"] += step_spans[0][0] - m0[1]
+        rows["tail"] += walls[i] * 1e6 - (max(s[1] for s in step_spans) - m0[0])
+        for phase, lo, hi in zip(PHASES, (m0[1], m1[1], m2[1]), (m1[0], m2[0], end)):
+            part = [s for s in step_spans if lo <= s[0] < hi]
+            if not part:
+                continue
+            busy, gaps = _walk(part)
+            rows[f"{phase} busy"] += busy
+            lead = part[0][0] - lo if phase != "forward" else 0.0  # the forward's is the step's start
+            rows[f"{phase} gaps"] += sum(g for g, _, _ in gaps) + max(0.0, lead)
+            for gap, _, (_, _, name) in gaps:
+                if gap > min_gap_us:
+                    n, g = by_next.get((phase, name[:90]), (0, 0.0))
+                    by_next[(phase, name[:90])] = (n + 1, g + gap)
+    return rows, by_next
+
+
+def print_sync_timeline(model, opt, x, top, steps=3, min_gap_us=20.0):
+    """Steps run as the benchmark times them (synchronised before and after each), profiled with GPU
+    activity only. A one-cycle ``spin_kernel`` (``torch.cuda._sleep(1)``) is queued on the compute stream
+    when the step starts and when the host moves to the backward and to the optimizer, so the GPU's
+    timeline splits exactly by phase. Each step's wall time is then: the host's start (the start marker
+    to the first kernel), the GPU's busy time and idle gaps in each phase, and the tail (the last kernel's
+    end to the sync's return, from the host's clock). Then the compute stream's kernels by count: where
+    removing small launches would pay."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    walls = []
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            torch.cuda._sleep(1)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            torch.cuda._sleep(1)
+            loss.backward()
+            torch.cuda._sleep(1)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t)
+    by_stream = _spans_by_stream(prof)
+    spans = by_stream[max(by_stream, key=lambda k: len(by_stream[k]))]
+    try:
+        rows, by_next = split_sync_steps(spans, walls, min_gap_us)
+    except ValueError as e:
+        print(f"# sync timeline: {e}")
+        return
+    print(f"# synchronised steps ({steps}), ms a step: " + ", ".join(f"{k} {v / steps / 1e3:.1f}" for k, v in rows.items()))
+    print(f"# idle gaps > {min_gap_us:.0f} us by phase and the kernel after the gap:")
+    for (phase, name), (n, g) in sorted(by_next.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"#   {g / steps / 1e3:7.2f} ms {n / steps:6.1f} gaps  {phase:9s} {name}")
+    census = {}
+    for s0, s1, name in spans:
+        n, d = census.get(name, (0, 0.0))
+        census[name] = (n + 1, d + s1 - s0)
+    small = sum(1 for s in spans if s[1] - s[0] < 10)
+    print(f"# compute stream: {len(spans) / steps:.0f} kernels a step, {small / steps:.0f} of them under 10 us; by count:")
+    for name, (n, d) in sorted(census.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"#   {n / steps:7.1f} a step {d / n:8.1f} us each  {name[:110]}")
 
 
 def _gemm_flops(name, shapes):

@@ -96,6 +96,26 @@ def test_gemm_flops_from_recorded_shapes():
     assert profile_step._gemm_flops("aten::mm", [[4, 8]]) is None  # shapes not recorded
 
 
+def test_sync_steps_split_wall_time_by_phase():
+    import profile_step
+
+    spin = "spin_kernel"
+    # step 1 (wall 100 us): markers at 0, 40, 80; forward kernels 5-20 and 25-35 (gap 5), backward 45-75,
+    # optimizer 82-90 -> start 5, tail 100 - 90 = 10
+    step1 = [(0, 1, spin), (5, 20, "gemm"), (25, 35, "norm"), (40, 41, spin), (45, 75, "gemm"), (80, 81, spin),
+             (82, 90, "adam")]
+    step2 = [(s0 + 200, s1 + 200, n) for s0, s1, n in step1]
+    rows, by_next = profile_step.split_sync_steps(step1 + step2, [100e-6, 100e-6], min_gap_us=3)
+    assert rows["wall"] == pytest.approx(200) and rows["start"] == pytest.approx(8)  # 4 us a step, twice
+    assert rows["tail"] == pytest.approx(20)
+    assert rows["forward busy"] == pytest.approx(50) and rows["forward gaps"] == pytest.approx(10)
+    assert rows["backward busy"] == pytest.approx(60) and rows["backward gaps"] == pytest.approx(8)
+    assert rows["optimizer busy"] == pytest.approx(16) and rows["optimizer gaps"] == pytest.approx(2)
+    assert by_next[("forward", "norm")] == (2, pytest.approx(10))
+    with pytest.raises(ValueError, match="markers"):
+        profile_step.split_sync_steps(step1[1:], [100e-6])
+
+
 def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
     import lora_step
     from slothnb.kernels import _utils, lora, lora_widened
