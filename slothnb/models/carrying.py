@@ -143,13 +143,27 @@ def carry_gate_up(x: torch.Tensor):
 _GATE_UP_SEEN = itertools.count()  # MLP forwards offered G and U: one in CARRY_MLP_EVERY carries them
 
 
+# What tells a layer that the link has room for its G and U. "backlog" (default): the copies the GPU has
+# produced and the link not yet moved hold at most one layer's G and U (``host_offload.link_backlog_bytes``).
+# "in_flight" (sessions 12-18): all copies queued and not finished, which also counts the ones still
+# waiting for the compute stream, i.e. how far the host runs ahead: at 4,096 tokens (host ~3 layers ahead)
+# it let G and U through in 8 of the 16 layers offered although the link was idle ~40% of the forward.
+GATE_UP_PACING = os.environ.get("SLOTHNB_GATE_UP_PACING", "backlog")
+
+
+def _link_has_room(G: torch.Tensor, U: torch.Tensor) -> bool:
+    queued = host_offload.in_flight_bytes() if GATE_UP_PACING == "in_flight" else host_offload.link_backlog_bytes()
+    return queued <= G.nbytes + U.nbytes
+
+
 def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
-    """Carry G and U in one layer of every ``CARRY_MLP_EVERY``, unless the copies already queued exceed
-    one layer's G and U (a slower link: that layer is recomputed, and GPU memory held for copies stays
-    bounded) or no pinned buffers are free yet (they are pinned in the background for later steps)."""
+    """Carry G and U in one layer of every ``CARRY_MLP_EVERY``, unless the link is behind by more than
+    one layer's G and U (``GATE_UP_PACING``: that layer is recomputed, so a slow link never holds up
+    the forward) or no pinned buffers are free yet (they are pinned in the background for later steps).
+    GPU memory held for copies stays bounded by the host's pacing (``host_offload.LAYERS_AHEAD``)."""
     on_gpu = host_offload.worth_offloading(G)
     allowed = next(_GATE_UP_SEEN) % CARRY_MLP_EVERY == 0
-    allowed = allowed and (not on_gpu or host_offload.in_flight_bytes() <= G.nbytes + U.nbytes)
+    allowed = allowed and (not on_gpu or _link_has_room(G, U))
     if allowed and on_gpu:  # both or neither: pinned buffers for both must be free
         allowed = host_offload.pinned_buffers_ready(G, 2)
     entries = getattr(_CARRY, "record", None)

@@ -319,13 +319,15 @@ class OffloadedTensor:
                 raise
         COUNTS["carried" if carried else "offloaded"] += 1
         stream, current = _side_stream(x.device), _current_stream(x.device)
-        _wait(stream, current)  # x is fully computed before we read it
+        produced = torch.cuda.Event()  # x fully computed: from then on its copy waits only for the link
+        produced.record(current)
+        stream.wait_event(produced)  # x is fully computed before we read it
         with _OnStream(stream, current):
             self.buf.copy_(x, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(stream)
         release_finished_copies()
-        _IN_FLIGHT.append((copied, x))  # x's memory must not be handed out before the copy has read it
+        _IN_FLIGHT.append((copied, x, produced))  # x's memory must not be handed out before the copy has read it
         if not carried:
             _keep_pace(copied)
         self.prev = OffloadedTensor._last  # weak: a forward never backpropagated must not pin a chain
@@ -404,7 +406,7 @@ def offload_carried(x: torch.Tensor) -> OffloadedTensor | None:
     return OffloadedTensor(x, carried=True, buf=buf)
 
 
-_IN_FLIGHT: collections.deque = collections.deque()  # (event, tensor): device->host copies still reading
+_IN_FLIGHT: collections.deque = collections.deque()  # (copied, tensor, produced): device->host copies still reading
 
 
 # How many layers' offload copies the host may queue ahead of the GPU. The host queues a checkpointed
@@ -436,7 +438,21 @@ def release_finished_copies() -> None:
 def in_flight_bytes() -> int:
     """Bytes of GPU tensors still held for device->host copies that have not finished."""
     release_finished_copies()
-    return sum(t.nbytes for _, t in _IN_FLIGHT)
+    return sum(entry[1].nbytes for entry in _IN_FLIGHT)
+
+
+def link_backlog_bytes() -> int:
+    """Bytes of device->host copies the link has been given and not yet moved: the GPU has produced
+    their tensors (their ``produced`` event passed) but the copies have not finished. Unlike
+    ``in_flight_bytes`` it leaves out copies still waiting for the compute stream, which count only
+    how far the host runs ahead of the GPU, not whether the link keeps up."""
+    release_finished_copies()
+    backlog = 0
+    for entry in _IN_FLIGHT:  # produced in queue order: stop at the first one still being computed
+        if not entry[2].query():
+            break
+        backlog += entry[1].nbytes
+    return backlog
 
 
 def worth_offloading(t: torch.Tensor) -> bool:

@@ -138,11 +138,17 @@ def test_gate_and_up_are_not_carried_per_token_chunk_or_over_the_copy_limit(monk
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     # on the GPU, copies still queued beyond one layer's G and U: this layer's are not carried (recomputed)
     monkeypatch.setattr(host_offload, "worth_offloading", lambda t: True)
-    monkeypatch.setattr(host_offload, "in_flight_bytes", lambda: 1 << 40)
-    entries = []
-    with carrying._carry_scope("record", entries):
-        carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
-    assert entries == [("gate", None), ("up", None)]
+    for pacing, measure in (("backlog", "link_backlog_bytes"), ("in_flight", "in_flight_bytes")):
+        monkeypatch.setattr(carrying, "GATE_UP_PACING", pacing)
+        monkeypatch.setattr(host_offload, "link_backlog_bytes", lambda: 0)
+        monkeypatch.setattr(host_offload, "in_flight_bytes", lambda: 0)
+        monkeypatch.setattr(host_offload, measure, lambda: 1 << 40)
+        entries = []
+        with carrying._carry_scope("record", entries):
+            carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+        assert entries == [("gate", None), ("up", None)], pacing
+        monkeypatch.setattr(host_offload, measure, lambda: 2 * 4 * 8 * 4)  # exactly one layer's G and U
+        assert carrying._link_has_room(torch.ones(4, 8), torch.ones(4, 8)), pacing
 
 
 def test_lora_mlp_refuses_gate_up_of_the_wrong_shape():

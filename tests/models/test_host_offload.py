@@ -262,10 +262,33 @@ def test_the_host_waits_for_copies_more_than_a_few_layers_old(monkeypatch):
     monkeypatch.setattr(host_offload, "_IN_FLIGHT", __import__("collections").deque())
     monkeypatch.setattr(host_offload, "LAYERS_AHEAD", 3)
     for i in range(6):
-        host_offload._IN_FLIGHT.append((Event(i), torch.empty(1)))
+        host_offload._IN_FLIGHT.append((Event(i), torch.empty(1), Event(i)))
         host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0])
     assert waited == [0, 1, 2]  # layers 3, 4 and 5 may still be copying
-    assert [e.i for e, _ in host_offload._IN_FLIGHT] == [3, 4, 5]  # the finished ones are dropped
+    assert [e.i for e, _, _ in host_offload._IN_FLIGHT] == [3, 4, 5]  # the finished ones are dropped
+
+
+def test_the_link_backlog_counts_only_copies_whose_tensor_the_gpu_has_produced(monkeypatch):
+    """in_flight_bytes counts every copy not finished; link_backlog_bytes only those the link could be
+    moving now (the tensor computed), so it does not grow with how far the host runs ahead."""
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    flight = __import__("collections").deque()
+    monkeypatch.setattr(host_offload, "_IN_FLIGHT", flight)
+    flight.append((Event(True), torch.empty(1), Event(True)))  # copied: dropped
+    flight.append((Event(False), torch.empty(2), Event(True)))  # produced, waiting for the link: 8 bytes
+    flight.append((Event(False), torch.empty(4), Event(True)))  # 16 bytes
+    flight.append((Event(False), torch.empty(8), Event(False)))  # still being computed
+    flight.append((Event(False), torch.empty(16), Event(True)))  # after one still computed: not counted
+    assert host_offload.link_backlog_bytes() == 24
+    assert host_offload.in_flight_bytes() == (2 + 4 + 8 + 16) * 4
+    assert len(flight) == 4
 
 
 def test_the_pool_counts_the_pinned_bytes_it_holds(monkeypatch):
