@@ -4,7 +4,8 @@
 # variants take turns with the defaults step by step; per-variant tok/s, host ms and peak in the
 # record's ab_variants). Written for session 17's levers; since session 18 the defaults have direct
 # SDPA, the residual sum in the norm, kept q/k/v and the GPU embedding gather on, and the attention
-# state carry off, so each variant below turns one of those the other way.
+# state carry off, so each variant below turns one of those the other way; since session 19 G and U
+# are paced by the link's backlog with the host two layers of copies ahead.
 #
 #   bash bench/run_gpu.sh info model:8b model:1b   # wheels into /tmp/site, the checkpoints
 #   bash bench/ab_levers.sh [CASE...]   # CASE as in run_gpu.sh; default 8B QLoRA at 2048 and 4096, 1B bf16
@@ -13,7 +14,7 @@
 # (host_probe above ~35 ns) the 2,048-token and 1B steps swing ±8% per 7-step variant: compare there
 # only with more steps (session 18).
 #
-# Env: STEPS (timed steps, default 49: 7 each for the defaults and 6 variants, after 7 warm-up steps
+# Env: STEPS (timed steps, default 63: 7 each for the defaults and 8 variants, after 9 warm-up steps
 # that run each once: first-call compiles and pinned buffers), TESTS_TIMEOUT (180 s),
 # SKIP_TESTS=1.
 set -uo pipefail
@@ -44,7 +45,9 @@ KEEP=slothnb.kernels.lora_widened.KEEP=0
 GATE_UP=slothnb.kernels.lora_widened.KEEP_GATE_UP=1
 CARRY_SDPA=slothnb.models.carrying.CARRY_SDPA=1  # the attention state over the link (zero-sum with G/U in session 18)
 GATHER=slothnb.models.embedding_offload.GPU_GATHER=0  # the embedding rows gathered by the host
-VARIANTS="$SDPA;$ADD;$KEEP;$GATE_UP;$CARRY_SDPA;$GATHER"
+PACING=slothnb.models.carrying.GATE_UP_PACING=in_flight  # G/U paced by all copies in flight (sessions 12-18)
+AHEAD=slothnb.models.host_offload.LAYERS_AHEAD=3  # the host three layers of copies ahead (sessions 12-18)
+VARIANTS="$SDPA;$ADD;$KEEP;$GATE_UP;$CARRY_SDPA;$GATHER;$PACING;$AHEAD"
 [ $# -gt 0 ] || set -- slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2 slothnb:1b:none:2048:2
-LORA_STEP_ARGS="--warmup 7 --steps ${STEPS:-49} --ab-switch $VARIANTS" bash bench/run_gpu.sh "$@" 2>&1 | grep -v '^|' | tail -20
+LORA_STEP_ARGS="--warmup 9 --steps ${STEPS:-63} --ab-switch $VARIANTS" bash bench/run_gpu.sh "$@" 2>&1 | grep -v '^|' | tail -20
 python3 bench/ab_summary.py "$OUT/results.jsonl"

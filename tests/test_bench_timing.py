@@ -159,9 +159,10 @@ def test_ab_levers_names_settings_that_exist():
     variants = subprocess.run(["bash", "-c", lines + '\necho "$VARIANTS"'], capture_output=True,
                               text=True, check=True).stdout.strip()
     parsed = lora_step._variants(variants)
-    assert len(parsed) == 6 and all(parsed)
+    assert len(parsed) == 8 and all(parsed)
     names = {f"{m.__name__}.{attr}" for v in parsed for m, attr, _ in v}
     assert "slothnb.models.arch.sdpa_direct.CUDA" in names and "slothnb.kernels.lora_widened.KEEP" in names
+    assert "slothnb.models.carrying.GATE_UP_PACING" in names and "slothnb.models.host_offload.LAYERS_AHEAD" in names
 
 
 def test_host_costs_times_the_same_gradient_both_ways(capsys, monkeypatch):

@@ -414,9 +414,12 @@ _IN_FLIGHT: collections.deque = collections.deque()  # (copied, tensor, produced
 # allocated until the GPU has produced and copied it: Llama-3.1-8B at 4,096 tokens held ~15 layers of
 # inputs and carried values (~1.9 GiB) that way at the step's peak. Past this many layers the host waits
 # for the oldest copy; the GPU still has this many layers of work queued, so it never idles for it.
+# Two, not three (session 19): once G and U went over the link in every other layer (carrying.GATE_UP_PACING),
+# three layers ahead held up to nine G/U outputs waiting for their copies at 4,096 tokens (peak 7.69 GiB);
+# two held 7.13 GiB and ran 0.8% faster (docs/benchmarks.md, session 19).
 # SLOTHNB_OFFLOAD_LAYERS_AHEAD overrides it (benchmarks: more lets a host that is sometimes slower than
 # the GPU catch up, for the memory of that many more layer inputs).
-LAYERS_AHEAD = max(1, int(os.environ.get("SLOTHNB_OFFLOAD_LAYERS_AHEAD", "3")))
+LAYERS_AHEAD = max(1, int(os.environ.get("SLOTHNB_OFFLOAD_LAYERS_AHEAD", "2")))
 _LAYER_COPIES: collections.deque = collections.deque()  # the copy event of each layer input in flight
 
 
