@@ -140,7 +140,8 @@ def carry_gate_up(x: torch.Tensor):
     return None, None
 
 
-_GATE_UP_SEEN = itertools.count()  # MLP forwards offered G and U: one in CARRY_MLP_EVERY carries them
+_GATE_UP_SEEN = itertools.count()  # MLP forwards offered G and U
+_GATE_UP_LAST = [-(1 << 30)]  # the offer whose G and U were last carried
 
 
 # What tells a layer that the link has room for its G and U. "backlog" (default): the copies the GPU has
@@ -149,6 +150,11 @@ _GATE_UP_SEEN = itertools.count()  # MLP forwards offered G and U: one in CARRY_
 # waiting for the compute stream, i.e. how far the host runs ahead: at 4,096 tokens (host ~3 layers ahead)
 # it let G and U through in 8 of the 16 layers offered although the link was idle ~40% of the forward.
 GATE_UP_PACING = os.environ.get("SLOTHNB_GATE_UP_PACING", "backlog")
+# Which layers may carry: "spaced" (default) any layer at least CARRY_MLP_EVERY offers after the last one
+# that carried, so a layer refused for want of link room or buffers passes its turn to the next;
+# "fixed" (sessions 12-18) layers 0, EVERY, 2 EVERY, ... only. Either way no two carrying layers are
+# closer than EVERY: in backward each prefetches its G and U while the layer before it recomputes.
+GATE_UP_SLOTS = os.environ.get("SLOTHNB_GATE_UP_SLOTS", "spaced")
 
 
 def _link_has_room(G: torch.Tensor, U: torch.Tensor) -> bool:
@@ -157,20 +163,29 @@ def _link_has_room(G: torch.Tensor, U: torch.Tensor) -> bool:
 
 
 def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
-    """Carry G and U in one layer of every ``CARRY_MLP_EVERY``, unless the link is behind by more than
-    one layer's G and U (``GATE_UP_PACING``: that layer is recomputed, so a slow link never holds up
-    the forward) or no pinned buffers are free yet (they are pinned in the background for later steps).
-    GPU memory held for copies stays bounded by the host's pacing (``host_offload.LAYERS_AHEAD``)."""
+    """Carry G and U in a layer whose turn it is (``GATE_UP_SLOTS``, one in ``CARRY_MLP_EVERY``) unless
+    the link is behind by more than one layer's G and U (``GATE_UP_PACING``: that layer is recomputed,
+    so a slow link never holds up the forward) or no pinned buffers are free yet (they are pinned in the
+    background for later steps). GPU memory held for copies stays bounded by the host's pacing
+    (``host_offload.LAYERS_AHEAD``). ``host_offload.COUNTS`` says per step what was carried and why not."""
     on_gpu = host_offload.worth_offloading(G)
-    allowed = next(_GATE_UP_SEEN) % CARRY_MLP_EVERY == 0
-    allowed = allowed and (not on_gpu or _link_has_room(G, U))
-    if allowed and on_gpu:  # both or neither: pinned buffers for both must be free
-        allowed = host_offload.pinned_buffers_ready(G, 2)
+    seen = next(_GATE_UP_SEEN)
+    turn = seen % CARRY_MLP_EVERY == 0 if GATE_UP_SLOTS == "fixed" else seen - _GATE_UP_LAST[0] >= CARRY_MLP_EVERY
+    allowed, why = turn, "gate_up_not_its_turn"
+    if allowed and on_gpu and not _link_has_room(G, U):
+        allowed, why = False, "gate_up_no_link_room"
+    if allowed and on_gpu and not host_offload.pinned_buffers_ready(G, 2):  # both or neither
+        allowed, why = False, "gate_up_no_pinned_buffers"
     entries = getattr(_CARRY, "record", None)
     carry(G, allowed, "gate")
     carry(U, allowed, "up")
+    if entries is not None and entries[-1][1] is not None:
+        _GATE_UP_LAST[0] = seen
     if entries is not None and on_gpu:
-        host_offload.COUNTS["gate_up_carried" if entries[-1][1] is not None else "gate_up_recomputed"] += 1
+        carried_now = entries[-1][1] is not None
+        host_offload.COUNTS["gate_up_carried" if carried_now else "gate_up_recomputed"] += 1
+        if not carried_now:
+            host_offload.COUNTS[why] += 1
 
 
 @contextlib.contextmanager

@@ -180,14 +180,41 @@ def test_carried_gate_and_up_on_gpu_train_identically(monkeypatch):
 def test_gate_and_up_are_carried_in_one_layer_of_every_few(monkeypatch):
     """Every layer's G and U would be ~7x a layer input's bytes over PCIe each way: the forward would wait."""
     monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 3)
-    monkeypatch.setattr(carrying, "_GATE_UP_SEEN", __import__("itertools").count())
-    entries = []
-    with carrying._carry_scope("record", entries):
-        for _ in range(7):
-            carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
-    carried = [entries[i][1] is not None for i in range(0, 14, 2)]
-    assert carried == [True, False, False, True, False, False, True]
-    assert all((entries[i][1] is None) == (entries[i + 1][1] is None) for i in range(0, 14, 2))  # G and U together
+    for slots in ("fixed", "spaced"):
+        monkeypatch.setattr(carrying, "GATE_UP_SLOTS", slots)
+        monkeypatch.setattr(carrying, "_GATE_UP_SEEN", __import__("itertools").count())
+        monkeypatch.setattr(carrying, "_GATE_UP_LAST", [-100])
+        entries = []
+        with carrying._carry_scope("record", entries):
+            for _ in range(7):
+                carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+        carried = [entries[i][1] is not None for i in range(0, 14, 2)]
+        assert carried == [True, False, False, True, False, False, True], slots
+        assert all((entries[i][1] is None) == (entries[i + 1][1] is None) for i in range(0, 14, 2))  # G and U together
+
+
+def test_a_layer_refused_for_link_room_passes_its_turn_to_the_next(monkeypatch):
+    """"spaced" slots: offer 2 finds the link behind, so offer 3 carries and the spacing counts from there;
+    "fixed" slots wait for offer 4. No two carrying layers are ever adjacent. Each refusal is counted by reason."""
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 2)
+    monkeypatch.setattr(host_offload, "worth_offloading", lambda t: True)
+    monkeypatch.setattr(host_offload, "pinned_buffers_ready", lambda t, n: True)
+    monkeypatch.setattr(host_offload, "offload_carried", lambda t: "offloaded")
+    for slots, expected in (("spaced", [True, False, False, True, False, True]),
+                            ("fixed", [True, False, False, False, True, False])):
+        monkeypatch.setattr(carrying, "GATE_UP_SLOTS", slots)
+        monkeypatch.setattr(carrying, "_GATE_UP_SEEN", __import__("itertools").count())
+        monkeypatch.setattr(carrying, "_GATE_UP_LAST", [-100])
+        monkeypatch.setattr(host_offload, "COUNTS", __import__("collections").Counter())
+        entries = []
+        with carrying._carry_scope("record", entries):
+            for i in range(6):
+                backlog = 1 << 40 if i == 2 else 0
+                monkeypatch.setattr(host_offload, "link_backlog_bytes", lambda b=backlog: b)
+                carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+        assert [entries[i][1] is not None for i in range(0, 12, 2)] == expected, slots
+        assert host_offload.COUNTS["gate_up_no_link_room"] == 1, slots
+        assert host_offload.COUNTS["gate_up_carried"] == sum(expected), slots
 
 
 def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
