@@ -159,15 +159,25 @@ def train_step(model, opt, x):
     return loss
 
 
+def _number(text):
+    """An int or float setting as written, else the string itself ("in_flight", "fixed")."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _switches(spec):
-    """[(module, attribute, value)] from "pkg.mod.ATTR=value,..." (ints, None, else strings)."""
+    """[(module, attribute, value)] from "pkg.mod.ATTR=value,..." (ints, floats, None, else strings)."""
     import importlib
 
     out = []
     for item in filter(None, (spec or "").split(",")):
         target, value = item.split("=")
         module, attr = target.rsplit(".", 1)
-        value = None if value == "None" else int(value) if value.lstrip("-").isdigit() else value
+        value = None if value == "None" else _number(value)
         mod = importlib.import_module(module)
         current = getattr(mod, attr)
         if isinstance(current, bool) and isinstance(value, int):

@@ -124,6 +124,11 @@ def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
                                    "slothnb.kernels.lora.H_CHUNK_BYTES=4096")
     assert switches == [(_utils, "_RUNTIME", None), (lora_widened, "DEQUANT_TAIL", False), (lora, "H_CHUNK_BYTES", 4096)]
     assert lora_step._switches("") == []
+    from slothnb.models import carrying
+
+    assert lora_step._switches("slothnb.models.carrying.GATE_UP_BACKLOG_PAIRS=1.5,"
+                               "slothnb.models.carrying.GATE_UP_SLOTS=fixed") == [
+        (carrying, "GATE_UP_BACKLOG_PAIRS", 1.5), (carrying, "GATE_UP_SLOTS", "fixed")]
     with pytest.raises(AttributeError):
         lora_step._switches("slothnb.kernels.lora.NO_SUCH_SETTING=1")
     # even timed steps ran the defaults, odd ones the switch
