@@ -312,3 +312,21 @@ def test_memory_snapshots_show_the_pinned_host_memory_on_gpu():
     off = host_offload.OffloadedTensor(torch.randn(3 * 2**20 + 16, device="cuda"))
     assert snapshot().pinned_host >= before + off.nbytes
     off.restore()
+
+
+@pytest.mark.gpu
+def test_the_link_backlog_leaves_out_copies_the_gpu_has_not_produced_on_gpu():
+    """An offload queued behind ~100 ms of compute-stream work is in flight at once, but no backlog of
+    the link's until the GPU has produced its tensor; once everything has run, neither counts it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.cuda.synchronize()
+    host_offload.release_finished_copies()
+    x = torch.randn(2**20, device="cuda")
+    torch.cuda._sleep(200_000_000)  # the compute stream is busy: x's copy waits behind it
+    off = host_offload.OffloadedTensor(x)
+    assert host_offload.in_flight_bytes() >= x.nbytes
+    assert host_offload.link_backlog_bytes() == 0
+    torch.cuda.synchronize()
+    assert host_offload.link_backlog_bytes() == 0 and host_offload.in_flight_bytes() == 0
+    assert torch.equal(off.restore(), x)
