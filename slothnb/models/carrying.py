@@ -23,10 +23,11 @@ from slothnb.models import host_offload
 # the recompute skips that projection's base matmul and dequantisation (~10% of a Llama-3.1-8B
 # recompute's matmul FLOPs): SLOTHNB_CARRY_ATTN_OUTPUT=0 turns it off. The MLP hands over its gate and
 # up outputs (``carry_gate_up``: 74% of a recompute's matmul FLOPs, but 7x the bytes of a layer input)
-# in one layer of every ``CARRY_MLP_EVERY``: the PCIe link takes no more without the forward waiting
-# for it (H100, 8B, 4,096 tokens a step: every layer made the step 10-30% slower; one in three was
-# ~4% faster than none, one in two 1-4% faster again, in six of six same-machine pairs over 8B at
-# 4,096 and 8,192 tokens and Qwen2.5-7B in session 14). SLOTHNB_CARRY_MLP=0 turns it off. Values
+# in at most one layer of every ``CARRY_MLP_EVERY``, while the link keeps up (``_keep_gate_up``): the
+# PCIe link takes no more without the forward waiting for it (H100, 8B, 4,096 tokens a step: every
+# layer made the step 10-30% slower; one in three was ~4% faster than none, one in two 1-4% faster
+# again, in six of six same-machine pairs over 8B at 4,096 and 8,192 tokens and Qwen2.5-7B in session
+# 14; session 19 let 13-16 of 31 layers carry instead of 8). SLOTHNB_CARRY_MLP=0 turns it off. Values
 # over ``CARRY_MAX_BYTES`` are not carried: at long context the host memory is the layer inputs'
 # (400K tokens need 27 of 32 of them there).
 CARRY = os.environ.get("SLOTHNB_CARRY_ATTN_OUTPUT", "1") == "1"
@@ -145,7 +146,8 @@ _GATE_UP_LAST = [-(1 << 30)]  # the offer whose G and U were last carried
 
 
 # What tells a layer that the link has room for its G and U. "backlog" (default): the copies the GPU has
-# produced and the link not yet moved hold at most one layer's G and U (``host_offload.link_backlog_bytes``).
+# produced and the link not yet moved hold at most GATE_UP_BACKLOG_PAIRS layers' G and U
+# (``host_offload.link_backlog_bytes``).
 # "in_flight" (sessions 12-18): all copies queued and not finished, which also counts the ones still
 # waiting for the compute stream, i.e. how far the host runs ahead: at 4,096 tokens (host ~3 layers ahead)
 # it let G and U through in 8 of the 16 layers offered although the link was idle ~40% of the forward.
@@ -170,7 +172,7 @@ def _link_has_room(G: torch.Tensor, U: torch.Tensor) -> bool:
 
 def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
     """Carry G and U in a layer whose turn it is (``GATE_UP_SLOTS``, one in ``CARRY_MLP_EVERY``) unless
-    the link is behind by more than one layer's G and U (``GATE_UP_PACING``: that layer is recomputed,
+    the link is behind by more than ``GATE_UP_BACKLOG_PAIRS`` layers' G and U (``GATE_UP_PACING``: that layer is recomputed,
     so a slow link never holds up the forward) or no pinned buffers are free yet (they are pinned in the
     background for later steps). GPU memory held for copies stays bounded by the host's pacing
     (``host_offload.LAYERS_AHEAD``). ``host_offload.COUNTS`` says per step what was carried and why not."""
@@ -190,8 +192,8 @@ def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
     if entries is not None and on_gpu:
         carried_now = entries[-1][1] is not None
         host_offload.COUNTS["gate_up_carried" if carried_now else "gate_up_recomputed"] += 1
-        if not carried_now:
-            host_offload.COUNTS[why] += 1
+        if not carried_now:  # allowed yet not carried: the host budget had no room (``offload_carried``)
+            host_offload.COUNTS[why if not allowed else "gate_up_no_host_room"] += 1
 
 
 @contextlib.contextmanager

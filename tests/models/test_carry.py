@@ -215,6 +215,13 @@ def test_a_layer_refused_for_link_room_passes_its_turn_to_the_next(monkeypatch):
         assert [entries[i][1] is not None for i in range(0, 12, 2)] == expected, slots
         assert host_offload.COUNTS["gate_up_no_link_room"] == 1, slots
         assert host_offload.COUNTS["gate_up_carried"] == sum(expected), slots
+        assert host_offload.COUNTS["gate_up_not_its_turn"] == 6 - sum(expected) - 1, slots
+    # a turn and link room, but the host budget has none: counted as such
+    monkeypatch.setattr(host_offload, "offload_carried", lambda t: None)
+    monkeypatch.setattr(carrying, "_GATE_UP_LAST", [-100])
+    with carrying._carry_scope("record", []):
+        carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+    assert host_offload.COUNTS["gate_up_no_host_room"] == 1
 
 
 def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
