@@ -20,8 +20,19 @@
 #                                 same-machine A/B runs alternating with slothnb:...; -> $OUT/results-base.jsonl
 #   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
+#   targets                       the performance issue's cases, plain: info, the four checkpoints and one
+#                                 slothnb: step per case (not 400K: that one needs a call of its own)
+# RUN_GPU_DRY=1 prints the steps (with targets expanded) and exits.
 # Results: $OUT/results.jsonl (peers' format), summarised at the end.
 set -uo pipefail
+TARGETS="info model:8b model:1b model:qwen7b model:gemma9b slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2 \
+slothnb:8b:none:2048:2 slothnb:1b:none:2048:2 slothnb:qwen7b:nf4:2048:2 slothnb:gemma9b:nf4:2048:2"
+steps=()
+for step in "$@"; do
+  if [ "$step" = targets ]; then read -r -a more <<<"$TARGETS"; steps+=("${more[@]}"); else steps+=("$step"); fi
+done
+set -- "${steps[@]}"
+if [ "${RUN_GPU_DRY:-0}" = 1 ]; then printf '%s\n' "$@"; exit 0; fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 export OUT="${OUT:-$REPO/bench-out}"

@@ -184,3 +184,18 @@ def test_host_costs_times_the_same_gradient_both_ways(capsys, monkeypatch):
     y = host_costs.Chain.forward(ctx, x.detach(), torch.ones(4), torch.ones(4))
     assert torch.equal(y, x.detach()) and ctx.saved_tensors[0] is not None
     assert host_costs.Chain.backward(ctx, torch.full((4, 8), 2.0))[0].eq(2.0).all()
+
+
+def test_run_gpu_expands_targets_to_every_case_of_the_issue():
+    """`bash bench/run_gpu.sh targets` runs each target case once (checked dry: no GPU, no wheels)."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "run_gpu.sh"
+    out = subprocess.run(["bash", str(script), "tests", "targets"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "RUN_GPU_DRY": "1"}).stdout.split()
+    assert out[:3] == ["tests", "info", "model:8b"]
+    cases = [s for s in out if s.startswith("slothnb:")]
+    assert cases == ["slothnb:8b:nf4:2048:2", "slothnb:8b:nf4:4096:2", "slothnb:8b:none:2048:2",
+                     "slothnb:1b:none:2048:2", "slothnb:qwen7b:nf4:2048:2", "slothnb:gemma9b:nf4:2048:2"]
+    assert {"model:1b", "model:qwen7b", "model:gemma9b"} <= set(out)
