@@ -441,7 +441,7 @@ def release_finished_copies() -> None:
 def in_flight_bytes() -> int:
     """Bytes of GPU tensors still held for device->host copies that have not finished."""
     release_finished_copies()
-    return sum(entry[1].nbytes for entry in _IN_FLIGHT)
+    return sum(t.nbytes for _, t, _ in _IN_FLIGHT)
 
 
 def link_backlog_bytes() -> int:
@@ -451,10 +451,10 @@ def link_backlog_bytes() -> int:
     how far the host runs ahead of the GPU, not whether the link keeps up."""
     release_finished_copies()
     backlog = 0
-    for entry in _IN_FLIGHT:  # produced in queue order: stop at the first one still being computed
-        if not entry[2].query():
+    for _, t, produced in _IN_FLIGHT:  # produced in queue order: stop at the first one still being computed
+        if not produced.query():
             break
-        backlog += entry[1].nbytes
+        backlog += t.nbytes
     return backlog
 
 
