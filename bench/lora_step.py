@@ -268,6 +268,9 @@ def run(args, rec):
     stats0 = torch.cuda.memory_stats()
     from slothnb.models import host_offload
 
+    import gpu_telemetry
+
+    telemetry, gpu_by_step = gpu_telemetry.StepTelemetry.for_device(0), []
     times, queued, losses, peaks, reserved, counts = [], [], [], [], [], []
     variants = _variants(args.ab_switch)
     defaults = {(m, attr): getattr(m, attr) for v in variants for m, attr, _ in v}
@@ -279,12 +282,14 @@ def run(args, rec):
             setattr(m, attr, value)
         x = data[i].cuda()
         torch.cuda.synchronize()
+        telemetry.begin()
         t = time.perf_counter()
         gc_pauses.begin_step()
         loss = train_step(model, opt, x)
         queued.append(time.perf_counter() - t)  # the host's share: ~ the step time when host-bound
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        gpu_by_step.append(telemetry.end())  # clocks, power, throttling: why a GPU-paced step was slow
         losses.append(round(float(loss.detach().float()), 4))
         # per-step peaks (the first steps also create the optimizer state), the maximum is the run's peak
         peaks.append(torch.cuda.max_memory_allocated())
@@ -313,6 +318,10 @@ def run(args, rec):
                peak_alloc_by_step_gib=[round(b / GiB, 3) for b in peaks], offload_counts_by_step=counts,
                mem_after_train=mem_now(torch))
     rec["host"] = host_memory()
+    rec["gpu_by_step"] = gpu_by_step
+    rec["gpu_summary"] = gpu_telemetry.summary(gpu_by_step[args.warmup:])
+    rec["link"] = {**gpu_telemetry.link_info(telemetry.nvml, telemetry.handle), **gpu_telemetry.copy_bandwidth(torch)}
+    print("GPU", json.dumps({**rec["gpu_summary"], **rec["link"]}), flush=True)
     rec["host_probe"] = {"before": probe_before, "after": host_probe()}
     rec["gc_pauses_by_step"] = gc_pauses.close()
     from slothnb.models import layer_graphs

@@ -1,0 +1,97 @@
+"""bench/gpu_telemetry.py: per-step GPU counters from NVML and the host link's speed."""
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import gpu_telemetry  # noqa: E402
+
+
+class _FakeNvml:
+    """NVML's counters as a driver keeps them: energy in mJ, capped time in ns, both cumulative."""
+
+    def __init__(self):
+        self.energy, self.capped = 1_000_000, {0: 5_000_000, 1: 0}
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        return self.energy
+
+    def nvmlDeviceGetViolationStatus(self, h, policy):
+        return types.SimpleNamespace(referenceTime=0, violationTime=self.capped[policy])
+
+    def nvmlDeviceGetClockInfo(self, h, clock):
+        assert clock == 1  # the SM clock
+        return 1755
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 61
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, h):
+        return 5
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, h):
+        return 16
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, h):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, h):
+        return 16
+
+
+def test_step_telemetry_turns_cumulative_counters_into_per_step_figures(monkeypatch):
+    nvml = _FakeNvml()
+    clock = iter([10.0, 10.5])  # the step took 0.5 s
+    monkeypatch.setattr(gpu_telemetry.time, "perf_counter", lambda: next(clock))
+    tel = gpu_telemetry.StepTelemetry(nvml, "h")
+    tel.begin()
+    nvml.energy += 350_000  # 350 J in 0.5 s
+    nvml.capped[0] += 12_500_000  # 12.5 ms held back by the power limit
+    step = tel.end()
+    assert step == {"sm_mhz": 1755, "temp_c": 61, "power_w": 700.0, "power_capped_ms": 12.5,
+                    "thermal_capped_ms": 0.0}
+
+
+def test_without_nvml_every_figure_is_left_out():
+    tel = gpu_telemetry.StepTelemetry(None, None)
+    tel.begin()
+    assert tel.end() == {} and gpu_telemetry.link_info(None, None) == {}
+    assert gpu_telemetry.summary([{}, {}]) == {}
+
+
+def test_link_info_keeps_what_the_driver_answers():
+    assert gpu_telemetry.link_info(_FakeNvml(), "h") == {"pcie_gen": 5, "pcie_width": 16, "pcie_gen_max": None,
+                                                         "pcie_width_max": 16}
+
+
+def test_summary_over_steps():
+    steps = [{"sm_mhz": 1980, "power_w": 600.0, "power_capped_ms": 0.0, "thermal_capped_ms": 0.0},
+             {"sm_mhz": 1755, "power_w": 700.0, "power_capped_ms": 40.0, "thermal_capped_ms": 0.0},
+             {"sm_mhz": 1980, "power_w": 650.0, "power_capped_ms": 2.5, "thermal_capped_ms": None}]
+    assert gpu_telemetry.summary(steps) == {"sm_mhz_min": 1755, "sm_mhz_median": 1980, "power_w_max": 700.0,
+                                            "power_capped_ms_total": 42.5, "thermal_capped_ms_total": 0.0}
+
+
+def test_copy_bandwidth_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the GPU test measures it")
+    assert gpu_telemetry.copy_bandwidth(torch) == {}
+
+
+@pytest.mark.gpu
+def test_copy_bandwidth_and_step_counters_on_gpu():
+    bw = gpu_telemetry.copy_bandwidth(torch, mib=64, repeats=2)
+    assert bw["h2d_gbps"] > 5 and bw["d2h_gbps"] > 5, bw  # any PCIe 3 x16 link or better
+    tel = gpu_telemetry.StepTelemetry.for_device(0)
+    if tel.nvml is None:
+        pytest.skip("nvidia-ml-py is not installed")
+    a = torch.randn(4096, 4096, device="cuda")
+    tel.begin()
+    for _ in range(20):
+        a = a @ a.T / 4096
+    torch.cuda.synchronize()
+    step = tel.end()
+    assert step["sm_mhz"] > 100 and step["power_w"] > 10 and step["power_capped_ms"] >= 0, step
