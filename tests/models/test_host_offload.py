@@ -320,9 +320,12 @@ def test_the_link_backlog_leaves_out_copies_the_gpu_has_not_produced_on_gpu():
     the link's until the GPU has produced its tensor; once everything has run, neither counts it."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    x = torch.randn(2**20, device="cuda")
+    # pin a buffer of x's size first: pinning host memory may synchronise the device, which would let the
+    # copy below finish before the test looks at it
+    host_offload.OffloadedTensor(torch.empty_like(x)).restore()
     torch.cuda.synchronize()
     host_offload.release_finished_copies()
-    x = torch.randn(2**20, device="cuda")
     torch.cuda._sleep(200_000_000)  # the compute stream is busy: x's copy waits behind it
     off = host_offload.OffloadedTensor(x)
     assert host_offload.in_flight_bytes() >= x.nbytes
