@@ -271,7 +271,9 @@ def run(args, rec):
     import gpu_telemetry
 
     telemetry, gpu_by_step = gpu_telemetry.StepTelemetry.for_device(0), []
-    times, queued, losses, peaks, reserved, counts = [], [], [], [], [], []
+    from slothnb.models import layer_graphs
+
+    times, queued, losses, peaks, reserved, counts, replay_peaks = [], [], [], [], [], [], []
     variants = _variants(args.ab_switch)
     defaults = {(m, attr): getattr(m, attr) for v in variants for m, attr, _ in v}
     for i in range(n):
@@ -295,6 +297,7 @@ def run(args, rec):
         peaks.append(torch.cuda.max_memory_allocated())
         reserved.append(torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
+        replay_peaks.append(layer_graphs.replay_allocated_peak(reset=True))  # SLOTHNB_CUDA_GRAPHS=1
         counts.append(dict(host_offload.COUNTS))  # what each step offloaded, carried and pinned
         host_offload.COUNTS.clear()
     for (m, attr), d in defaults.items():
@@ -324,10 +327,10 @@ def run(args, rec):
     print("GPU", json.dumps({**rec["gpu_summary"], **rec["link"]}), flush=True)
     rec["host_probe"] = {"before": probe_before, "after": host_probe()}
     rec["gc_pauses_by_step"] = gc_pauses.close()
-    from slothnb.models import layer_graphs
-
     # CUDA graphs' temporaries live in their own pool, outside peak_alloc: counted here (SLOTHNB_CUDA_GRAPHS=1)
     rec["graph_pool_gib"] = round(layer_graphs.pool_bytes() / GiB, 3)
+    if rec["graph_pool_gib"]:  # peak_alloc with a replay's temporaries on top: the figure to hold to the target
+        rec["graph_honest_peak_gib"] = round(layer_graphs.honest_peak_bytes(max(peaks), max(replay_peaks)) / GiB, 3)
     stats1 = torch.cuda.memory_stats()  # allocator trouble (cudaMalloc calls, flushes) during the steps
     rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0)
                         for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}

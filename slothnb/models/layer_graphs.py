@@ -96,7 +96,12 @@ class _Graph:
                 gc.enable()
 
     def replay(self):
+        # what the allocator counts as a replay starts: the graph's temporaries come on top (``honest_peak_bytes``)
+        _REPLAY_ALLOCATED[0] = max(_REPLAY_ALLOCATED[0], torch.cuda.memory_allocated(self.device))
         self.graph.replay()
+
+
+_REPLAY_ALLOCATED = [0]  # the most bytes allocated when a graph started replaying, since the last reset
 
 
 class _StaticInputs:
@@ -339,10 +344,35 @@ def _accumulate(params, grads) -> None:
         torch._foreach_add_([p.grad for p, _ in summed], [g for _, g in summed])
 
 
-def pool_bytes() -> int:
-    """Bytes the live models' layer-graph pools hold on the GPU (0 when no graph was captured)."""
+def pool_usage() -> tuple[int, int]:
+    """(reserved, allocated) bytes of the live models' layer-graph pools on the GPU. Allocated: what
+    outlives a replay there (parameter gradients a backward graph hands out); the rest of the reserved
+    bytes are the graphs' temporaries, in use only while a graph replays."""
     pools = {tuple(h) for shared in list(_LIVE) for h in shared.pools.values()}
     if not pools or not torch.cuda.is_available():
-        return 0
-    return sum(seg["total_size"] for seg in torch.cuda.memory._snapshot()["segments"]
-               if tuple(seg.get("segment_pool_id", (0, 0))) in pools)
+        return 0, 0
+    segments = [seg for seg in torch.cuda.memory._snapshot()["segments"]
+                if tuple(seg.get("segment_pool_id", (0, 0))) in pools]
+    return sum(seg["total_size"] for seg in segments), sum(seg["allocated_size"] for seg in segments)
+
+
+def pool_bytes() -> int:
+    """Bytes the live models' layer-graph pools hold on the GPU (0 when no graph was captured)."""
+    return pool_usage()[0]
+
+
+def replay_allocated_peak(reset: bool = False) -> int:
+    """The most bytes the allocator counted as a graph replay started (since the last ``reset``)."""
+    peak = _REPLAY_ALLOCATED[0]
+    if reset:
+        _REPLAY_ALLOCATED[0] = 0
+    return peak
+
+
+def honest_peak_bytes(peak_allocated: int, replay_allocated: int) -> int:
+    """The most GPU memory live tensors held, graphs' temporaries included: ``torch.cuda.max_memory_allocated``
+    (``peak_allocated``) does not see a replay's temporaries, which live in the pool while it runs, so a
+    replay that starts at ``replay_allocated`` bytes may reach that plus every pool byte not already
+    counted. An upper bound: a replay uses at most the whole pool."""
+    reserved, allocated = pool_usage()
+    return max(peak_allocated, replay_allocated + reserved - allocated) if reserved else peak_allocated

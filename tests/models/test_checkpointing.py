@@ -189,6 +189,20 @@ def test_slothnb_default_keeps_only_the_last_layer():
     assert apply_gradient_checkpointing(model, "slothnb", budget_gib=3 * per_layer / 1024**3, seq_len=128) == [0, 1]
 
 
+def test_with_cuda_graphs_the_default_policy_checkpoints_the_last_layer_too(monkeypatch):
+    """Graphs replay the last layer as well, so it no longer holds its activations through the loss;
+    SLOTHNB_GRAPH_LAST_LAYER=0 restores the plain default."""
+    model = _model(layers=3)
+    assert apply_gradient_checkpointing(model, "slothnb", cuda_graphs=True) == [0, 1, 2]
+    layers = ckpt.decoder_layers(model)
+    assert [layer._gradient_checkpointing_func for layer in layers] == [offloaded_checkpoint] * 3
+    assert all(layer.gradient_checkpointing and layer._slothnb_graphs is not None for layer in layers)
+    monkeypatch.setattr(ckpt, "GRAPH_LAST_LAYER", False)
+    assert apply_gradient_checkpointing(model, "slothnb", cuda_graphs=True) == [0, 1]
+    assert layers[-1]._gradient_checkpointing_func is ckpt.last_layer_checkpoint
+    assert apply_gradient_checkpointing(model, "slothnb", cuda_graphs=False) == [0, 1]
+
+
 def test_partial_checkpointing_matches_reference():
     model = _model(layers=4)
     ref_loss, ref = _loss_and_grads(model)
