@@ -48,7 +48,9 @@ class TokenChunkedFunction(torch.autograd.Function):
     def forward(ctx, fn, recompute_fn, chunk, lead, X, out_features, *params):
         ctx.fn, ctx.chunk = recompute_fn or fn, chunk
         ctx.params = params  # leaves (adapter parameters): no reference cycle through the graph
-        ctx.state = RecomputeState([X])
+        # under a CUDA graph capture (a graphed layer's recompute) nothing draws random numbers (layers with
+        # dropout are not graphed), and a generator's state must not be read or set there
+        ctx.state = RecomputeState([X], preserve_rng=not torch.cuda.is_current_stream_capturing())
         if out_features is None:
             with torch.no_grad():
                 out = _chunked_no_grad(fn, X, chunk)
