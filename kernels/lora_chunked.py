@@ -50,7 +50,7 @@ class TokenChunkedFunction(torch.autograd.Function):
         ctx.params = params  # leaves (adapter parameters): no reference cycle through the graph
         # under a CUDA graph capture (a graphed layer's recompute) nothing draws random numbers (layers with
         # dropout are not graphed), and a generator's state must not be read or set there
-        ctx.state = RecomputeState([X], preserve_rng=not torch.cuda.is_current_stream_capturing())
+        ctx.state = RecomputeState([X], preserve_rng=not (X.is_cuda and torch.cuda.is_current_stream_capturing()))
         if out_features is None:
             with torch.no_grad():
                 out = _chunked_no_grad(fn, X, chunk)
