@@ -16,6 +16,8 @@ What this adds to ``peft.get_peft_model``:
 - gradient checkpointing (``False`` / ``True`` / ``"slothnb"``) from ``slothnb.models.checkpointing``;
 - a frozen, untied input embedding of 256 MiB or more moves to pinned host memory on CUDA
   (``slothnb.models.embedding_offload``; ``offload_embedding=False`` keeps it on the GPU);
+- so does a frozen output head of 256 MiB or more while training, tied or not: each training forward
+  copies it to the GPU for the loss only (``slothnb.models.head_offload``; ``offload_head=False`` keeps it);
 - ``model._slothnb_lora`` records the settings for the kernel-patched forwards and the savers.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from slothnb.errors import ConfigError, HardwareError
 from slothnb.kernels.adapter_casts import pack_adapters
 from slothnb.models.checkpointing import apply_gradient_checkpointing, normalize_mode
+from slothnb.models import head_offload
 from slothnb.models.embedding_offload import MIN_BYTES, offload_input_embedding, should_offload
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -166,6 +169,20 @@ def _offload_embedding(hf_model: nn.Module, choice) -> bool:
     return True
 
 
+def _offload_head(hf_model: nn.Module, choice) -> bool:
+    """Moves a frozen output head to host memory while training (see ``head_offload``); True if done.
+    ``"auto"`` does it on CUDA for heads of 256 MiB or more; ``True`` for any frozen bias-free CUDA head."""
+    if choice is False:
+        return False
+    if not head_offload.should_offload(hf_model, head_offload.MIN_BYTES if choice == "auto" else 0):
+        if choice is True:
+            raise ConfigError("offload_head=True needs a frozen, bias-free nn.Linear output head on a CUDA device "
+                              "(not trained, no LoRA on it): pass 'auto' to offload only where it applies.")
+        return False
+    head_offload.offload_output_head(hf_model)
+    return True
+
+
 def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, lora_dropout=0.0, bias="none",
                    use_gradient_checkpointing="slothnb", random_state=3407, use_rslora=False, loftq_config=None,
                    modules_to_save=None, max_seq_length=None, init_lora_weights=True, **kw):
@@ -176,6 +193,8 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     ``checkpoint_budget_gib`` (activation budget at ``max_seq_length``, see ``checkpoint_policy``);
     ``offload_embedding`` ("auto" | True | False): keep a frozen, untied input embedding in pinned host
     memory (saves its GPU copy, 0.98 GiB on Llama-3.1-8B; see ``slothnb.models.embedding_offload``);
+    ``offload_head`` ("auto" | True | False): keep a frozen output head in pinned host memory while
+    training, on the GPU only from each forward's start to its loss (see ``slothnb.models.head_offload``);
     ``cuda_graphs`` (bool, default ``SLOTHNB_CUDA_GRAPHS``): with "slothnb" checkpointing, replay each
     checkpointed layer as CUDA graphs (for host-bound small models; see ``slothnb.models.layer_graphs``).
     Other ``kw`` go to peft's ``LoraConfig`` (e.g. ``use_dora``, ``layers_to_transform``).
@@ -190,6 +209,9 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     checkpoint_layers = kw.pop("checkpoint_layers", None)
     checkpoint_budget_gib = kw.pop("checkpoint_budget_gib", None)
     offload_embedding = kw.pop("offload_embedding", "auto")
+    offload_head = kw.pop("offload_head", "auto")
+    if offload_head not in ("auto", True, False):
+        raise ConfigError(f"offload_head={offload_head!r}: pass 'auto', True or False.")
     cuda_graphs = kw.pop("cuda_graphs", None)
     if offload_embedding not in ("auto", True, False):
         raise ConfigError(f"offload_embedding={offload_embedding!r}: pass 'auto', True or False.")
@@ -220,6 +242,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     hf = peft_model.get_base_model()
     pack_adapters(_adapters_in_pack_order(peft_model))
     offloaded = _offload_embedding(hf, offload_embedding)
+    head_offloaded = _offload_head(hf, offload_head)
     chosen = apply_gradient_checkpointing(peft_model, mode, layers=checkpoint_layers,
                                           budget_gib=checkpoint_budget_gib, seq_len=max_seq_length,
                                           cuda_graphs=cuda_graphs)
@@ -230,7 +253,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
         "use_rslora": bool(use_rslora), "scaling": lora_alpha / (math.sqrt(r) if use_rslora else r),
         "target_modules": targets, "modules_to_save": save, "tied_embeddings": tie,
         "use_gradient_checkpointing": mode, "checkpointed_layers": chosen, "cuda_graphs": getattr(hf, "_slothnb_cuda_graphs", False),
-        "offloaded_embedding": offloaded, "random_state": random_state,
+        "offloaded_embedding": offloaded, "offloaded_head": head_offloaded, "random_state": random_state,
         "max_seq_length": max_seq_length, "loftq": loftq_config is not None, "quantized_4bit": quantized,
         # the fused LoRA kernels apply only when the adapter is a plain x @ A @ B * scale
         "fusable": lora_dropout == 0 and bias == "none" and not kw.get("use_dora", False),

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from slothnb.kernels._utils import use_triton
 from slothnb.kernels.lora_chunked import token_chunked
-from slothnb.models import carrying, checkpointing, lora_fusion
+from slothnb.models import carrying, checkpointing, head_offload, lora_fusion
 from slothnb.models.arch import _ops
 
 
@@ -274,6 +274,8 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+    if labels is not None and self.training:
+        head_offload.prefetch(self.lm_head)  # a head in host memory travels while the layers run
     if (self._slothnb_spec.softcaps and not kwargs.get("output_attentions")
             and _plain_causal(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)):
         # No padding, packing or cache: every layer's mask is plain causal (+ the layer's sliding window),
@@ -334,7 +336,9 @@ def _causal_lm_loss(self, hidden, logits, labels, num_items_in_batch=None, shift
         return _ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels, inplace_backward=False, **ce)
     softcap = getattr(self.config, "final_logit_softcapping", None) if self._slothnb_spec.softcaps else None
     flat = hidden.reshape(-1, hidden.shape[-1])
-    head = lora_fusion.linear_weight(self.lm_head)
+    lm_head = self.lm_head
+    head = ((lm_head.take(flat.device), None) if isinstance(lm_head, head_offload.HostHead)
+            else lora_fusion.linear_weight(lm_head))
     if head is None:  # lm_head with LoRA on it: build the logits, then the chunked cross-entropy
         return _ops.cross_entropy(self.lm_head(flat), shift_labels, softcap=softcap, **ce)
     weight, bias = head
