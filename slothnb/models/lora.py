@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 from torch import nn
@@ -194,7 +195,8 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     ``offload_embedding`` ("auto" | True | False): keep a frozen, untied input embedding in pinned host
     memory (saves its GPU copy, 0.98 GiB on Llama-3.1-8B; see ``slothnb.models.embedding_offload``);
     ``offload_head`` ("auto" | True | False): keep a frozen output head in pinned host memory while
-    training, on the GPU only from each forward's start to its loss (see ``slothnb.models.head_offload``);
+    training, on the GPU only from each forward's start to its loss (see ``slothnb.models.head_offload``;
+    default from SLOTHNB_OFFLOAD_HEAD: 0 off, 1 on, else "auto");
     ``cuda_graphs`` (bool, default ``SLOTHNB_CUDA_GRAPHS``): with "slothnb" checkpointing, replay each
     checkpointed layer as CUDA graphs (for host-bound small models; see ``slothnb.models.layer_graphs``).
     Other ``kw`` go to peft's ``LoraConfig`` (e.g. ``use_dora``, ``layers_to_transform``).
@@ -209,7 +211,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     checkpoint_layers = kw.pop("checkpoint_layers", None)
     checkpoint_budget_gib = kw.pop("checkpoint_budget_gib", None)
     offload_embedding = kw.pop("offload_embedding", "auto")
-    offload_head = kw.pop("offload_head", "auto")
+    offload_head = kw.pop("offload_head", {"0": False, "1": True}.get(os.environ.get("SLOTHNB_OFFLOAD_HEAD"), "auto"))
     if offload_head not in ("auto", True, False):
         raise ConfigError(f"offload_head={offload_head!r}: pass 'auto', True or False.")
     cuda_graphs = kw.pop("cuda_graphs", None)
