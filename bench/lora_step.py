@@ -294,10 +294,11 @@ def run(args, rec):
         gpu_by_step.append(telemetry.end())  # clocks, power, throttling: why a GPU-paced step was slow
         losses.append(round(float(loss.detach().float()), 4))
         # per-step peaks (the first steps also create the optimizer state), the maximum is the run's peak
-        peaks.append(torch.cuda.max_memory_allocated())
+        # a CUDA graph capture restarts the counter (layer_graphs.peak_before_capture has what it held)
+        peaks.append(max(torch.cuda.max_memory_allocated(), layer_graphs.peak_before_capture(reset=True)))
         reserved.append(torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
-        replay_peaks.append(layer_graphs.replay_allocated_peak(reset=True))  # SLOTHNB_CUDA_GRAPHS=1
+        replay_peaks.append(layer_graphs.replay_peak(reset=True))  # SLOTHNB_CUDA_GRAPHS=1: temporaries included
         counts.append(dict(host_offload.COUNTS))  # what each step offloaded, carried and pinned
         host_offload.COUNTS.clear()
     for (m, attr), d in defaults.items():
@@ -329,8 +330,10 @@ def run(args, rec):
     rec["gc_pauses_by_step"] = gc_pauses.close()
     # CUDA graphs' temporaries live in their own pool, outside peak_alloc: counted here (SLOTHNB_CUDA_GRAPHS=1)
     rec["graph_pool_gib"] = round(layer_graphs.pool_bytes() / GiB, 3)
-    if rec["graph_pool_gib"]:  # peak_alloc with a replay's temporaries on top: the figure to hold to the target
-        rec["graph_honest_peak_gib"] = round(layer_graphs.honest_peak_bytes(max(peaks), max(replay_peaks)) / GiB, 3)
+    if rec["graph_pool_gib"]:  # the most live during a replay, temporaries included: held to the target too
+        rec["graph_replay_peak_gib"] = round(max(replay_peaks) / GiB, 3)
+        rec["graph_replay_peak_by_step_gib"] = [round(b / GiB, 3) for b in replay_peaks]
+        rec["graph_honest_peak_gib"] = round(max(max(peaks), max(replay_peaks)) / GiB, 3)
     stats1 = torch.cuda.memory_stats()  # allocator trouble (cudaMalloc calls, flushes) during the steps
     rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0)
                         for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}

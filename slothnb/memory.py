@@ -113,6 +113,14 @@ def _cuda_index(device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def _reset_peaks(index: int) -> None:
+    from slothnb.models import layer_graphs
+
+    torch.cuda.reset_peak_memory_stats(index)
+    layer_graphs.peak_before_capture(reset=True)
+    layer_graphs.replay_peak(reset=True)
+
+
 def snapshot(device=None) -> MemorySnapshot:
     """Memory now, for ``device`` (default: the current CUDA device, if any)."""
     snap = MemorySnapshot(time=time.time(), has_gpu=False, cpu_rss=_cpu_rss())
@@ -124,9 +132,12 @@ def snapshot(device=None) -> MemorySnapshot:
     snap.device = torch.cuda.get_device_name(index)
     snap.allocated = torch.cuda.memory_allocated(index)
     snap.reserved = torch.cuda.memory_reserved(index)
-    snap.peak_allocated = torch.cuda.max_memory_allocated(index)
+    from slothnb.models import host_offload, layer_graphs  # engine level: they own their memory
+
+    # CUDA graphs: a capture restarts the peak counter, and a replay's temporaries are not counted in it
+    snap.peak_allocated = max(torch.cuda.max_memory_allocated(index), layer_graphs.peak_before_capture(),
+                              layer_graphs.replay_peak())
     snap.peak_reserved = torch.cuda.max_memory_reserved(index)
-    from slothnb.models import host_offload  # engine level: the offloading owns its pinned pool
 
     snap.pinned_host = host_offload.pinned_bytes()
     nvml = _nvml()
@@ -171,7 +182,7 @@ class MemoryRecorder:
         rec = StageRecord(stage=str(stage), snapshot=snap,
                           peak_allocated=snap.peak_allocated, peak_reserved=snap.peak_reserved)
         if reset_peak and snap.has_gpu:
-            torch.cuda.reset_peak_memory_stats(snap.device_index)
+            _reset_peaks(snap.device_index)
         self.stages.append(rec)
         return rec
 
@@ -180,7 +191,7 @@ class MemoryRecorder:
         self.stages.clear()
         index = _cuda_index(self.device)
         if index is not None:
-            torch.cuda.reset_peak_memory_stats(index)
+            _reset_peaks(index)
 
     def to_rows(self) -> list[dict]:
         """One flat dict per stage (byte counts), for tables and plots."""

@@ -81,6 +81,7 @@ class _Graph:
     def __init__(self, device: torch.device, pool):
         self.device, self.pool = device, pool
         self.graph = torch.cuda.CUDAGraph()
+        self.transient = 0  # bytes of temporaries a replay uses on top of what stays allocated
 
     def capture(self, body):
         # No garbage collection while capturing: a finaliser that touches CUDA (an offloaded input
@@ -88,20 +89,27 @@ class _Graph:
         collecting = gc.isenabled()
         gc.collect()
         gc.disable()
+        # The capture's allocations are the replays' (same sizes, same order): their peak above what stays
+        # allocated is what every replay adds unseen by the allocator. The peak counter is restarted for
+        # that; the peak it held is kept for ``peak_before_capture``.
+        _PEAK_BEFORE_CAPTURE[0] = max(_PEAK_BEFORE_CAPTURE[0], torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
         try:
             with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
                 return body()
         finally:
+            self.transient = max(0, torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device))
             if collecting:
                 gc.enable()
 
     def replay(self):
-        # what the allocator counts as a replay starts: the graph's temporaries come on top (``honest_peak_bytes``)
-        _REPLAY_ALLOCATED[0] = max(_REPLAY_ALLOCATED[0], torch.cuda.memory_allocated(self.device))
+        # the most this replay has live: what the allocator counts now plus the graph's own temporaries
+        _REPLAY_PEAK[0] = max(_REPLAY_PEAK[0], torch.cuda.memory_allocated(self.device) + self.transient)
         self.graph.replay()
 
 
-_REPLAY_ALLOCATED = [0]  # the most bytes allocated when a graph started replaying, since the last reset
+_REPLAY_PEAK = [0]  # the most bytes live during a replay (allocated + its temporaries), since the last reset
+_PEAK_BEFORE_CAPTURE = [0]  # max_memory_allocated as it stood before a capture restarted it
 
 
 class _StaticInputs:
@@ -361,18 +369,19 @@ def pool_bytes() -> int:
     return pool_usage()[0]
 
 
-def replay_allocated_peak(reset: bool = False) -> int:
-    """The most bytes the allocator counted as a graph replay started (since the last ``reset``)."""
-    peak = _REPLAY_ALLOCATED[0]
+def replay_peak(reset: bool = False) -> int:
+    """The most bytes live during a graph replay since the last ``reset``: allocated as it started plus the
+    graph's temporaries, which ``torch.cuda.max_memory_allocated`` does not see (they live in the pool)."""
+    peak = _REPLAY_PEAK[0]
     if reset:
-        _REPLAY_ALLOCATED[0] = 0
+        _REPLAY_PEAK[0] = 0
     return peak
 
 
-def honest_peak_bytes(peak_allocated: int, replay_allocated: int) -> int:
-    """The most GPU memory live tensors held, graphs' temporaries included: ``torch.cuda.max_memory_allocated``
-    (``peak_allocated``) does not see a replay's temporaries, which live in the pool while it runs, so a
-    replay that starts at ``replay_allocated`` bytes may reach that plus every pool byte not already
-    counted. An upper bound: a replay uses at most the whole pool."""
-    reserved, allocated = pool_usage()
-    return max(peak_allocated, replay_allocated + reserved - allocated) if reserved else peak_allocated
+def peak_before_capture(reset: bool = False) -> int:
+    """``torch.cuda.max_memory_allocated`` as it stood before the latest capture restarted it (0: none
+    since the last ``reset``): a step that captured takes the larger of this and the counter."""
+    peak = _PEAK_BEFORE_CAPTURE[0]
+    if reset:
+        _PEAK_BEFORE_CAPTURE[0] = 0
+    return peak
