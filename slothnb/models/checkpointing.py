@@ -333,7 +333,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
     if cuda_graphs is None:
         cuda_graphs = getattr(hf, "_slothnb_cuda_graphs", None)
     if cuda_graphs is None:
-        cuda_graphs = layer_graphs.enabled_by_env()
+        cuda_graphs = layer_graphs.default_for(hf)
     cuda_graphs = bool(cuda_graphs) and mode == "slothnb"
     hf._slothnb_cuda_graphs = cuda_graphs
     # one ModelGraphs per model: the layers' graphs share its pool and buffers (kept on re-application)

@@ -200,8 +200,9 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     ``offload_head`` ("auto" | True | False): keep a frozen output head in pinned host memory while
     training, on the GPU only from each forward's start to its loss (see ``slothnb.models.head_offload``;
     "auto": with CUDA graphs; default from SLOTHNB_OFFLOAD_HEAD: 0 off, 1 on, else "auto");
-    ``cuda_graphs`` (bool, default ``SLOTHNB_CUDA_GRAPHS``): with "slothnb" checkpointing, replay each
-    checkpointed layer as CUDA graphs (for host-bound small models; see ``slothnb.models.layer_graphs``).
+    ``cuda_graphs`` (bool; default ``SLOTHNB_CUDA_GRAPHS`` if set, else on for CUDA models of 0.2-3B
+    parameters): with "slothnb" checkpointing, replay each checkpointed layer as CUDA graphs (for
+    host-bound small models; see ``slothnb.models.layer_graphs``).
     Other ``kw`` go to peft's ``LoraConfig`` (e.g. ``use_dora``, ``layers_to_transform``).
     """
     import peft

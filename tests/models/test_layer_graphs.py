@@ -123,6 +123,23 @@ def test_the_switch_comes_from_the_argument_the_model_or_the_environment(monkeyp
     assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
 
 
+def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters(monkeypatch):
+    model = _model(graphs=False).get_base_model()
+    monkeypatch.delenv(layer_graphs.ENV, raising=False)
+    monkeypatch.setattr(layer_graphs, "AUTO_MIN_PARAMS", 0)  # the tiny model counts as small, not tiny
+    assert layer_graphs.default_for(model) is False  # on the CPU there is nothing to replay
+    monkeypatch.setenv(layer_graphs.ENV, "1")
+    assert layer_graphs.default_for(model) is True  # the environment decides when set
+    monkeypatch.setenv(layer_graphs.ENV, "0")
+    assert layer_graphs.default_for(model) is False
+    if torch.cuda.is_available():
+        monkeypatch.delenv(layer_graphs.ENV)
+        model = model.cuda()
+        assert layer_graphs.default_for(model) is True
+        monkeypatch.setattr(layer_graphs, "AUTO_MAX_PARAMS", 10)
+        assert layer_graphs.default_for(model) is False  # past the host-bound sizes
+
+
 def test_dropout_keeps_a_layer_eager(replaying):
     _train(_model(graphs=True, dropout=0.1), steps=2)
     assert replaying == []  # a graph would replay one dropout mask forever
