@@ -93,9 +93,10 @@ def _add_finetune_parser(sub, run):
     lo.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r")
     lo.add_argument("--gradient-checkpointing", choices=("slothnb", "true", "false"), default="slothnb",
                     help="slothnb = offloaded checkpointing (least memory), true = plain, false = none (default: slothnb)")
-    lo.add_argument("--cuda-graphs", action="store_true", help=(
-        "replay each checkpointed layer as CUDA graphs (with --gradient-checkpointing slothnb): "
-        "much faster for small, host-bound models, at the cost of a graph memory pool"))
+    lo.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, help=(
+        "replay each checkpointed layer as CUDA graphs (with --gradient-checkpointing slothnb): much faster "
+        "for small, host-bound models, at the cost of a graph memory pool (default: on for 0.2-3B-parameter "
+        "models on a GPU)"))
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: 60, or --epochs when given)")
     t.add_argument("--epochs", type=float, metavar="E", help="train this many passes over the data instead of --max-steps")

@@ -284,7 +284,9 @@ def test_cuda_graphs_flag_reaches_the_recipe_and_the_model(monkeypatch):
     args = build_parser().parse_args(["finetune", "--dataset", "x.jsonl", "--cuda-graphs"])
     config = _finetune_config(args)
     assert config.cuda_graphs is True and config.use_gradient_checkpointing == "slothnb"
-    assert _finetune_config(build_parser().parse_args(["finetune", "--dataset", "x.jsonl"])).cuda_graphs is False
+    assert _finetune_config(build_parser().parse_args(["finetune", "--dataset", "x.jsonl"])).cuda_graphs is None
+    assert _finetune_config(build_parser().parse_args(["finetune", "--dataset", "x.jsonl",
+                                                       "--no-cuda-graphs"])).cuda_graphs is False
     seen = {}
     monkeypatch.setattr("slothnb.models.lora.get_peft_model", lambda model, **kw: seen.update(kw) or model)
     recipe._add_lora(object(), config)
