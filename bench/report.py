@@ -35,8 +35,11 @@ def step_tables(path, default_peak=None):
                 continue
             mfu = 6 * N_MATMUL.get(model, r.get("n_matmul_params", 0)) * r["tokens_per_s"] / (peak * 1e12) if peak else None
             losses = " ".join(f"{v:.3f}" for v in r["losses"][:3])
-            pool = r.get("graph_pool_gib") or 0  # CUDA graphs' own pool, outside peak_alloc: shown beside it
-            alloc = f"{r['peak_alloc_gib']:.2f}" + (f" + {pool:.2f} graph pool" if pool else "")
+            alloc = f"{r['peak_alloc_gib']:.2f}"
+            if r.get("graph_honest_peak_gib") is not None:  # CUDA graphs: their replays' temporaries counted too
+                alloc += f" ({r['graph_honest_peak_gib']:.2f} with the graphs' temporaries)"
+            elif r.get("graph_pool_gib"):  # older records: only the pool's size is known
+                alloc += f" + {r['graph_pool_gib']:.2f} graph pool"
             out.append(f"| {r['system']} | {r.get('grad_ckpt', '')} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | "
                        f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {alloc} | "
                        f"{r['peak_reserved_gib']:.2f} | {losses} |")

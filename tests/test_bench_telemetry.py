@@ -98,3 +98,21 @@ def test_copy_bandwidth_and_step_counters_on_gpu():
         torch.cuda.synchronize()
     step = tel.end()
     assert step["sm_mhz"] > 100 and step["power_w"] > 50 and step["power_capped_ms"] >= 0, step
+
+
+def test_report_shows_the_graphs_temporaries_beside_the_allocator_peak(tmp_path):
+    import json
+
+    import report
+
+    base = {"kind": "bench", "system": "slothnb", "model": "1b", "quant": "none", "seq": 2048, "batch": 2,
+            "status": "ok", "grad_ckpt": "slothnb", "step_s_median": 0.07, "tokens_per_s": 58000.0,
+            "peak_alloc_gib": 2.887, "peak_reserved_gib": 3.357, "losses": [12.166, 12.194, 12.149]}
+    rows = [dict(base, graph_pool_gib=0.504, graph_honest_peak_gib=2.964),
+            dict(base, graph_pool_gib=0.55),  # a record from before the replays' peak was measured
+            dict(base)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table, _ = report.step_tables(str(path), default_peak=778.0)
+    cells = [line.split(" | ")[5] for line in table.splitlines() if line.startswith("| slothnb")]
+    assert cells == ["2.89 (2.96 with the graphs' temporaries)", "2.89 + 0.55 graph pool", "2.89"]
