@@ -289,3 +289,35 @@ def test_a_capture_that_breaks_the_random_generator_stops_with_a_clear_error(mon
     with pytest.raises(HardwareError, match="random number generator unusable.*without CUDA graphs") as caught:
         _train(_model(graphs=True), steps=2)
     assert "operation not permitted when stream is capturing" in str(caught.value.__cause__)
+
+
+@pytest.mark.gpu
+def test_the_defaults_of_a_small_model_graph_it_and_offload_its_head_on_gpu(monkeypatch):
+    """A 0.22B-parameter model on the GPU: slothnb's get_peft_model turns the graphs on by itself, the head
+    follows them into host memory, and training matches the eager, head-on-GPU model step for step."""
+    from slothnb.models import head_offload
+    from slothnb.models.lora import get_peft_model as slothnb_peft
+
+    monkeypatch.delenv(layer_graphs.ENV, raising=False)
+    monkeypatch.setattr(head_offload, "MIN_BYTES", 0)  # its 64 MiB head counts as large
+
+    def build(**kw):
+        model = tiny_model("llama", seed=0, num_hidden_layers=14, hidden_size=1024, intermediate_size=2816,
+                           num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+        model = model.to("cuda", torch.bfloat16)
+        patch_model(model)
+        return slothnb_peft(model, r=8, lora_alpha=16, init_lora_weights=False, random_state=0, **kw).train()
+
+    ref = build(cuda_graphs=False, offload_head=False)
+    assert not ref._slothnb_lora["cuda_graphs"] and not ref._slothnb_lora["offloaded_head"]
+    ref_losses, ref_grads = _train(ref, steps=4, seq=256, lr=1e-3, device="cuda")
+    del ref
+    model = build()
+    assert sum(p.numel() for p in model.parameters()) > layer_graphs.AUTO_MIN_PARAMS
+    assert model._slothnb_lora["cuda_graphs"] and model._slothnb_lora["offloaded_head"]
+    losses, grads = _train(model, steps=4, seq=256, lr=1e-3, device="cuda")
+    layers = model.get_base_model().model.layers
+    assert all(any(isinstance(v, tuple) for v in layer._slothnb_graphs._bwd.values()) for layer in layers)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=2e-3)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
