@@ -348,7 +348,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         elif getattr(layer, "_slothnb_graphs", None) is None:
             layer._slothnb_graphs = layer_graphs.LayerGraphs(layer, shared)
     if default_policy and cuda_graphs and GRAPH_LAST_LAYER:
-        layers = chosen = set(range(len(all_layers)))
+        chosen = set(range(len(all_layers)))
         for layer in all_layers:
             layer.gradient_checkpointing = True
     elif default_policy and len(all_layers) > 1:  # the last layer decides per call, by its input's size

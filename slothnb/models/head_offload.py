@@ -51,7 +51,7 @@ class HostHead(nn.Module):
         self._resident = None  # eval mode: one GPU copy kept for generation
 
     def prefetch(self) -> None:
-        """Queue the host->device copy on the offloads' side stream (once; ``take`` hands it out)."""
+        """Queue the host->device copy on the head's own stream (once; ``take`` hands it out)."""
         dev = self.compute_device
         if self._pending is not None or self._resident is not None or self.weight.device == dev or dev.type != "cuda":
             return
