@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slothnb.models import host_offload
 from slothnb.models.embedding_offload import HostEmbedding
 
 MIN_BYTES = 256 * 2**20  # smaller heads free too little GPU memory to be worth a copy every step
@@ -55,7 +56,10 @@ class HostHead(nn.Module):
         dev = self.compute_device
         if self._pending is not None or self._resident is not None or self.weight.device == dev or dev.type != "cuda":
             return
-        current, side = torch.cuda.current_stream(dev), _head_stream(dev)
+        # its own stream, not the offloaded checkpoints': queued there, the copy (9-33 ms) would hold up the
+        # layers' device->host offloads behind it, and the forward with them (H100, Llama-3.2-1B with CUDA
+        # graphs: 8% slower a step)
+        current, side = torch.cuda.current_stream(dev), host_offload._side_stream(dev, "head")
         gpu = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=dev)  # in the compute stream's order
         side.wait_stream(current)  # earlier users of that memory are done with it
         with torch.cuda.stream(side):
@@ -95,19 +99,6 @@ class HostHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias=False, "
                 f"on {self.weight.device.type} (slothnb offloaded)")
-
-
-_STREAMS: dict = {}
-
-
-def _head_stream(device: torch.device) -> torch.cuda.Stream:
-    """The head's own copy stream, not the offloaded checkpoints' side stream: queued there, the head's
-    copy (9-33 ms) would hold up the layers' device->host offloads behind it, and the forward with them
-    (H100, Llama-3.2-1B with CUDA graphs: 8% slower a step)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _STREAMS:
-        _STREAMS[index] = torch.cuda.Stream(device=index)
-    return _STREAMS[index]
 
 
 def prefetch(head: nn.Module) -> None:

@@ -215,14 +215,15 @@ def default_host_budget_bytes() -> int:
 
 
 HOST_BUDGET = HostBudget()
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
+def _side_stream(device: torch.device, role: str = "offload") -> torch.cuda.Stream:
+    """One copy stream per device and role: the offloaded checkpoints' ("offload"), the output head's ("head")."""
+    key = (role, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key[1])
+    return _SIDE_STREAMS[key]
 
 
 # Stream bookkeeping without torch.cuda's Python. ``torch.cuda.current_stream``, ``torch.cuda.stream(s)``
