@@ -149,6 +149,9 @@ def test_lora_step_ab_variants_take_turns_with_the_defaults():
     rows = lora_step.ab_slots("A;B", times, [t / 2 for t in times], [1 << 30, 2 << 30, 3 << 30] * 2, 1000, 2)
     assert [(r["switch"], r["tok_s"], r["host_ms"], r["peak_alloc_gib"], r["steps"]) for r in rows] == [
         ("defaults", 10000.0, 50.0, 1.0, 2), ("A", 5000.0, 100.0, 2.0, 2), ("B", 2500.0, 200.0, 3.0, 2)]
+    replays = [0, 0, 0, 4 << 30, 0, 0]  # a graph replay of the defaults' second step reached 4 GiB
+    rows = lora_step.ab_slots("A;B", times, times, [1 << 30, 2 << 30, 3 << 30] * 2, 1000, 2, replays)
+    assert [r["honest_peak_gib"] for r in rows] == [4.0, 2.0, 3.0]
 
 
 def test_ab_levers_names_settings_that_exist():

@@ -195,8 +195,11 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state
     # input alive on the GPU until backward, which is exactly what offloading is meant to avoid.
     kept_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     owner = _owner_module(function)
-    call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state,
-                 getattr(owner, "_slothnb_graphs", None), getattr(owner, "_slothnb_written", None))
+    graphs = getattr(owner, "_slothnb_graphs", None)
+    if graphs is not None and not graphs.active():  # outside layer_graphs.SHARE, or switched off
+        graphs = None
+    call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state, graphs,
+                 getattr(owner, "_slothnb_written", None))
 
     anchor = None
     if not any(t.requires_grad for t in tensors):
@@ -346,7 +349,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         if not cuda_graphs:
             layer.__dict__.pop("_slothnb_graphs", None)
         elif getattr(layer, "_slothnb_graphs", None) is None:
-            layer._slothnb_graphs = layer_graphs.LayerGraphs(layer, shared)
+            layer._slothnb_graphs = layer_graphs.LayerGraphs(layer, shared, index=i)
     if default_policy and cuda_graphs and GRAPH_LAST_LAYER:
         chosen = set(range(len(all_layers)))
         for layer in all_layers:

@@ -48,6 +48,20 @@ from slothnb.errors import HardwareError
 ENV = "SLOTHNB_CUDA_GRAPHS"
 MAX_SIGNATURES = 4  # input shapes per layer and pass that get graphs; later shapes run eagerly
 
+# Which graph-holding layers replay their graphs, read at every checkpointed call (so a benchmark may
+# switch them step by step): ACTIVE False runs them all eagerly; SHARE (0..1, SLOTHNB_GRAPH_SHARE) graphs
+# that share of the layers, spread evenly, and runs the rest eagerly, where they carry values to their
+# recompute. A share trades the host's time (a graphed layer costs it almost nothing) against the GPU's
+# (a graphed layer recomputes what an eager one carries).
+ACTIVE = True
+SHARE = float(os.environ.get("SLOTHNB_GRAPH_SHARE", "1"))
+
+
+def in_share(index: int, share: float) -> bool:
+    """Whether layer ``index`` is among ``share`` of the layers, spread evenly (0.5: every second one)."""
+    share = min(max(share, 0.0), 1.0)
+    return int((index + 1) * share + 1e-9) > int(index * share + 1e-9)
+
 
 # Models this size run graphs unless told otherwise: their step is bound by the host, not the GPU (H100,
 # Llama-3.2-1B LoRA at 2 x 2,048 tokens: 58,000 tok/s with graphs against 26,000-47,000 eager, by host),
@@ -180,13 +194,17 @@ class LayerGraphs:
 
     graph_class = _Graph
 
-    def __init__(self, layer: nn.Module, shared: ModelGraphs):
-        self.layer, self.shared = layer, shared
+    def __init__(self, layer: nn.Module, shared: ModelGraphs, index: int = 0):
+        self.layer, self.shared, self.index = layer, shared, index
         self._warned_signatures = False
         self._fwd: dict = {}  # signature -> "seen" (ran eagerly once) | (graph, buffers, ...) | "eager"
         self._bwd: dict = {}
 
     # ------------------------------------------------------------------------------------- eligibility
+    def active(self) -> bool:
+        """Whether this call replays graphs (``ACTIVE`` and ``SHARE``); otherwise the layer runs eagerly."""
+        return ACTIVE and in_share(self.index, SHARE)
+
     def usable(self, tensors) -> bool:
         on_gpu = self.graph_class is not _Graph or all(t.is_cuda for t in tensors)  # tests fake the graph on CPU
         if not tensors or not on_gpu:

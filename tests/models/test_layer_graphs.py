@@ -86,6 +86,25 @@ def test_graphed_layers_train_exactly_like_eager(replaying, accumulate):
         assert torch.equal(grads[name], g), name
 
 
+def test_a_share_of_the_layers_graphed_and_the_rest_eager_train_exactly_like_eager(replaying, monkeypatch):
+    assert [i for i in range(8) if layer_graphs.in_share(i, 0.5)] == [1, 3, 5, 7]
+    assert [i for i in range(8) if layer_graphs.in_share(i, 0.25)] == [3, 7]
+    assert all(layer_graphs.in_share(i, 1.0) for i in range(8)) and not any(layer_graphs.in_share(i, 0) for i in range(8))
+    ref_losses, ref_grads = _train(_model(graphs=False, layers=4), accumulate=2)
+    monkeypatch.setattr(layer_graphs, "SHARE", 0.5)
+    losses, grads = _train(_model(graphs=True, layers=4), accumulate=2)
+    # layers 1 and 3 graphed (forward + backward each), layers 0 and 2 eager; every call after the first replays
+    assert replaying.count("capture") == 4 and replaying.count("replay") == 4 * (3 * 2 - 1)
+    assert losses == ref_losses
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+    # ACTIVE off (read at every call): the graphs stay captured but nothing replays
+    replaying.clear()
+    monkeypatch.setattr(layer_graphs, "ACTIVE", False)
+    assert _train(_model(graphs=True, layers=4), steps=2)[0] == _train(_model(graphs=False, layers=4), steps=2)[0]
+    assert replaying == []
+
+
 def test_layers_share_their_static_buffers(replaying):
     model = _model(graphs=True)
     _train(model, steps=2)
