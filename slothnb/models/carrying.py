@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from slothnb.kernels._utils import switched_on
+from slothnb.kernels._utils import switched_off, switched_on
 from slothnb.models import host_offload
 
 # The patched attention hands over its output projection's result (``arch.common._project_out``), so
@@ -81,6 +81,12 @@ def carried(tag: str = ""):
 def _worth_carrying(x: torch.Tensor) -> bool:
     """By the size of a layer part's input (the same in a forward and its recompute)."""
     return x.numel() * x.element_size() >= CARRY_MIN_BYTES
+
+
+def carries_values(x: torch.Tensor) -> bool:
+    """Whether a checkpointed layer with hidden states ``x`` may carry values to its recompute (any
+    carry switched on, and its parts' inputs, x's size in Llama-family layers, worth it)."""
+    return (CARRY or CARRY_MLP or not switched_off(CARRY_SDPA)) and _worth_carrying(x)
 
 
 def carry_attention_output(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -229,6 +235,22 @@ class _Carried:
     def _take(self):
         e = self.entries.popleft()[1]
         return e.restore() if isinstance(e, host_offload.OffloadedTensor) else e
+
+    def graphable(self) -> bool:
+        """Whether every value is a tensor or absent: what a CUDA graph can be fed (``layer_graphs``)."""
+        return all(e is None or isinstance(e, (torch.Tensor, host_offload.OffloadedTensor)) for _, e in self.entries)
+
+    def drain(self) -> list:
+        """Every ``(tag, value)`` left, restored, in order; none left here."""
+        out = []
+        while self.entries:
+            tag = self.entries[0][0]
+            out.append((tag, self._take()))
+        return out
+
+    def refill(self, values) -> None:
+        """Put back what ``drain`` took (a graph that could not run hands them to the eager recompute)."""
+        self.entries = collections.deque(values)
 
     def pop(self, tag: str):
         """The value carried as ``tag`` (restored), dropping the entries before it; None if there is none."""

@@ -99,9 +99,11 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, call: _Call, anchor, *tensors):
         ctx.call = call
         ctx.state = RecomputeState(tensors, call.preserve_rng)
-        ctx.carried = [] if (carrying.CARRY or carrying.CARRY_MLP or not switched_off(carrying.CARRY_SDPA)) and call.graphs is None else None  # a graph would bake host addresses
+        graphed = call.graphs is not None and call.graphs.forward_graphed(tensors)
+        # a graphed forward carries nothing: a graph would bake the pinned buffers' host addresses in
+        ctx.carried = [] if (carrying.CARRY or carrying.CARRY_MLP or not switched_off(carrying.CARRY_SDPA)) and not graphed else None
         with torch.no_grad(), _carry_scope("record", ctx.carried):
-            if call.graphs is not None:
+            if graphed:
                 out = call.graphs.forward(call.run, tensors)
             else:
                 out = call.written[0](*call.arguments(tensors)) if call.written is not None else None
@@ -142,10 +144,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.carried = None
         with ctx.state.replay(), _recomputing(), _carry_scope("replay", carried), carried:
             if call.graphs is not None:
-                grads = call.graphs.backward(call.run, inputs, grad_outs, [x.requires_grad for x in inputs])
+                grads = call.graphs.backward(call, inputs, grad_outs, [x.requires_grad for x in inputs], carried)
                 if grads is not None:
                     return (None, None, *grads)
-            elif call.written is not None and len(grad_outs) == 1:
+            if call.written is not None and len(grad_outs) == 1:
                 grads = call.written[1](*call.arguments(inputs), inputs, grad_outs, ctx.needs_input_grad[2:])
                 if grads is not None:  # done without an autograd graph; None: not covered, nothing done
                     return (None, None, *grads)

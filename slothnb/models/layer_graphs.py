@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import HardwareError
+from slothnb.models import carrying
 
 ENV = "SLOTHNB_CUDA_GRAPHS"
 MAX_SIGNATURES = 4  # input shapes per layer and pass that get graphs; later shapes run eagerly
@@ -55,6 +56,13 @@ MAX_SIGNATURES = 4  # input shapes per layer and pass that get graphs; later sha
 # (a graphed layer recomputes what an eager one carries).
 ACTIVE = True
 SHARE = float(os.environ.get("SLOTHNB_GRAPH_SHARE", "1"))
+# Which forwards replay a graph (SLOTHNB_GRAPH_FORWARD): "auto" (default) those of layers that carry no
+# values to their recompute (``carrying.carries_values``: the carries go through pinned host buffers,
+# whose addresses change, and a graph would bake them in); "1" all (nothing is carried then), "0" none.
+# A layer whose forward runs eagerly still replays its recompute + backward as a graph, fed what its
+# forward carried through static buffers: an 8B layer then keeps G and U from its forward, and the host
+# still skips the ~7 ms a layer of the eager backward's Python and launches.
+FORWARD = os.environ.get("SLOTHNB_GRAPH_FORWARD", "auto")
 
 
 def in_share(index: int, share: float) -> bool:
@@ -205,6 +213,13 @@ class LayerGraphs:
         """Whether this call replays graphs (``ACTIVE`` and ``SHARE``); otherwise the layer runs eagerly."""
         return ACTIVE and in_share(self.index, SHARE)
 
+    def forward_graphed(self, tensors) -> bool:
+        """Whether this forward replays a graph (``FORWARD``); when not it runs eagerly and may carry."""
+        mode = str(FORWARD)  # (a benchmark's switch may set it as a number)
+        if mode in ("0", "1"):
+            return mode == "1"
+        return not (tensors and carrying.carries_values(tensors[0]))
+
     def usable(self, tensors) -> bool:
         on_gpu = self.graph_class is not _Graph or all(t.is_cuda for t in tensors)  # tests fake the graph on CPU
         if not tensors or not on_gpu:
@@ -255,54 +270,104 @@ class LayerGraphs:
         return graph, inputs, holder["outs"], holder["template"], holder["spec"]
 
     # ---------------------------------------------------------------------------------------- backward
-    def backward(self, run, inputs, grad_outs, needs_grad):
-        """Recompute + backward of the layer. Accumulates the layer's parameter gradients into ``.grad``
-        and returns the gradients of ``inputs`` (None where ``needs_grad`` is False), or None when it
-        cannot run as a graph (the caller then runs its eager backward)."""
+    def backward(self, call, inputs, grad_outs, needs_grad, carried=None):
+        """Recompute + backward of the layer (``call``: the checkpoint's ``_Call``). Accumulates the layer's
+        parameter gradients into ``.grad`` and returns the gradients of ``inputs`` (None where
+        ``needs_grad`` is False), or None when it cannot run as a graph (the caller then runs its eager
+        backward, ``carried`` untouched). ``carried`` (``carrying._Carried``): what the forward handed
+        over; its tensors are restored and fed to the graph through static buffers."""
         if not self.usable(inputs) or any(g is None for g in grad_outs):
             return None
-        state = self._graph(self._bwd, _signature(list(inputs) + list(grad_outs), needs_grad),
-                            lambda: self._capture_backward(run, inputs, grad_outs, needs_grad), inputs[0].device)
-        if state is None:
+        if carried is not None and not carried.graphable():
             return None
-        graph, static_in, static_grad_out, input_grads, holder = state
+        values = carried.drain() if carried is not None else []
+        fed = [v for _, v in values if v is not None]
+        tags = tuple((tag, v is not None) for tag, v in values)
+        key = _signature(list(inputs) + list(grad_outs) + fed, needs_grad) + (tags,)
+        state = self._graph(self._bwd, key, lambda: self._capture_backward(call, inputs, grad_outs, needs_grad, values),
+                            inputs[0].device)
+        if state is None:
+            if carried is not None:
+                carried.refill(values)  # the eager backward reads them
+            return None
+        graph, static_in, static_grad_out, static_fed, input_grads, holder = state
         static_in.load(inputs)
         static_grad_out.load(grad_outs)
+        if static_fed is not None:
+            static_fed.load(fed)
+        del values, fed
         graph.replay()
-        _accumulate(self.params(), holder["param_grads"])
+        _accumulate(holder["params"], holder["param_grads"])
         grads, it = [], iter(input_grads)
         for need in needs_grad:
             grads.append(next(it).clone() if need else None)
         return grads
 
-    def _capture_backward(self, run, inputs, grad_outs, needs_grad):
+    def _capture_backward(self, call, inputs, grad_outs, needs_grad, values):
         static_in = self._static("in", inputs)
         static_grad_out = self._static("out", grad_outs)  # the forward's output buffer: free by now
-        static_in.forget(), static_grad_out.forget()
-        static_in.load(inputs), static_grad_out.load(grad_outs)
+        fed = [v for _, v in values if v is not None]
+        static_fed = self._static("carried", fed) if fed else None
+        for bank, tensors in ((static_in, inputs), (static_grad_out, grad_outs), (static_fed, fed)):
+            if bank is not None:
+                bank.forget()
+                bank.load(tensors)
         wanted = [t for t, need in zip(inputs, needs_grad) if need]
         input_grads = self._static("grad-in", wanted).buffers
-        params = self.params()
+        it = iter(static_fed.buffers if static_fed is not None else ())
+        fed_entries = [(tag, next(it) if v is not None else None) for tag, v in values]
         holder = {}
 
         def body():
-            leaves = [b.detach().requires_grad_(need) for b, need in zip(static_in.buffers, needs_grad)]
-            with torch.enable_grad(), _capture_context():
-                out_leaves, _ = tree_flatten(run(leaves))
-            outs = [v for v in out_leaves if isinstance(v, torch.Tensor)]
-            pairs = [(o, g) for o, g in zip(outs, static_grad_out.buffers) if o.requires_grad]
-            wrt = [x for x, need in zip(leaves, needs_grad) if need] + params
-            grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-            for buf, g in zip(input_grads, grads[:len(input_grads)]):
+            with _capture_context(), carrying._carry_scope("replay", carrying._Carried(list(fed_entries))):
+                grads, params, param_grads = self._written_backward(call, static_in.buffers, static_grad_out.buffers,
+                                                                    needs_grad)
+                if grads is None:
+                    grads, params, param_grads = self._autograd_backward(call, static_in.buffers,
+                                                                         static_grad_out.buffers, needs_grad)
+            for buf, g in zip(input_grads, [g for g, need in zip(grads, needs_grad) if need]):
                 if g is None:
                     buf.zero_()
                 else:
                     buf.copy_(g)
-            holder["param_grads"] = list(grads[len(input_grads):])
+            holder["params"], holder["param_grads"] = params, param_grads
 
         graph = self.graph_class(inputs[0].device, self._pool(inputs[0].device))
         graph.capture(body)
-        return graph, static_in, static_grad_out, input_grads, holder
+        for bank in (static_in, static_grad_out, static_fed):  # the body may have written into them (the
+            if bank is not None:  # written-out backward reuses dy's storage): the replay loads afresh
+                bank.forget()
+        return graph, static_in, static_grad_out, static_fed, input_grads, holder
+
+    @staticmethod
+    def _written_backward(call, buffers, grad_outs, needs_grad):
+        """The layer's written-out backward (``arch.llama_layer``) on the static buffers, its adapter
+        gradients kept as outputs: (input grads, params, their grads), or (None,) * 3 where it does
+        not apply (nothing done then)."""
+        if call.written is None or len(grad_outs) != 1:
+            return None, None, None
+        params, param_grads = [], []
+
+        def keep(ps, gs):
+            params.extend(ps)
+            param_grads.extend(gs)
+
+        leaves = [b.detach() for b in buffers]
+        grads = call.written[1](*call.arguments(leaves), leaves, list(grad_outs), list(needs_grad), accumulate=keep)
+        return (grads, params, param_grads) if grads is not None else (None, None, None)
+
+    def _autograd_backward(self, call, buffers, grad_outs, needs_grad):
+        """Recompute with grad on and ``torch.autograd.grad``: (input grads, params, their grads)."""
+        leaves = [b.detach().requires_grad_(need) for b, need in zip(buffers, needs_grad)]
+        with torch.enable_grad():
+            out_leaves, _ = tree_flatten(call.run(leaves))
+        outs = [v for v in out_leaves if isinstance(v, torch.Tensor)]
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if o.requires_grad]
+        params = self.params()
+        wanted = [x for x, need in zip(leaves, needs_grad) if need]
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted + params, [g for _, g in pairs], allow_unused=True)
+        it = iter(grads[:len(wanted)])
+        return [next(it) if need else None for need in needs_grad], params, list(grads[len(wanted):])
 
     # --------------------------------------------------------------------------------------- utilities
     def _graph(self, table, key, capture, device):

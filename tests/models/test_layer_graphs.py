@@ -10,7 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from slothnb.errors import HardwareError
-from slothnb.models import layer_graphs
+from slothnb.models import carrying, layer_graphs
+from slothnb.models.arch import llama_layer
 from slothnb.models.checkpointing import apply_gradient_checkpointing
 from slothnb.models.patching import patch_model
 from tiny_models import tiny_model
@@ -103,6 +104,44 @@ def test_a_share_of_the_layers_graphed_and_the_rest_eager_train_exactly_like_eag
     monkeypatch.setattr(layer_graphs, "ACTIVE", False)
     assert _train(_model(graphs=True, layers=4), steps=2)[0] == _train(_model(graphs=False, layers=4), steps=2)[0]
     assert replaying == []
+
+
+@pytest.mark.parametrize("attention_state", ["0", "cpu"])
+def test_a_carrying_layer_runs_its_forward_eagerly_and_feeds_its_carried_values_to_its_backward_graph(
+        replaying, monkeypatch, attention_state):
+    """Layers whose forward carries values (8B shapes: the attention output, G and U) keep their eager,
+    carrying forward and replay their recompute + backward as a graph fed those values; a carried value
+    that is not a tensor (the attention state's extras) keeps that backward eager."""
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)  # the tiny layers carry as an 8B layer does
+    monkeypatch.setattr(carrying, "CARRY_SDPA", attention_state)
+    ref_losses, ref_grads = _train(_model(graphs=False, layers=3), steps=4, accumulate=2)
+    captured, written = {"forward": 0, "fed": []}, []
+    real_fwd, real_bwd = layer_graphs.LayerGraphs._capture_forward, layer_graphs.LayerGraphs._capture_backward
+    real_written = llama_layer.backward
+
+    def capture_forward(self, *a):
+        captured["forward"] += 1
+        return real_fwd(self, *a)
+
+    def capture_backward(self, call, inputs, grad_outs, needs, values):
+        captured["fed"].append(sorted(tag for tag, v in values if v is not None))
+        return real_bwd(self, call, inputs, grad_outs, needs, values)
+
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "_capture_forward", capture_forward)
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "_capture_backward", capture_backward)
+    monkeypatch.setattr(llama_layer, "backward", lambda *a, **k: written.append("accumulate" in k) or real_written(*a, **k))
+    model = _model(graphs=True, layers=3)
+    losses, grads = _train(model, steps=4, accumulate=2)
+    assert losses == ref_losses
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+    assert captured["forward"] == 0  # carrying forwards stay eager
+    if attention_state == "0":
+        fed = captured["fed"]
+        assert fed and all("o_proj" in tags for tags in fed) and any("gate" in tags and "up" in tags for tags in fed)
+        assert replaying.count("replay") > 0 and True in written  # the written-out backward, captured
+    else:
+        assert replaying == [] and captured["fed"] == []
 
 
 def test_layers_share_their_static_buffers(replaying):
@@ -210,6 +249,29 @@ def test_real_cuda_graphs_train_like_eager_on_gpu(arch):
 
 
 @pytest.mark.gpu
+def test_carrying_layers_feed_their_backward_graphs_through_host_memory_on_gpu(monkeypatch):
+    """8B-style layers on the GPU: the forward runs eagerly and carries its attention output, G and U
+    through pinned host memory; the recompute + backward replays as a graph fed those values."""
+    from slothnb.models import host_offload
+
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "GATE_UP_BACKLOG_PAIRS", 1e9)  # the link's pace may not refuse any here
+    ref_losses, ref_grads = _train(_cuda_model(False), steps=5, seq=256, lr=1e-3, device="cuda")
+    host_offload.COUNTS.clear()
+    model = _cuda_model(True)
+    losses, grads = _train(model, steps=5, seq=256, lr=1e-3, device="cuda")
+    assert host_offload.COUNTS["gate_up_carried"] > 0
+    for layer in model.get_base_model().model.layers:
+        assert not any(isinstance(v, tuple) for v in layer._slothnb_graphs._fwd.values())  # eager, carrying
+    fed = [key[-1] for layer in model.get_base_model().model.layers
+           for key, v in layer._slothnb_graphs._bwd.items() if isinstance(v, tuple)]
+    assert fed and any(dict(tags).get("gate") for tags in fed)  # a backward graph fed the carried G and U
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=2e-3)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
 def test_a_replay_peak_counts_the_graph_temporaries_the_allocator_does_not_see_on_gpu():
     """A graph whose body holds a 64 MiB temporary: a replay adds 64 MiB that max_memory_allocated misses,
     and the capture restarted that counter, keeping what it held for peak_before_capture."""
@@ -312,7 +374,7 @@ def test_a_capture_that_breaks_the_random_generator_stops_with_a_clear_error(mon
 
 @pytest.mark.gpu
 def test_the_defaults_of_a_small_model_graph_it_and_offload_its_head_on_gpu(monkeypatch):
-    """A 0.22B-parameter model on the GPU: slothnb's get_peft_model turns the graphs on by itself, the head
+    """A 0.21B-parameter model on the GPU: slothnb's get_peft_model turns the graphs on by itself, the head
     follows them into host memory, and training matches the eager, head-on-GPU model step for step."""
     from slothnb.models import head_offload
     from slothnb.models.lora import get_peft_model as slothnb_peft
@@ -321,7 +383,7 @@ def test_the_defaults_of_a_small_model_graph_it_and_offload_its_head_on_gpu(monk
     monkeypatch.setattr(head_offload, "MIN_BYTES", 0)  # its 64 MiB head counts as large
 
     def build(**kw):
-        model = tiny_model("llama", seed=0, num_hidden_layers=14, hidden_size=1024, intermediate_size=2816,
+        model = tiny_model("llama", seed=0, num_hidden_layers=15, hidden_size=1024, intermediate_size=2816,
                            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
         model = model.to("cuda", torch.bfloat16)
         patch_model(model)

@@ -132,10 +132,15 @@ def _plan(layer, x, kwargs):
     return attn, norms, qkv, o[0], activation, [p[0] for p in gud], cos_sin
 
 
-def _accumulate(weights, grads) -> None:
-    """``p.grad += g`` for each adapter A, B (grads in ``_adapters`` order), as AccumulateGrad does:
-    the first gradient is taken as it is when it is laid out like the parameter, else copied."""
-    for p, g in zip((t for w in weights for t in (w.A, w.B)), grads):
+def _adapter_params(weights):
+    """Each adapter's A, B in ``_adapters`` order: the order of the gradients the Functions return."""
+    return [t for w in weights for t in (w.A, w.B)]
+
+
+def _accumulate(params, grads) -> None:
+    """``p.grad += g`` for each adapter parameter, as AccumulateGrad does: the first gradient is taken
+    as it is when it is laid out like the parameter, else copied."""
+    for p, g in zip(params, grads):
         if p.grad is None:
             p.grad = g if g.is_contiguous() and g.stride() == p.stride() else g.clone(memory_format=torch.contiguous_format)
         else:
@@ -152,10 +157,12 @@ def forward(layer, args, kwargs):
     return _forward(plan, x, kwargs.get("attention_mask"), recompute=False)
 
 
-def backward(layer, args, kwargs, inputs, grad_outs, needs):
+def backward(layer, args, kwargs, inputs, grad_outs, needs, accumulate=None):
     """Gradients of the checkpointed call's tensor ``inputs`` (``needs[i]``: whether input i needs one),
     the adapters' added into their ``.grad``; or None when this layer or call is not covered (nothing
-    has been done then). Runs inside the checkpoint's replay (RNG, autocast) and carry scopes."""
+    has been done then). Runs inside the checkpoint's replay (RNG, autocast) and carry scopes.
+    ``accumulate(params, grads)`` takes the adapters' gradients instead (a CUDA graph's capture keeps
+    them as its outputs: ``layer_graphs``)."""
     x = args[0] if args else kwargs.get("hidden_states")
     slot = next((i for i, t in enumerate(inputs) if t is x), None)
     if slot is None or any(n for i, n in enumerate(needs) if i != slot):
@@ -169,7 +176,7 @@ def backward(layer, args, kwargs, inputs, grad_outs, needs):
         return grads
     with torch.no_grad():
         state = _forward(plan, x, kwargs.get("attention_mask"), recompute=True, x_needs_grad=bool(needs[slot]))
-        grads[slot] = _backward(plan, state, x, dy)
+        grads[slot] = _backward(plan, state, x, dy, accumulate or _accumulate)
     return grads
 
 
@@ -305,21 +312,21 @@ def _forward(plan, x, mask, recompute, x_needs_grad=False):
     return st
 
 
-def _backward(plan, st, x, dy):
-    """The layer's backward from the recompute's ``_State``: adapter gradients accumulated, dx returned."""
+def _backward(plan, st, x, dy, accumulate=_accumulate):
+    """The layer's backward from the recompute's ``_State``: adapter gradients to ``accumulate``, dx returned."""
     attn, _norms, qkv, o_w, _activation, mlp_w, _cos_sin = plan
     b, s = x.shape[:2]
     hd = attn.head_dim
     raw_dtypes, o_dtype, h_dtype, m_dtype = st.dtypes
     dh2, *_, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d = LoraMLPFunction.backward(st.mlp, dy.to(m_dtype))
     st.mlp = None
-    _accumulate(mlp_w, (dA_g, dB_g, dA_u, dB_u, dA_d, dB_d))
+    accumulate(_adapter_params(mlp_w), (dA_g, dB_g, dA_u, dB_u, dA_d, dB_d))
     dh = _norm_backward(st.norm2, dh2, dy.to(h_dtype))  # the norm's share and the residual's
     st.norm2 = None
     del dh2
     da, _, _, dA_o, dB_o = LoraLinearFunction.backward(st.o, dh.to(o_dtype))
     st.o = None
-    _accumulate([o_w], (dA_o, dB_o))
+    accumulate(_adapter_params([o_w]), (dA_o, dB_o))
     da4 = da.view(b, s, -1, hd).transpose(1, 2)
     if st.sdpa is not None:
         fused, q4, k4, v4, a4, lse, rest = st.sdpa
@@ -339,7 +346,7 @@ def _backward(plan, st, x, dy):
     dh1, _, *qkv_grads = LoraQKVFunction.backward(st.qkv, *dys)
     st.qkv = None
     del dys
-    _accumulate([p[0] for p in qkv], qkv_grads)
+    accumulate(_adapter_params([p[0] for p in qkv]), qkv_grads)
     if not st.x_needs_grad:
         return None
     return _norm_backward(st.norm1, dh1, dh.to(x.dtype))
