@@ -39,7 +39,7 @@ def main():
                     help="also print the host's CPU time by op and autograd node (torch.profiler, CPU only, "
                          "3 unsynchronised steps, backward on the calling thread)")
     ap.add_argument("--copies", action="store_true",
-                    help="also print where the step's copy kernels come from (Python call site or autograd node)")
+                    help="also print where the step's copy and memset kernels come from (Python call site or autograd node)")
     ap.add_argument("--gemms", action="store_true",
                     help="also print the step's matmuls by shape (GPU ms, TFLOP/s) and each stream's busy time")
     ap.add_argument("--timeline", action="store_true",
@@ -121,6 +121,7 @@ def main():
             step()
             torch.cuda.synchronize()
         print_copy_sites(prof, a.top)
+        print_memset_sites(prof, a.top)
     if a.memory:
         torch.cuda.synchronize()
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
@@ -380,6 +381,40 @@ def print_cpu_ops(model, opt, x, top):
     total = sum(e.self_cpu_time_total for e in events) / 3 / 1e3
     print(f"# host by op (CPU-only profile, 3 steps): {total:.1f} ms of self CPU time a step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=90))
+
+
+def _python_site(e) -> str:
+    """The innermost Python frame outside torch above a profiled op, else the autograd node it ran under."""
+    site, parent = None, e.cpu_parent
+    while site is None and parent is not None:
+        name = parent.name
+        if name.startswith("autograd::engine::evaluate_function: "):
+            site = "backward of " + name.split(": ", 1)[1]
+        elif "): " in name and "torch/" not in name and not name.startswith("<"):
+            site = name
+        parent = parent.cpu_parent
+    return site or "(no Python frame, no autograd node)"
+
+
+def memset_sites(prof) -> list[tuple[str, int, float]]:
+    """The step's memset kernels (``torch.zeros``, ``zero_``, cuBLAS split-K workspaces) grouped by the
+    op that launched them and its Python site: (op @ site, memsets, device ms), most memsets first."""
+    sites = {}
+    for e in prof.events():
+        sets = [k for k in getattr(e, "kernels", []) if "emset" in k.name]
+        if not sets:
+            continue
+        key = f"{e.name} @ {_python_site(e)}"
+        n, dev = sites.get(key, (0, 0.0))
+        sites[key] = (n + len(sets), dev + sum(k.duration for k in sets) / 1e3)
+    return sorted(((k, *v) for k, v in sites.items()), key=lambda r: (-r[1], -r[2]))
+
+
+def print_memset_sites(prof, top):
+    rows = memset_sites(prof)
+    print(f"# memsets of one step: {sum(r[1] for r in rows)} kernels, {sum(r[2] for r in rows):.2f} ms of GPU time; by op and site:")
+    for site, n, dev in rows[:top]:
+        print(f"#   {n:6d} memsets {dev:8.2f} ms  {site}")
 
 
 def copy_sites(prof) -> list[tuple[str, int, float, float]]:

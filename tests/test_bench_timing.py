@@ -64,6 +64,24 @@ def test_copy_sites_name_the_python_line_or_the_autograd_node():
     assert any(site.startswith("backward of ToCopyBackward") for site in rows), rows
 
 
+def test_memset_sites_count_the_memsets_each_op_launched_by_site():
+    from types import SimpleNamespace as NS
+
+    import profile_step
+
+    frame = NS(name="kernels/lora.py(120): _forward", cpu_parent=None)
+    node = NS(name="autograd::engine::evaluate_function: MmBackward0", cpu_parent=None)
+    kernel = lambda name, us: NS(name=name, duration=us)  # noqa: E731
+    events = [NS(name="aten::zero_", kernels=[kernel("Memset (Device)", 3.0)], cpu_parent=frame),
+              NS(name="aten::zero_", kernels=[kernel("Memset (Device)", 5.0)], cpu_parent=frame),
+              NS(name="aten::mm", kernels=[kernel("Memset (Device)", 1.0), kernel("gemm_splitk", 9.0),
+                                          kernel("Memset (Device)", 1.0)], cpu_parent=node),
+              NS(name="aten::add_", kernels=[kernel("elementwise", 4.0)], cpu_parent=frame)]
+    rows = profile_step.memset_sites(NS(events=lambda: events))
+    assert rows == [("aten::zero_ @ kernels/lora.py(120): _forward", 2, 0.008),  # as many: the longer first
+                    ("aten::mm @ backward of MmBackward0", 2, 0.002)]
+
+
 def test_lora_step_host_probe_measures_this_host():
     import lora_step
 

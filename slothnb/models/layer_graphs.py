@@ -47,7 +47,8 @@ from slothnb.errors import HardwareError
 from slothnb.models import carrying
 
 ENV = "SLOTHNB_CUDA_GRAPHS"
-MAX_SIGNATURES = 4  # input shapes per layer and pass that get graphs; later shapes run eagerly
+MAX_SIGNATURES = int(os.environ.get("SLOTHNB_GRAPH_MAX_SIGNATURES", "4"))  # input signatures per layer and pass
+# that get graphs; later ones run eagerly
 
 # Which graph-holding layers replay their graphs, read at every checkpointed call (so a benchmark may
 # switch them step by step): ACTIVE False runs them all eagerly; SHARE (0..1, SLOTHNB_GRAPH_SHARE) graphs
@@ -63,6 +64,9 @@ SHARE = float(os.environ.get("SLOTHNB_GRAPH_SHARE", "1"))
 # forward carried through static buffers: an 8B layer then keeps G and U from its forward, and the host
 # still skips the ~7 ms a layer of the eager backward's Python and launches.
 FORWARD = os.environ.get("SLOTHNB_GRAPH_FORWARD", "auto")
+# A backward graph records the layer's written-out backward (``arch.llama_layer``) where it applies, else
+# a recompute under autograd; SLOTHNB_GRAPH_WRITTEN=0 records the latter always (benchmarks).
+WRITTEN = os.environ.get("SLOTHNB_GRAPH_WRITTEN", "1") != "0"
 
 
 def in_share(index: int, share: float) -> bool:
@@ -283,7 +287,7 @@ class LayerGraphs:
         values = carried.drain() if carried is not None else []
         fed = [v for _, v in values if v is not None]
         tags = tuple((tag, v is not None) for tag, v in values)
-        key = _signature(list(inputs) + list(grad_outs) + fed, needs_grad) + (tags,)
+        key = _signature(list(inputs) + list(grad_outs) + fed, needs_grad) + (tags, bool(WRITTEN))
         state = self._graph(self._bwd, key, lambda: self._capture_backward(call, inputs, grad_outs, needs_grad, values),
                             inputs[0].device)
         if state is None:
@@ -344,7 +348,7 @@ class LayerGraphs:
         """The layer's written-out backward (``arch.llama_layer``) on the static buffers, its adapter
         gradients kept as outputs: (input grads, params, their grads), or (None,) * 3 where it does
         not apply (nothing done then)."""
-        if call.written is None or len(grad_outs) != 1:
+        if not WRITTEN or call.written is None or len(grad_outs) != 1:
             return None, None, None
         params, param_grads = [], []
 
