@@ -337,6 +337,12 @@ def run(args, rec):
         rec["graph_replay_peak_gib"] = round(max(replay_peaks) / GiB, 3)
         rec["graph_replay_peak_by_step_gib"] = [round(b / GiB, 3) for b in replay_peaks]
         rec["graph_honest_peak_gib"] = round(max(max(peaks), max(replay_peaks)) / GiB, 3)
+    pacer = next((m._slothnb_graphs.shared.pacer for m in model.modules()
+                  if getattr(m, "_slothnb_graphs", None) is not None), None)
+    if pacer is not None:  # "adaptive" graphs: the share of graphed layers, and the lag it was chosen from
+        rec["graph_pacer"] = {"share": pacer.share, "history": pacer.history}
+        print("PACER", json.dumps({"share": pacer.share, "lag_ms": [round(h[0] * 1e3) for h in pacer.history],
+                                   "shares": [h[2] for h in pacer.history]}), flush=True)
     stats1 = torch.cuda.memory_stats()  # allocator trouble (cudaMalloc calls, flushes) during the steps
     rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0)
                         for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}

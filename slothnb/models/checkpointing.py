@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import ConfigError
-from slothnb.models import carrying, host_offload, layer_graphs
+from slothnb.models import carrying, graph_pacing, host_offload, layer_graphs
 from slothnb.models.carrying import _Carried, _carry_scope
 from slothnb.kernels._utils import RecomputeState, switched_off
 
@@ -78,6 +78,7 @@ class _Call:
         self.graphs = graphs  # the layer's LayerGraphs when CUDA graphs are on
         # the layer written out: (forward, recompute + backward) of ``arch.llama_layer``, if it has them
         self.written = written
+        self.pacer = None  # graph_pacing.SharePacer when this call marks the step
         self.out_leaves = self.out_spec = self.out_slots = None
 
     def arguments(self, tensors):
@@ -128,6 +129,13 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
+        grads = OffloadedCheckpoint._backward(ctx, *grad_outs)
+        if ctx.call.pacer is not None:
+            ctx.call.pacer.step_end()
+        return grads
+
+    @staticmethod
+    def _backward(ctx, *grad_outs):
         call = ctx.call
         saved = ctx.saved_tensors
         inputs = []
@@ -198,10 +206,16 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, preserve_rng_state
     kept_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     owner = _owner_module(function)
     graphs = getattr(owner, "_slothnb_graphs", None)
-    if graphs is not None and not graphs.active():  # outside layer_graphs.SHARE, or switched off
+    pacer = graphs.shared.pacer if graphs is not None else None
+    if pacer is not None and graphs.index == pacer.first:  # the step starts here ("adaptive" graphs)
+        pacer.step_start()
+    else:
+        pacer = None
+    if graphs is not None and not graphs.active():  # outside the pacer's or layer_graphs.SHARE's share, or off
         graphs = None
     call = _Call(function, kept_leaves, spec, slots, offload, preserve_rng_state, graphs,
                  getattr(owner, "_slothnb_written", None))
+    call.pacer = pacer  # its backward ends the step's engine work
 
     anchor = None
     if not any(t.requires_grad for t in tensors):
@@ -335,15 +349,22 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
     if bad := chosen - set(range(len(all_layers))):
         raise ConfigError(f"checkpoint layers {sorted(bad)} do not exist: the model has {len(all_layers)} "
                           f"decoder layers (0..{len(all_layers) - 1}).")
+    cuda_graphs = layer_graphs.choice(cuda_graphs)
     if cuda_graphs is None:
         cuda_graphs = getattr(hf, "_slothnb_cuda_graphs", None)
     if cuda_graphs is None:
         cuda_graphs = layer_graphs.default_for(hf)
-    cuda_graphs = bool(cuda_graphs) and mode == "slothnb"
+    if mode != "slothnb":
+        cuda_graphs = False
     hf._slothnb_cuda_graphs = cuda_graphs
+    adaptive = cuda_graphs == layer_graphs.ADAPTIVE
     # one ModelGraphs per model: the layers' graphs share its pool and buffers (kept on re-application)
     shared = next((layer._slothnb_graphs.shared for layer in all_layers if getattr(layer, "_slothnb_graphs", None)),
                   None) or (layer_graphs.ModelGraphs() if cuda_graphs else None)
+    if shared is not None:  # "adaptive": a pacer marks each step at the first checkpointed layer
+        first = min(chosen, default=0)
+        keep = shared.pacer if shared.pacer is not None and shared.pacer.first == first else None
+        shared.pacer = (keep or graph_pacing.SharePacer(first=first)) if adaptive else None
     for i, layer in enumerate(all_layers):
         layer.gradient_checkpointing = i in chosen
         if mode == "slothnb":
@@ -352,7 +373,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
             layer.__dict__.pop("_slothnb_graphs", None)
         elif getattr(layer, "_slothnb_graphs", None) is None:
             layer._slothnb_graphs = layer_graphs.LayerGraphs(layer, shared, index=i)
-    if default_policy and cuda_graphs and GRAPH_LAST_LAYER:
+    if default_policy and cuda_graphs is True and GRAPH_LAST_LAYER:
         chosen = set(range(len(all_layers)))
         for layer in all_layers:
             layer.gradient_checkpointing = True

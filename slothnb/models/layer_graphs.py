@@ -57,13 +57,15 @@ MAX_SIGNATURES = int(os.environ.get("SLOTHNB_GRAPH_MAX_SIGNATURES", "4"))  # inp
 # (a graphed layer recomputes what an eager one carries).
 ACTIVE = True
 SHARE = float(os.environ.get("SLOTHNB_GRAPH_SHARE", "1"))
-# Which forwards replay a graph (SLOTHNB_GRAPH_FORWARD): "auto" (default) those of layers that carry no
-# values to their recompute (``carrying.carries_values``: the carries go through pinned host buffers,
-# whose addresses change, and a graph would bake them in); "1" all (nothing is carried then), "0" none.
+# Which forwards replay a graph (SLOTHNB_GRAPH_FORWARD): "1" (default) all, and nothing is carried to
+# their recompute (the carries go through pinned host buffers whose addresses change, and a graph would
+# bake them in); "auto" those of layers that carry no values (``carrying.carries_values``), "0" none.
 # A layer whose forward runs eagerly still replays its recompute + backward as a graph, fed what its
-# forward carried through static buffers: an 8B layer then keeps G and U from its forward, and the host
-# still skips the ~7 ms a layer of the eager backward's Python and launches.
-FORWARD = os.environ.get("SLOTHNB_GRAPH_FORWARD", "auto")
+# forward carried through static buffers (G and U of an 8B layer). Measured on H100s (session 21) it lost:
+# the 1B at 2 x 4,096 tokens ran 49,046 tok/s so against 56,442 with "1"; the 8B QLoRA at 2 x 2,048 ran
+# 12,183 against 12,845 eager, 0.5 GiB heavier (the static copies of the carried values, and the
+# recompute waiting for all of them before it starts).
+FORWARD = os.environ.get("SLOTHNB_GRAPH_FORWARD", "1")
 # A backward graph records the layer's written-out backward (``arch.llama_layer``) where it applies, else
 # a recompute under autograd; SLOTHNB_GRAPH_WRITTEN=0 records the latter always (benchmarks).
 WRITTEN = os.environ.get("SLOTHNB_GRAPH_WRITTEN", "1") != "0"
@@ -80,22 +82,40 @@ def in_share(index: int, share: float) -> bool:
 # and their layers' graph pool fits beside the weights once the output head leaves the GPU for the
 # backward (``head_offload``). Tiny models gain nothing, and from ~3B parameters the GPU sets the pace.
 AUTO_MIN_PARAMS, AUTO_MAX_PARAMS = 200_000_000, 3_000_000_000
+# Above AUTO_MAX_PARAMS the GPU mostly sets the pace, but not on every host: "adaptive" graphs as many
+# layers as the host needs, from none, measured step by step (``graph_pacing``).
+ADAPTIVE = "adaptive"
 
 
-def enabled_by_env() -> bool:
-    return os.environ.get(ENV, "0").lower() in ("1", "true", "on", "yes")
 
 
-def default_for(model: nn.Module) -> bool:
-    """Graphs or not when neither the caller nor the model chose: ``SLOTHNB_CUDA_GRAPHS`` if set, else
-    on for a CUDA model of ``AUTO_MIN_PARAMS`` to ``AUTO_MAX_PARAMS`` parameters."""
+def choice(value):
+    """A ``cuda_graphs`` setting as True, False or ``ADAPTIVE`` (None stays None: not chosen)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text == ADAPTIVE:
+        return ADAPTIVE
+    if text in ("1", "true", "on", "yes", "0", "false", "off", "no"):
+        return text in ("1", "true", "on", "yes")
+    raise ValueError(f"cuda_graphs={value!r}: pass True, False or 'adaptive'.")
+
+
+def default_for(model: nn.Module):
+    """Graphs or not when neither the caller nor the model chose: ``SLOTHNB_CUDA_GRAPHS`` if set
+    (0, 1 or "adaptive"), else for a CUDA model: all layers from ``AUTO_MIN_PARAMS`` to ``AUTO_MAX_PARAMS``
+    parameters, ``ADAPTIVE`` above that where the layers are Llama-family ones written out (the graphed
+    path those have been measured and tested with), off otherwise."""
     if os.environ.get(ENV) is not None:
-        return enabled_by_env()
+        return choice(os.environ[ENV])
     first = next(model.parameters(), None)
     if first is None or not first.is_cuda:
         return False
     n = sum(p.numel() for p in model.parameters())
-    return AUTO_MIN_PARAMS <= n <= AUTO_MAX_PARAMS
+    if n > AUTO_MAX_PARAMS:
+        written = any(getattr(m, "_slothnb_written", None) is not None for m in model.modules())
+        return ADAPTIVE if written else False
+    return AUTO_MIN_PARAMS <= n
 
 
 class ModelGraphs:
@@ -106,9 +126,10 @@ class ModelGraphs:
     generator is unusable). A model's graphs, pools and buffers live and die together.
     """
 
-    def __init__(self):
+    def __init__(self, pacer=None):
         self.pools: dict = {}  # device index -> graph pool handle
         self.banks: dict = {}  # (role, shapes) -> _StaticInputs
+        self.pacer = pacer  # graph_pacing.SharePacer: how many layers replay graphs ("adaptive"), else None
         _LIVE.add(self)
 
     def pool(self, device: torch.device):
@@ -214,8 +235,10 @@ class LayerGraphs:
 
     # ------------------------------------------------------------------------------------- eligibility
     def active(self) -> bool:
-        """Whether this call replays graphs (``ACTIVE`` and ``SHARE``); otherwise the layer runs eagerly."""
-        return ACTIVE and in_share(self.index, SHARE)
+        """Whether this call replays graphs (``ACTIVE``, and the model's pacer's share, else ``SHARE``);
+        otherwise the layer runs eagerly."""
+        pacer = self.shared.pacer
+        return ACTIVE and in_share(self.index, pacer.share if pacer is not None else SHARE)
 
     def forward_graphed(self, tensors) -> bool:
         """Whether this forward replays a graph (``FORWARD``); when not it runs eagerly and may carry."""

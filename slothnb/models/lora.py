@@ -172,7 +172,7 @@ def _offload_embedding(hf_model: nn.Module, choice) -> bool:
 
 def _offload_head(hf_model: nn.Module, choice, graphs: bool) -> bool:
     """Moves a frozen output head to host memory while training (see ``head_offload``); True if done.
-    ``"auto"`` does it on CUDA for heads of 256 MiB or more when the layers run as CUDA graphs: their pool
+    ``"auto"`` does it on CUDA for heads of 256 MiB or more when the layers may run as CUDA graphs: their pool
     sits in the backward, which the head then leaves. Without graphs a step's peak is rarely in the backward
     and the copy buys little (H100, Llama-3.1-8B QLoRA: 6.23 -> 6.06 GiB at 2,048 tokens a step, 7.13 ->
     7.12 at 4,096). ``True``: any frozen, bias-free CUDA head."""
@@ -200,9 +200,11 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     ``offload_head`` ("auto" | True | False): keep a frozen output head in pinned host memory while
     training, on the GPU only from each forward's start to its loss (see ``slothnb.models.head_offload``;
     "auto": with CUDA graphs; default from SLOTHNB_OFFLOAD_HEAD: 0 off, 1 on, else "auto");
-    ``cuda_graphs`` (bool; default ``SLOTHNB_CUDA_GRAPHS`` if set, else on for CUDA models of 0.2-3B
-    parameters): with "slothnb" checkpointing, replay each checkpointed layer as CUDA graphs (for
-    host-bound small models; see ``slothnb.models.layer_graphs``).
+    ``cuda_graphs`` (True | False | "adaptive"; default ``SLOTHNB_CUDA_GRAPHS`` if set, else True for CUDA
+    models of 0.2-3B parameters, "adaptive" for larger Llama-family ones): with "slothnb" checkpointing,
+    replay each checkpointed layer as CUDA graphs (for host-bound small models; see
+    ``slothnb.models.layer_graphs``), or as many of them as the host needs, found while training
+    ("adaptive", ``slothnb.models.graph_pacing``).
     Other ``kw`` go to peft's ``LoraConfig`` (e.g. ``use_dora``, ``layers_to_transform``).
     """
     import peft

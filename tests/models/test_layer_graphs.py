@@ -109,11 +109,12 @@ def test_a_share_of_the_layers_graphed_and_the_rest_eager_train_exactly_like_eag
 @pytest.mark.parametrize("attention_state", ["0", "cpu"])
 def test_a_carrying_layer_runs_its_forward_eagerly_and_feeds_its_carried_values_to_its_backward_graph(
         replaying, monkeypatch, attention_state):
-    """Layers whose forward carries values (8B shapes: the attention output, G and U) keep their eager,
+    """With FORWARD "auto", layers whose forward carries values (8B shapes: the attention output, G and U) keep their eager,
     carrying forward and replay their recompute + backward as a graph fed those values; a carried value
     that is not a tensor (the attention state's extras) keeps that backward eager."""
     monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)  # the tiny layers carry as an 8B layer does
     monkeypatch.setattr(carrying, "CARRY_SDPA", attention_state)
+    monkeypatch.setattr(layer_graphs, "FORWARD", "auto")  # (not the default: it lost on the GPU)
     ref_losses, ref_grads = _train(_model(graphs=False, layers=3), steps=4, accumulate=2)
     captured, written = {"forward": 0, "fed": []}, []
     real_fwd, real_bwd = layer_graphs.LayerGraphs._capture_forward, layer_graphs.LayerGraphs._capture_backward
@@ -181,7 +182,7 @@ def test_the_switch_comes_from_the_argument_the_model_or_the_environment(monkeyp
     assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
 
 
-def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters(monkeypatch):
+def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters_adaptive_above(monkeypatch):
     model = _model(graphs=False).get_base_model()
     monkeypatch.delenv(layer_graphs.ENV, raising=False)
     monkeypatch.setattr(layer_graphs, "AUTO_MIN_PARAMS", 0)  # the tiny model counts as small, not tiny
@@ -195,7 +196,16 @@ def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters(monkeypatch):
         model = model.cuda()
         assert layer_graphs.default_for(model) is True
         monkeypatch.setattr(layer_graphs, "AUTO_MAX_PARAMS", 10)
-        assert layer_graphs.default_for(model) is False  # past the host-bound sizes
+        # past the host-bound sizes: as many layers as the host needs, where the layers are written out
+        assert layer_graphs.default_for(model) == layer_graphs.ADAPTIVE
+        for layer in model.model.layers:
+            layer.__dict__.pop("_slothnb_written", None)
+        assert layer_graphs.default_for(model) is False
+    monkeypatch.setenv(layer_graphs.ENV, "adaptive")
+    assert layer_graphs.default_for(model) == layer_graphs.ADAPTIVE
+    monkeypatch.setenv(layer_graphs.ENV, "sometimes")
+    with pytest.raises(ValueError, match="'adaptive'"):
+        layer_graphs.default_for(model)
 
 
 def test_dropout_keeps_a_layer_eager(replaying):
@@ -255,6 +265,7 @@ def test_carrying_layers_feed_their_backward_graphs_through_host_memory_on_gpu(m
     from slothnb.models import host_offload
 
     monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(layer_graphs, "FORWARD", "auto")
     monkeypatch.setattr(carrying, "GATE_UP_BACKLOG_PAIRS", 1e9)  # the link's pace may not refuse any here
     ref_losses, ref_grads = _train(_cuda_model(False), steps=5, seq=256, lr=1e-3, device="cuda")
     host_offload.COUNTS.clear()
