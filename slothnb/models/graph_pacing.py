@@ -11,20 +11,25 @@ tokens a step the GPU sets the pace on every host. So the share of graphed layer
 How: the pacer marks the step's start (the first checkpointed layer's forward) and its last engine work
 (the end of that layer's backward) with a CUDA event and the host's clock. Once both events have
 completed (asked without waiting, at a later step's start), ``lag`` = GPU time between them - host time
-between them: how far the GPU trailed the host when the host had queued the step. A lag under ``LOW`` of
-the GPU time means the GPU caught up with the host, i.e. waited on it: ``STEP`` more of the layers are
-graphed. A lag over ``HIGH`` means the host has room to spare: ``STEP`` fewer. After a change the pacer
-waits ``HOLD`` steps (a layer captures its graphs on its second call, and capturing is slow).
+between them: how far the GPU trailed the host when the host had queued the step. The pacer decides from
+the median of ``WINDOW`` steps' lags, each relative to its GPU time (single steps are noisy: a host
+hiccup makes a GPU-bound step look host-bound; deciding per step, the share went up and down every few
+steps on an H100 whose GPU set the pace, and the captures and graphed steps cost 8%). A median under
+``LOW`` means the GPU caught up with the host, i.e. waited on it: ``STEP`` more of the layers are graphed.
+Over ``HIGH`` the host has room to spare: ``STEP`` fewer. After a change the window starts afresh, and
+the first ``HOLD`` steps are not counted (a layer captures its graphs on its second call, slowly).
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 
 LOW, HIGH = 0.03, 0.15  # of the step's GPU time: under LOW the host sets the pace, over HIGH it has room
 STEP = 0.125  # share of the layers added or removed at a time (4 of an 8B's 32)
-HOLD = 3  # steps after a change before the next (the new graphs are captured meanwhile)
+WINDOW = 8  # steps whose median lag decides
+HOLD = 2  # steps after a change not counted (the new graphs are captured meanwhile)
 MAX_PENDING = 4  # measured steps kept while their events have not completed
 
 
@@ -38,6 +43,7 @@ class SharePacer:
         self._open = None  # (start event, host clock) of the step being queued
         self._pending: list = []  # (start event, end event, host seconds) not yet read
         self._hold = 0
+        self._window: list = []  # lag / GPU time of the steps counted since the last change
         self.history: list = []  # (lag s, GPU s, share after the decision) per step read
 
     def step_start(self) -> None:
@@ -69,8 +75,16 @@ class SharePacer:
         lag = gpu_s - host_s
         if self._hold > 0:
             self._hold -= 1
-        elif lag < LOW * gpu_s and self.share < 1.0:
-            self.share, self._hold = min(1.0, self.share + STEP), HOLD
-        elif lag > HIGH * gpu_s and self.share > 0.0:
-            self.share, self._hold = max(0.0, self.share - STEP), HOLD
+        elif gpu_s > 0:
+            self._window.append(lag / gpu_s)
+        if len(self._window) >= WINDOW:
+            relative = statistics.median(self._window)
+            del self._window[0]
+            if relative < LOW and self.share < 1.0:
+                self._change(min(1.0, self.share + STEP))
+            elif relative > HIGH and self.share > 0.0:
+                self._change(max(0.0, self.share - STEP))
         self.history.append((round(lag, 4), round(gpu_s, 4), self.share))
+
+    def _change(self, share: float) -> None:
+        self.share, self._hold, self._window = share, HOLD, []

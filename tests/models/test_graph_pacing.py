@@ -13,23 +13,31 @@ from slothnb.models import graph_pacing, layer_graphs
 from test_layer_graphs import ReplayingGraph, _model, _train
 
 
-def test_the_share_grows_while_the_host_sets_the_pace_and_shrinks_when_it_has_room():
+def test_the_share_follows_the_median_lag_of_a_window_of_steps():
+    W, H = graph_pacing.WINDOW, graph_pacing.HOLD
     pacer = graph_pacing.SharePacer()
-    for _ in range(4):
+    for _ in range(W - 1):
         pacer.decide(0.320, 0.318)  # lag 2 ms < 3% of 320: the GPU caught up with the host
-    assert pacer.share == graph_pacing.STEP  # one change, then HOLD steps without one
+    assert pacer.share == 0.0  # not before a whole window
+    pacer.decide(0.320, 0.318)
+    assert pacer.share == graph_pacing.STEP
+    for _ in range(H + W - 1):  # the steps right after a change are not counted, then a new window fills
+        pacer.decide(0.320, 0.318)
+    assert pacer.share == graph_pacing.STEP
     pacer.decide(0.320, 0.318)
     assert pacer.share == 2 * graph_pacing.STEP
-    for _ in range(graph_pacing.HOLD):
-        pacer.decide(0.330, 0.250)  # lag 80 ms > 15%: room to spare, but held after the change
-    assert pacer.share == 2 * graph_pacing.STEP
-    pacer.decide(0.330, 0.250)
+    for _ in range(H):
+        pacer.decide(0.330, 0.250)  # lag 80 ms > 15%: room to spare, but not counted yet
+    for i in range(W):
+        if i % 3 == 0:
+            pacer.decide(0.330, 0.329)  # a host hiccup every third step: the median does not follow it
+        else:
+            pacer.decide(0.330, 0.250)
     assert pacer.share == graph_pacing.STEP
-    for _ in range(graph_pacing.HOLD + 1):
+    for _ in range(H + W):
         pacer.decide(0.330, 0.300)  # lag 30 ms, 9%: within the band, nothing changes
     assert pacer.share == graph_pacing.STEP
-    assert [h[2] for h in pacer.history][:5] == [0.125, 0.125, 0.125, 0.125, 0.25]
-    assert pacer.history[0][0] == pytest.approx(0.002)
+    assert pacer.history[0][0] == pytest.approx(0.002) and pacer.history[W - 1][2] == graph_pacing.STEP
 
 
 class _Event:
@@ -47,7 +55,7 @@ class _Event:
         return True
 
     def elapsed_time(self, end):
-        return (end.t - self.t) * 1e3 * self.pace + (0.0 if self.pace > 1 else -0.5)
+        return (end.t - self.t) * 1e3 * self.pace
 
 
 def test_marks_are_read_once_their_events_completed(monkeypatch):
@@ -55,12 +63,14 @@ def test_marks_are_read_once_their_events_completed(monkeypatch):
     pacer = graph_pacing.SharePacer()
     pacer.step_end()  # no step open: nothing
     pacer.step_start()
+    time.sleep(0.005)  # a step of 5 ms, "GPU" as long: the host sets the pace
     pacer.step_end()
     assert len(pacer._pending) == 1 and pacer.history == []
     monkeypatch.setattr(_Event, "query", lambda self: False)  # the GPU has not got there yet: not waited for
     pacer.step_start()
     assert len(pacer._pending) == 1
     monkeypatch.setattr(_Event, "query", lambda self: True)
+    monkeypatch.setattr(graph_pacing, "WINDOW", 1)
     pacer.step_start()
     assert pacer._pending == [] and len(pacer.history) == 1 and pacer.share == graph_pacing.STEP
 
@@ -76,6 +86,7 @@ def paced(monkeypatch):
 def test_a_host_bound_model_graphs_more_layers_and_trains_exactly_like_eager(paced, monkeypatch):
     monkeypatch.setattr(graph_pacing, "STEP", 0.5)
     monkeypatch.setattr(graph_pacing, "HOLD", 1)
+    monkeypatch.setattr(graph_pacing, "WINDOW", 1)
     ref_losses, ref_grads = _train(_model(graphs=False, layers=4), steps=8)
     model = _model(graphs="adaptive", layers=4)
     hf = model.get_base_model()
@@ -94,6 +105,7 @@ def test_a_host_bound_model_graphs_more_layers_and_trains_exactly_like_eager(pac
 def test_a_gpu_bound_model_stops_replaying_graphs(paced, monkeypatch):
     monkeypatch.setattr(_Event, "pace", 2.0)
     monkeypatch.setattr(graph_pacing, "HOLD", 0)
+    monkeypatch.setattr(graph_pacing, "WINDOW", 1)
     model = _model(graphs="adaptive", layers=4)
     pacer = model.get_base_model().model.layers[0]._slothnb_graphs.shared.pacer
     pacer.share = 0.5
