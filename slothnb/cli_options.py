@@ -96,8 +96,7 @@ def _add_finetune_parser(sub, run):
     lo.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, help=(
         "replay each checkpointed layer as CUDA graphs (with --gradient-checkpointing slothnb): much faster "
         "for small, host-bound models, at the cost of a graph memory pool (default: on for 0.2-3B-parameter "
-        "models on a GPU; for larger Llama-family models as many layers as a slow host needs, found while "
-        "training)"))
+        "models on a GPU)"))
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: 60, or --epochs when given)")
     t.add_argument("--epochs", type=float, metavar="E", help="train this many passes over the data instead of --max-steps")

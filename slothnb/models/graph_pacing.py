@@ -7,6 +7,8 @@ host keeps up). A layer replayed as a CUDA graph costs the host almost nothing b
 more, since it carries nothing from its forward to its recompute (``carrying``). A quarter of the layers
 graphed made those slow hosts' steps 4-6% faster, and would make a quick host's ~3% slower; at 4,096
 tokens a step the GPU sets the pace on every host. So the share of graphed layers is found per run.
+Opt-in (``cuda_graphs="adaptive"`` or ``SLOTHNB_CUDA_GRAPHS=adaptive``): measured beside eager runs on
+H100s it lost (``layer_graphs.ADAPTIVE``); what it costs is in docs/perf-notes.md, section 20.
 
 How: the pacer marks the step's start (the first checkpointed layer's forward) and its last engine work
 (the end of that layer's backward) with a CUDA event and the host's clock. Once both events have

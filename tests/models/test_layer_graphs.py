@@ -182,7 +182,7 @@ def test_the_switch_comes_from_the_argument_the_model_or_the_environment(monkeyp
     assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
 
 
-def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters_adaptive_above(monkeypatch):
+def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters(monkeypatch):
     model = _model(graphs=False).get_base_model()
     monkeypatch.delenv(layer_graphs.ENV, raising=False)
     monkeypatch.setattr(layer_graphs, "AUTO_MIN_PARAMS", 0)  # the tiny model counts as small, not tiny
@@ -196,11 +196,7 @@ def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters_adaptive_abov
         model = model.cuda()
         assert layer_graphs.default_for(model) is True
         monkeypatch.setattr(layer_graphs, "AUTO_MAX_PARAMS", 10)
-        # past the host-bound sizes: as many layers as the host needs, where the layers are written out
-        assert layer_graphs.default_for(model) == layer_graphs.ADAPTIVE
-        for layer in model.model.layers:
-            layer.__dict__.pop("_slothnb_written", None)
-        assert layer_graphs.default_for(model) is False
+        assert layer_graphs.default_for(model) is False  # past the host-bound sizes ("adaptive": opt-in)
     monkeypatch.setenv(layer_graphs.ENV, "adaptive")
     assert layer_graphs.default_for(model) == layer_graphs.ADAPTIVE
     monkeypatch.setenv(layer_graphs.ENV, "sometimes")
