@@ -33,6 +33,11 @@ from slothnb.models.embedding_offload import HostEmbedding
 MIN_BYTES = 256 * 2**20  # smaller heads free too little GPU memory to be worth a copy every step
 
 
+# Benchmarks (``--ab-switch``): True keeps one GPU copy while training too, as in eval mode, so the cost
+# of the per-forward copy can be measured step by step in one process.
+KEEP_RESIDENT = False
+
+
 class HostHead(nn.Module):
     """The ``nn.Linear`` output head over a frozen table in pinned host memory (see the module's docstring)."""
 
@@ -54,7 +59,8 @@ class HostHead(nn.Module):
     def prefetch(self) -> None:
         """Queue the host->device copy on the head's own stream (once; ``take`` hands it out)."""
         dev = self.compute_device
-        if self._pending is not None or self._resident is not None or self.weight.device == dev or dev.type != "cuda":
+        if (self._pending is not None or self.weight.device == dev or dev.type != "cuda" or KEEP_RESIDENT
+                or (self._resident is not None and not self.training)):
             return
         # its own stream, not the offloaded checkpoints': queued there, the copy (9-33 ms) would hold up the
         # layers' device->host offloads behind it, and the forward with them (H100, Llama-3.2-1B with CUDA
@@ -74,10 +80,11 @@ class HostHead(nn.Module):
         The caller drops it after use: that frees it."""
         if self.weight.device == device:
             return self.weight
-        if not self.training:
+        if not self.training or KEEP_RESIDENT:
             if self._resident is None or self._resident.device != device:
                 self._resident = self.weight.to(device)
             return self._resident
+        self._resident = None  # (left by KEEP_RESIDENT)
         if self._pending is None or self._pending[0].device != device:
             self._pending = None
             self.compute_device = device

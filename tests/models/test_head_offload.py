@@ -132,6 +132,34 @@ def test_offloaded_head_on_gpu_frees_its_copy_trains_identically_and_generates(t
 
 
 @pytest.mark.gpu
+def test_keep_resident_switched_step_by_step_trains_identically_on_gpu(monkeypatch):
+    """The benchmarks' switch: steps that keep one GPU copy and steps that fetch it, in turns."""
+    from slothnb.models import head_offload
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 33), device="cuda")
+
+    def run(switch):
+        model = _model(False, dtype=torch.bfloat16).cuda()
+        patch_model(model)
+        model = get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="slothnb", offload_head=True)
+        model.train()
+        head = model.get_base_model().get_output_embeddings()
+        losses = []
+        for step in range(4):
+            monkeypatch.setattr(head_offload, "KEEP_RESIDENT", switch and step % 2 == 1)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach().cpu())
+            assert (head._resident is not None) == head_offload.KEEP_RESIDENT and head._pending is None
+        return losses
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_auto_offloads_the_head_only_with_cuda_graphs(monkeypatch):
     """Without graphs the backward seldom holds the step's peak, so "auto" leaves the head on the GPU."""
     from slothnb.models import head_offload
