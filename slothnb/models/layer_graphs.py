@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from slothnb.errors import HardwareError
+from slothnb.errors import ConfigError, HardwareError
 from slothnb.models import carrying
 
 ENV = "SLOTHNB_CUDA_GRAPHS"
@@ -100,7 +100,7 @@ def choice(value):
         return ADAPTIVE
     if text in ("1", "true", "on", "yes", "0", "false", "off", "no"):
         return text in ("1", "true", "on", "yes")
-    raise ValueError(f"cuda_graphs={value!r}: pass True, False or 'adaptive'.")
+    raise ConfigError(f"cuda_graphs={value!r} (or {ENV}): pass True, False or 'adaptive'.")
 
 
 def default_for(model: nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from slothnb.errors import HardwareError
+from slothnb.errors import ConfigError, HardwareError
 from slothnb.models import carrying, layer_graphs
 from slothnb.models.arch import llama_layer
 from slothnb.models.checkpointing import apply_gradient_checkpointing
@@ -200,7 +200,7 @@ def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters(monkeypatch):
     monkeypatch.setenv(layer_graphs.ENV, "adaptive")
     assert layer_graphs.default_for(model) == layer_graphs.ADAPTIVE
     monkeypatch.setenv(layer_graphs.ENV, "sometimes")
-    with pytest.raises(ValueError, match="'adaptive'"):
+    with pytest.raises(ConfigError, match="'adaptive'"):
         layer_graphs.default_for(model)
 
 
