@@ -62,7 +62,7 @@ SHARE = float(os.environ.get("SLOTHNB_GRAPH_SHARE", "1"))
 # bake them in); "auto" those of layers that carry no values (``carrying.carries_values``), "0" none.
 # A layer whose forward runs eagerly still replays its recompute + backward as a graph, fed what its
 # forward carried through static buffers (G and U of an 8B layer). Measured on H100s (session 21) it lost:
-# the 1B at 2 x 4,096 tokens ran 49,046 tok/s so against 56,442 with "1"; the 8B QLoRA at 2 x 2,048 ran
+# the 1B at 2 x 4,096 tokens ran 49,046 tok/s against 56,442 with "1"; the 8B QLoRA at 2 x 2,048 ran
 # 12,183 against 12,845 eager, 0.5 GiB heavier (the static copies of the carried values, and the
 # recompute waiting for all of them before it starts).
 FORWARD = os.environ.get("SLOTHNB_GRAPH_FORWARD", "1")
