@@ -29,7 +29,8 @@ parameters are updated in place by the optimizer, so the graph reads their curre
 Cost: the shared pool holds about one layer's recompute + backward temporaries for the whole run,
 memory that the code outside the graphs (loss, optimizer) cannot reuse; ``pool_bytes()`` says how
 much. On by default for CUDA models of 0.2-3B parameters (``default_for``), off otherwise;
-``SLOTHNB_CUDA_GRAPHS=0|1`` or ``get_peft_model(..., cuda_graphs=...)`` decide instead.
+``SLOTHNB_CUDA_GRAPHS=0|1|adaptive`` or ``get_peft_model(..., cuda_graphs=...)`` decide instead
+("adaptive": as many layers as the host needs, ``graph_pacing``).
 """
 from __future__ import annotations
 
