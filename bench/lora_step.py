@@ -204,7 +204,7 @@ def variant_of_step(i, warmup, k):
 def ab_slots(spec, times, queued, peaks, tokens, k, replay_peaks=None):
     """Per slot (the defaults, then each variant of ``spec``): median tok/s and host ms of its timed
     steps, their count, and the largest per-step peak of allocated memory (GiB); with ``replay_peaks``
-    (``layer_graphs.replay_peak`` per step) also that peak with the graphs' temporaries counted."""
+    (``graph_capture.replay_peak`` per step) also that peak with the graphs' temporaries counted."""
     names = ["defaults"] + [part for part in spec.split(";") if part]
     out = []
     for slot, name in enumerate(names):
@@ -274,7 +274,7 @@ def run(args, rec):
     import gpu_telemetry
 
     telemetry, gpu_by_step = gpu_telemetry.StepTelemetry.for_device(0), []
-    from slothnb.models import layer_graphs
+    from slothnb.models import graph_capture
 
     times, queued, losses, peaks, reserved, counts, replay_peaks = [], [], [], [], [], [], []
     variants = _variants(args.ab_switch)
@@ -297,11 +297,11 @@ def run(args, rec):
         gpu_by_step.append(telemetry.end())  # clocks, power, throttling: why a GPU-paced step was slow
         losses.append(round(float(loss.detach().float()), 4))
         # per-step peaks (the first steps also create the optimizer state), the maximum is the run's peak
-        # a CUDA graph capture restarts the counter (layer_graphs.peak_before_capture has what it held)
-        peaks.append(max(torch.cuda.max_memory_allocated(), layer_graphs.peak_before_capture(reset=True)))
+        # a CUDA graph capture restarts the counter (graph_capture.peak_before_capture has what it held)
+        peaks.append(max(torch.cuda.max_memory_allocated(), graph_capture.peak_before_capture(reset=True)))
         reserved.append(torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
-        replay_peaks.append(layer_graphs.replay_peak(reset=True))  # SLOTHNB_CUDA_GRAPHS=1: temporaries included
+        replay_peaks.append(graph_capture.replay_peak(reset=True))  # SLOTHNB_CUDA_GRAPHS=1: temporaries included
         counts.append(dict(host_offload.COUNTS))  # what each step offloaded, carried and pinned
         host_offload.COUNTS.clear()
     for (m, attr), d in defaults.items():
@@ -332,7 +332,7 @@ def run(args, rec):
     rec["host_probe"] = {"before": probe_before, "after": host_probe()}
     rec["gc_pauses_by_step"] = gc_pauses.close()
     # CUDA graphs' temporaries live in their own pool, outside peak_alloc: counted here (SLOTHNB_CUDA_GRAPHS=1)
-    rec["graph_pool_gib"] = round(layer_graphs.pool_bytes() / GiB, 3)
+    rec["graph_pool_gib"] = round(graph_capture.pool_bytes() / GiB, 3)
     if rec["graph_pool_gib"]:  # the most live during a replay, temporaries included: held to the target too
         rec["graph_replay_peak_gib"] = round(max(replay_peaks) / GiB, 3)
         rec["graph_replay_peak_by_step_gib"] = [round(b / GiB, 3) for b in replay_peaks]

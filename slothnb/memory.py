@@ -114,11 +114,11 @@ def _cuda_index(device) -> int | None:
 
 
 def _reset_peaks(index: int) -> None:
-    from slothnb.models import layer_graphs
+    from slothnb.models import graph_capture
 
     torch.cuda.reset_peak_memory_stats(index)
-    layer_graphs.peak_before_capture(reset=True)
-    layer_graphs.replay_peak(reset=True)
+    graph_capture.peak_before_capture(reset=True)
+    graph_capture.replay_peak(reset=True)
 
 
 def snapshot(device=None) -> MemorySnapshot:
@@ -132,11 +132,11 @@ def snapshot(device=None) -> MemorySnapshot:
     snap.device = torch.cuda.get_device_name(index)
     snap.allocated = torch.cuda.memory_allocated(index)
     snap.reserved = torch.cuda.memory_reserved(index)
-    from slothnb.models import host_offload, layer_graphs  # engine level: they own their memory
+    from slothnb.models import graph_capture, host_offload  # engine level: they own their memory
 
     # CUDA graphs: a capture restarts the peak counter, and a replay's temporaries are not counted in it
-    snap.peak_allocated = max(torch.cuda.max_memory_allocated(index), layer_graphs.peak_before_capture(),
-                              layer_graphs.replay_peak())
+    snap.peak_allocated = max(torch.cuda.max_memory_allocated(index), graph_capture.peak_before_capture(),
+                              graph_capture.replay_peak())
     snap.peak_reserved = torch.cuda.max_memory_reserved(index)
 
     snap.pinned_host = host_offload.pinned_bytes()

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import ConfigError
-from slothnb.models import carrying, graph_pacing, host_offload, layer_graphs
+from slothnb.models import carrying, graph_capture, graph_pacing, host_offload, layer_graphs
 from slothnb.models.carrying import _Carried, _carry_scope
 from slothnb.kernels._utils import RecomputeState, switched_off
 
@@ -360,7 +360,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
     adaptive = cuda_graphs == layer_graphs.ADAPTIVE
     # one ModelGraphs per model: the layers' graphs share its pool and buffers (kept on re-application)
     shared = next((layer._slothnb_graphs.shared for layer in all_layers if getattr(layer, "_slothnb_graphs", None)),
-                  None) or (layer_graphs.ModelGraphs() if cuda_graphs else None)
+                  None) or (graph_capture.ModelGraphs() if cuda_graphs else None)
     if shared is not None:  # "adaptive": a pacer marks each step at the first checkpointed layer
         first = min(chosen, default=0)
         keep = shared.pacer if shared.pacer is not None and shared.pacer.first == first else None

@@ -27,18 +27,15 @@ the graph would be read at replay after they are gone, so casts are made inside 
 parameters are updated in place by the optimizer, so the graph reads their current values.
 
 Cost: the shared pool holds about one layer's recompute + backward temporaries for the whole run,
-memory that the code outside the graphs (loss, optimizer) cannot reuse; ``pool_bytes()`` says how
+memory that the code outside the graphs (loss, optimizer) cannot reuse; ``graph_capture.pool_bytes()`` says how
 much. On by default for CUDA models of 0.2-3B parameters (``default_for``), off otherwise;
 ``SLOTHNB_CUDA_GRAPHS=0|1|adaptive`` or ``get_peft_model(..., cuda_graphs=...)`` decide instead
 ("adaptive": as many layers as the host needs, ``graph_pacing``).
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import warnings
-import weakref
 
 import torch
 from torch import nn
@@ -46,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import ConfigError, HardwareError
 from slothnb.models import carrying
+from slothnb.models.graph_capture import Graph, ModelGraphs, StaticInputs, capture_context, shapes
 
 ENV = "SLOTHNB_CUDA_GRAPHS"
 MAX_SIGNATURES = int(os.environ.get("SLOTHNB_GRAPH_MAX_SIGNATURES", "4"))  # input signatures per layer and pass
@@ -116,104 +114,9 @@ def default_for(model: nn.Module):
     return AUTO_MIN_PARAMS <= n <= AUTO_MAX_PARAMS
 
 
-class ModelGraphs:
-    """What the graphs of one model's layers share: the memory pool per device and the static buffers.
-
-    Per model, not per process: torch frees a graph pool when the last graph captured into it dies,
-    and a capture into the handle of a freed pool fails inside the allocator (after which the CUDA
-    generator is unusable). A model's graphs, pools and buffers live and die together.
-    """
-
-    def __init__(self, pacer=None):
-        self.pools: dict = {}  # device index -> graph pool handle
-        self.banks: dict = {}  # (role, shapes) -> _StaticInputs
-        self.pacer = pacer  # graph_pacing.SharePacer: how many layers replay graphs ("adaptive"), else None
-        _LIVE.add(self)
-
-    def pool(self, device: torch.device):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self.pools:
-            self.pools[index] = torch.cuda.graph_pool_handle()
-        return self.pools[index]
-
-
-_LIVE: "weakref.WeakSet[ModelGraphs]" = weakref.WeakSet()
-
-
-class _Graph:
-    """One CUDA graph: ``capture()`` runs ``body`` under capture, ``replay()`` re-runs what it recorded."""
-
-    def __init__(self, device: torch.device, pool):
-        self.device, self.pool = device, pool
-        self.graph = torch.cuda.CUDAGraph()
-        self.transient = 0  # bytes of temporaries a replay uses on top of what stays allocated
-
-    def capture(self, body):
-        # No garbage collection while capturing: a finaliser that touches CUDA (an offloaded input
-        # waiting on its copy's event, a pinned buffer being unregistered) would break the capture.
-        collecting = gc.isenabled()
-        gc.collect()
-        gc.disable()
-        # The capture's allocations are the replays' (same sizes, same order): their peak above what stays
-        # allocated is what every replay adds unseen by the allocator. The peak counter is restarted for
-        # that; the peak it held is kept for ``peak_before_capture``.
-        _PEAK_BEFORE_CAPTURE[0] = max(_PEAK_BEFORE_CAPTURE[0], torch.cuda.max_memory_allocated(self.device))
-        torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
-                return body()
-        finally:
-            self.transient = max(0, torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device))
-            if collecting:
-                gc.enable()
-
-    def replay(self):
-        # the most this replay has live: what the allocator counts now plus the graph's own temporaries
-        _REPLAY_PEAK[0] = max(_REPLAY_PEAK[0], torch.cuda.memory_allocated(self.device) + self.transient)
-        self.graph.replay()
-
-
-_REPLAY_PEAK = [0]  # the most bytes live during a replay (allocated + its temporaries), since the last reset
-_PEAK_BEFORE_CAPTURE = [0]  # max_memory_allocated as it stood before a capture restarted it
-
-
-class _StaticInputs:
-    """Buffers a graph reads its inputs from, shared by every layer with the same signature."""
-
-    def __init__(self, tensors):
-        self.buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-        self.last = [None] * len(tensors)  # (weakref, version) of what was last copied into each buffer
-
-    @torch.no_grad()  # the backward's inputs require grad: the copy must not enter autograd
-    def load(self, tensors) -> None:
-        for i, (buf, t) in enumerate(zip(self.buffers, tensors)):
-            last = self.last[i]
-            if last is not None and last[0]() is t and last[1] == t._version:
-                continue  # the same tensor as last time (cos/sin for every layer): already there
-            buf.copy_(t)
-            self.last[i] = (weakref.ref(t), t._version)  # weak: a layer input must not outlive its step
-
-    def forget(self) -> None:
-        self.last = [None] * len(self.buffers)
-
-
-def _shapes(tensors) -> tuple:
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
-
-
 def _signature(tensors, needs_grad=None) -> tuple:
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    return _shapes(tensors), autocast, tuple(needs_grad) if needs_grad is not None else None
-
-
-@contextlib.contextmanager
-def _capture_context():
-    """Capturing: autocast without its cast cache (a cached cast is not recorded, yet read at replay)."""
-    if torch.is_autocast_enabled("cuda"):
-        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
-            yield
-    else:
-        yield
+    return shapes(tensors), autocast, tuple(needs_grad) if needs_grad is not None else None
 
 
 class LayerGraphs:
@@ -223,7 +126,7 @@ class LayerGraphs:
     ``OffloadedCheckpoint``'s two passes; ``run(tensors)`` calls the layer.
     """
 
-    graph_class = _Graph
+    graph_class = Graph
 
     def __init__(self, layer: nn.Module, shared: ModelGraphs, index: int = 0):
         self.layer, self.shared, self.index = layer, shared, index
@@ -246,7 +149,7 @@ class LayerGraphs:
         return not (tensors and carrying.carries_values(tensors[0]))
 
     def usable(self, tensors) -> bool:
-        on_gpu = self.graph_class is not _Graph or all(t.is_cuda for t in tensors)  # tests fake the graph on CPU
+        on_gpu = self.graph_class is not Graph or all(t.is_cuda for t in tensors)  # tests fake the graph on CPU
         if not tensors or not on_gpu:
             return False
         for m in self.layer.modules():
@@ -281,7 +184,7 @@ class LayerGraphs:
         holder = {}
 
         def body():
-            with _capture_context():
+            with capture_context():
                 leaves, holder["spec"] = tree_flatten(run(inputs.buffers))
             tensors_out = [v for v in leaves if isinstance(v, torch.Tensor)]
             outs = self._static("out", tensors_out)
@@ -344,7 +247,7 @@ class LayerGraphs:
         holder = {}
 
         def body():
-            with _capture_context(), carrying._carry_scope("replay", carrying._Carried(list(fed_entries))):
+            with capture_context(), carrying._carry_scope("replay", carrying._Carried(list(fed_entries))):
                 grads, params, param_grads = self._written_backward(call, static_in.buffers, static_grad_out.buffers,
                                                                     needs_grad)
                 if grads is None:
@@ -425,15 +328,15 @@ class LayerGraphs:
         table[key] = "eager"
         return "eager"
 
-    def _static(self, role, tensors) -> _StaticInputs:
-        key = (role, _shapes(tensors))
+    def _static(self, role, tensors) -> StaticInputs:
+        key = (role, shapes(tensors))
         bank = self.shared.banks.get(key)
         if bank is None:
-            bank = self.shared.banks[key] = _StaticInputs(tensors)
+            bank = self.shared.banks[key] = StaticInputs(tensors)
         return bank
 
     def _pool(self, device):
-        return self.shared.pool(device) if self.graph_class is _Graph else None
+        return self.shared.pool(device) if self.graph_class is Graph else None
 
     def _give_up(self, table, key, error, device):
         """After a failed capture the layer runs eagerly, unless the failure left CUDA's random
@@ -478,38 +381,3 @@ def _accumulate(params, grads) -> None:
             p.grad = c
     if summed:
         torch._foreach_add_([p.grad for p, _ in summed], [g for _, g in summed])
-
-
-def pool_usage() -> tuple[int, int]:
-    """(reserved, allocated) bytes of the live models' layer-graph pools on the GPU. Allocated: what
-    outlives a replay there (parameter gradients a backward graph hands out); the rest of the reserved
-    bytes are the graphs' temporaries, in use only while a graph replays."""
-    pools = {tuple(h) for shared in list(_LIVE) for h in shared.pools.values()}
-    if not pools or not torch.cuda.is_available():
-        return 0, 0
-    segments = [seg for seg in torch.cuda.memory._snapshot()["segments"]
-                if tuple(seg.get("segment_pool_id", (0, 0))) in pools]
-    return sum(seg["total_size"] for seg in segments), sum(seg["allocated_size"] for seg in segments)
-
-
-def pool_bytes() -> int:
-    """Bytes the live models' layer-graph pools hold on the GPU (0 when no graph was captured)."""
-    return pool_usage()[0]
-
-
-def replay_peak(reset: bool = False) -> int:
-    """The most bytes live during a graph replay since the last ``reset``: allocated as it started plus the
-    graph's temporaries, which ``torch.cuda.max_memory_allocated`` does not see (they live in the pool)."""
-    peak = _REPLAY_PEAK[0]
-    if reset:
-        _REPLAY_PEAK[0] = 0
-    return peak
-
-
-def peak_before_capture(reset: bool = False) -> int:
-    """``torch.cuda.max_memory_allocated`` as it stood before the latest capture restarted it (0: none
-    since the last ``reset``): a step that captured takes the larger of this and the counter."""
-    peak = _PEAK_BEFORE_CAPTURE[0]
-    if reset:
-        _PEAK_BEFORE_CAPTURE[0] = 0
-    return peak

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from slothnb.errors import ConfigError, HardwareError
-from slothnb.models import carrying, layer_graphs
+from slothnb.models import carrying, graph_capture, layer_graphs
 from slothnb.models.arch import llama_layer
 from slothnb.models.checkpointing import apply_gradient_checkpointing
 from slothnb.models.patching import patch_model
@@ -246,12 +246,12 @@ def test_real_cuda_graphs_train_like_eager_on_gpu(arch):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=2e-3)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
-    reserved, allocated = layer_graphs.pool_usage()
-    assert reserved == layer_graphs.pool_bytes() > allocated >= 0
+    reserved, allocated = graph_capture.pool_usage()
+    assert reserved == graph_capture.pool_bytes() > allocated >= 0
     graph = next(v[0] for v in layer._slothnb_graphs._bwd.values() if isinstance(v, tuple))
     assert 0 < graph.transient <= reserved  # a backward's temporaries: in the pool, unseen by the allocator
-    live = layer_graphs.replay_peak(reset=True)
-    assert live > torch.cuda.memory_allocated() and layer_graphs.replay_peak() == 0
+    live = graph_capture.replay_peak(reset=True)
+    assert live > torch.cuda.memory_allocated() and graph_capture.replay_peak() == 0
 
 
 @pytest.mark.gpu
@@ -282,29 +282,29 @@ def test_carrying_layers_feed_their_backward_graphs_through_host_memory_on_gpu(m
 def test_a_replay_peak_counts_the_graph_temporaries_the_allocator_does_not_see_on_gpu():
     """A graph whose body holds a 64 MiB temporary: a replay adds 64 MiB that max_memory_allocated misses,
     and the capture restarted that counter, keeping what it held for peak_before_capture."""
-    layer_graphs.peak_before_capture(reset=True)
+    graph_capture.peak_before_capture(reset=True)
     x = torch.ones(1024, device="cuda")
     out = torch.empty_like(x)
     big = torch.empty(96 << 20, dtype=torch.uint8, device="cuda")
     del big  # the counter's peak is now 96 MiB above what is allocated
     before = torch.cuda.max_memory_allocated()
-    graph = layer_graphs._Graph(x.device, torch.cuda.graph_pool_handle())
+    graph = graph_capture.Graph(x.device, torch.cuda.graph_pool_handle())
 
     def body():
         tmp = torch.full((16 << 20,), 2.0, device="cuda")  # 64 MiB, freed inside the capture
         out.copy_(x * tmp[:1024])
 
     graph.capture(body)
-    assert layer_graphs.peak_before_capture(reset=True) >= before
+    assert graph_capture.peak_before_capture(reset=True) >= before
     assert (64 << 20) <= graph.transient < (80 << 20)
-    layer_graphs.replay_peak(reset=True)
+    graph_capture.replay_peak(reset=True)
     torch.cuda.reset_peak_memory_stats()
     allocated = torch.cuda.memory_allocated()
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, 2 * x)
     assert torch.cuda.max_memory_allocated() < allocated + (1 << 20)  # the allocator saw nothing of tmp
-    assert layer_graphs.replay_peak(reset=True) == allocated + graph.transient
+    assert graph_capture.replay_peak(reset=True) == allocated + graph.transient
 
 
 @pytest.mark.gpu
@@ -345,7 +345,7 @@ def test_real_cuda_graphs_qlora_train_like_eager_on_gpu(tmp_path, monkeypatch):
 
 def test_static_inputs_copy_only_what_changed():
     cos = torch.randn(4, 8)
-    bank = layer_graphs._StaticInputs([torch.empty(2, 8), cos])
+    bank = graph_capture.StaticInputs([torch.empty(2, 8), cos])
     x1 = torch.randn(2, 8)
     bank.load([x1, cos])
     first = bank.buffers[1].clone()
