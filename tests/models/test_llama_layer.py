@@ -270,7 +270,7 @@ def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, 
     and gate/up matmuls, the norm writing their input, the recompute's dequantised weights kept for the
     backward, the attention state carried, h = x + o in the norm; bit for bit the autograd path's."""
     monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
-    monkeypatch.setattr(lora_widened, "KEEP_GATE_UP", True)
+    assert lora_widened.KEEP_GATE_UP  # on by default: the count of kept weights below includes gate/up
     kept = _recording(monkeypatch, lora_kernels, "_backward", lambda a, kw: kw.get("kept") is not None)
     model = _qlora_model(tmp_path, "cpu", hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, num_hidden_layers=3, vocab_size=128)
