@@ -6,7 +6,9 @@
 PEAK_TFLOPS: the matmul ceiling for MFU when the run did not measure one (no ``info`` step).
 
 Step benchmarks: one table per case (model, quant, seq, batch) with every system that ran in
-that folder's run; kernels: one table per op family, as bench/kernels_ops.py wrote them.
+that folder's run, and for a run with ``--ab-switch`` its slots (the defaults and each variant, steps
+taken in turn in one process: the way to compare engine switches on one machine); kernels: one table
+per op family, as bench/kernels_ops.py wrote them.
 """
 import json
 import os
@@ -43,7 +45,22 @@ def step_tables(path, default_peak=None):
             out.append(f"| {r['system']} | {r.get('grad_ckpt', '')} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | "
                        f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {alloc} | "
                        f"{r['peak_reserved_gib']:.2f} | {losses} |")
+        for r in rows:
+            out += ab_table(r)
     return "\n".join(out), peak
+
+
+def ab_table(r):
+    """The ``--ab-switch`` slots of one run (``lora_step.ab_slots``) as table lines, or none."""
+    slots = r.get("ab_variants") or []
+    if not slots:
+        return []
+    out = ["", f"{r['system']}, one process, steps taken in turn:", "",
+           "| switch | steps | tokens/s | host ms a step | peak alloc GiB (graphs' temporaries counted) |", "|---|---|---|---|---|"]
+    for v in slots:
+        peak = v.get("honest_peak_gib", v["peak_alloc_gib"])
+        out.append(f"| {v['switch']} | {v['steps']} | {v['tok_s']:,.0f} | {v['host_ms']:.1f} | {peak:.3f} |")
+    return out
 
 
 def kernel_tables(path):

@@ -116,3 +116,24 @@ def test_report_shows_the_graphs_temporaries_beside_the_allocator_peak(tmp_path)
     table, _ = report.step_tables(str(path), default_peak=778.0)
     cells = [line.split(" | ")[5] for line in table.splitlines() if line.startswith("| slothnb")]
     assert cells == ["2.89 (2.96 with the graphs' temporaries)", "2.89 + 0.55 graph pool", "2.89"]
+
+
+def test_report_tabulates_the_ab_slots_of_a_run(tmp_path):
+    import json
+
+    import report
+
+    rec = {"kind": "bench", "system": "slothnb", "model": "8b", "quant": "nf4", "seq": 2048, "batch": 2,
+           "status": "ok", "grad_ckpt": "slothnb", "step_s_median": 0.33, "tokens_per_s": 12226.0,
+           "peak_alloc_gib": 6.41, "peak_reserved_gib": 6.77, "losses": [12.55, 12.60, 12.61],
+           "ab_variants": [
+               {"switch": "defaults", "steps": 20, "tok_s": 12226.2, "host_ms": 330.6, "peak_alloc_gib": 6.41},
+               {"switch": "slothnb.kernels.lora_widened.KEEP_GATE_UP=0", "steps": 20, "tok_s": 12088.3,
+                "host_ms": 338.7, "peak_alloc_gib": 6.221, "honest_peak_gib": 6.25}]}
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(dict(rec, ab_variants=None)) + "\n")
+    table, _ = report.step_tables(str(path), default_peak=778.0)
+    rows = [line for line in table.splitlines() if line.startswith("| defaults") or line.startswith("| slothnb.kernels")]
+    assert rows == ["| defaults | 20 | 12,226 | 330.6 | 6.410 |",
+                    "| slothnb.kernels.lora_widened.KEEP_GATE_UP=0 | 20 | 12,088 | 338.7 | 6.250 |"]
+    assert table.count("one process, steps taken in turn") == 1  # the record without slots adds none
