@@ -56,7 +56,8 @@ def ab_table(r):
     if not slots:
         return []
     out = ["", f"{r['system']}, one process, steps taken in turn:", "",
-           "| switch | steps | tokens/s | host ms a step | peak alloc GiB (graphs' temporaries counted) |", "|---|---|---|---|---|"]
+           "| switch | steps | tokens/s | host ms a step | peak alloc GiB (graphs' temporaries counted) |",
+           "|---|---|---|---|---|"]
     for v in slots:
         peak = v.get("honest_peak_gib", v["peak_alloc_gib"])
         out.append(f"| {v['switch']} | {v['steps']} | {v['tok_s']:,.0f} | {v['host_ms']:.1f} | {peak:.3f} |")
