@@ -384,7 +384,8 @@ def print_cpu_ops(model, opt, x, top):
 
 
 def _python_site(e) -> str:
-    """The innermost Python frame outside torch above a profiled op, else the autograd node it ran under."""
+    """The innermost Python frame outside torch above a profiled op, else the autograd node it ran under
+    (with_stack: Python frames are parent events "file(line): name")."""
     site, parent = None, e.cpu_parent
     while site is None and parent is not None:
         name = parent.name
@@ -426,15 +427,7 @@ def copy_sites(prof) -> list[tuple[str, int, float, float]]:
     for e in prof.events():
         if e.name != "aten::copy_":
             continue
-        site, parent = None, e.cpu_parent  # with_stack: Python frames are parent events "file(line): name"
-        while site is None and parent is not None:
-            name = parent.name
-            if name.startswith("autograd::engine::evaluate_function: "):
-                site = "backward of " + name.split(": ", 1)[1]
-            elif "): " in name and "torch/" not in name and not name.startswith("<"):
-                site = name  # the innermost Python frame outside torch itself
-            parent = parent.cpu_parent
-        site = site or "(no Python frame, no autograd node)"
+        site = _python_site(e)
         n, dev, cpu = sites.get(site, (0, 0.0, 0.0))
         sites[site] = (n + 1, dev + e.device_time_total / 1e3, cpu + e.cpu_time_total / 1e3)
     return sorted(((k, *v) for k, v in sites.items()), key=lambda r: (-r[2], -r[3]))

@@ -83,10 +83,15 @@ def _worth_carrying(x: torch.Tensor) -> bool:
     return x.numel() * x.element_size() >= CARRY_MIN_BYTES
 
 
+def any_switched_on() -> bool:
+    """Whether any carry is switched on (then a checkpointed forward records what it carries)."""
+    return CARRY or CARRY_MLP or not switched_off(CARRY_SDPA)
+
+
 def carries_values(x: torch.Tensor) -> bool:
     """Whether a checkpointed layer with hidden states ``x`` may carry values to its recompute (any
     carry switched on, and its parts' inputs, x's size in Llama-family layers, worth it)."""
-    return (CARRY or CARRY_MLP or not switched_off(CARRY_SDPA)) and _worth_carrying(x)
+    return any_switched_on() and _worth_carrying(x)
 
 
 def carry_attention_output(x: torch.Tensor, out: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from slothnb.errors import ConfigError
 from slothnb.models import carrying, graph_capture, graph_pacing, host_offload, layer_graphs
 from slothnb.models.carrying import _Carried, _carry_scope
-from slothnb.kernels._utils import RecomputeState, switched_off
+from slothnb.kernels._utils import RecomputeState
 
 CHECKPOINTING_MODES = (False, True, "slothnb")
 _ALIASES = {"unsloth": "slothnb", "offload": "slothnb"}
@@ -102,7 +102,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.state = RecomputeState(tensors, call.preserve_rng)
         graphed = call.graphs is not None and call.graphs.forward_graphed(tensors)
         # a graphed forward carries nothing: a graph would bake the pinned buffers' host addresses in
-        ctx.carried = [] if (carrying.CARRY or carrying.CARRY_MLP or not switched_off(carrying.CARRY_SDPA)) and not graphed else None
+        ctx.carried = [] if carrying.any_switched_on() and not graphed else None
         with torch.no_grad(), _carry_scope("record", ctx.carried):
             if graphed:
                 out = call.graphs.forward(call.run, tensors)

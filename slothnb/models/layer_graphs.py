@@ -88,8 +88,6 @@ AUTO_MIN_PARAMS, AUTO_MAX_PARAMS = 200_000_000, 3_000_000_000
 ADAPTIVE = "adaptive"
 
 
-
-
 def choice(value):
     """A ``cuda_graphs`` setting as True, False or ``ADAPTIVE`` (None stays None: not chosen)."""
     if value is None or isinstance(value, bool):
