@@ -118,7 +118,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         kept, ctx.offloaded = [], [None] * len(tensors)
         for i, (t, off) in enumerate(zip(tensors, call.offload_mask)):
             if off and host_offload.worth_offloading(t) and host_offload.HOST_BUDGET.admit(t.nbytes):
-                ctx.offloaded[i] = host_offload.OffloadedTensor(t)
+                ctx.offloaded[i] = host_offload.OffloadedTensor(t, far_ahead=not graphed)
                 kept.append(None)
             else:  # CPU tensors (nothing to gain), shared inputs (cos/sin, masks) and inputs over the
                 # host budget stay where they are (the last ones: plain recompute checkpointing)

@@ -5,7 +5,8 @@ buffers (grown in the background for carried values), a host-memory budget (long
 exhaust RAM), one side stream per device for the copies, and ``OffloadedTensor``, which copies a CUDA
 tensor out in forward and back (prefetched one layer ahead) in backward; the compute stream never
 waits for a copy, and the host waits only when it has queued more than ``LAYERS_AHEAD`` layers of
-copies ahead of the GPU.
+copies ahead of the GPU (up to ``MAX_LAYERS_AHEAD`` while the tensors held for them are few:
+``AHEAD_BYTES``).
 """
 from __future__ import annotations
 
@@ -306,10 +307,13 @@ class OffloadedTensor:
 
     _last = None  # weakref to the most recent OffloadedTensor: the previous layer for the next one
 
-    def __init__(self, x: torch.Tensor, carried: bool = False, buf: torch.Tensor | None = None):
+    def __init__(self, x: torch.Tensor, carried: bool = False, buf: torch.Tensor | None = None,
+                 far_ahead: bool = True):
         """Only after ``HOST_BUDGET.admit(x.nbytes)``: the bytes are released by restore or on GC.
         ``carried``: a value a layer's forward hands its recompute (``carrying.carry``), restored
-        right after that layer's input. ``buf``: a pinned buffer of x's shape already taken from the pool."""
+        right after that layer's input. ``buf``: a pinned buffer of x's shape already taken from the pool.
+        ``far_ahead``: a layer input whose backward runs eagerly, for which the host may run more than
+        ``LAYERS_AHEAD`` layers ahead (``_keep_pace``); a layer replayed as CUDA graphs needs no lead."""
         self.device, self.gpu, self.ready, self.carried = x.device, None, None, carried
         self.nbytes, self.buf = x.nbytes, buf
         if self.buf is None:
@@ -330,7 +334,7 @@ class OffloadedTensor:
         release_finished_copies()
         _IN_FLIGHT.append((copied, x, produced))  # x's memory must not be handed out before the copy has read it
         if not carried:
-            _keep_pace(copied)
+            _keep_pace(copied, far_ahead)
         self.prev = OffloadedTensor._last  # weak: a forward never backpropagated must not pin a chain
         OffloadedTensor._last = weakref.ref(self)
 
@@ -421,14 +425,29 @@ _IN_FLIGHT: collections.deque = collections.deque()  # (copied, tensor, produced
 # SLOTHNB_OFFLOAD_LAYERS_AHEAD overrides it (benchmarks: more lets a host that is sometimes slower than
 # the GPU catch up, for the memory of that many more layer inputs).
 LAYERS_AHEAD = max(1, int(os.environ.get("SLOTHNB_OFFLOAD_LAYERS_AHEAD", "2")))
+# Beyond LAYERS_AHEAD the host may go on, up to MAX_LAYERS_AHEAD layers, while the GPU tensors held for
+# unfinished copies (queued, or produced and waiting for the link) take at most AHEAD_BYTES. The lead
+# the host builds in the forward is what it has in hand for the backward, where its work per layer is
+# about the GPU's: there a slow or jittery host stalls the GPU unless it starts well ahead (session 23:
+# on a host-slow H100, four layers ahead of the compute ran the 8B QLoRA 2,048-token step 7% faster).
+# The bytes bound keeps a step whose layer inputs and carried values are large (4,096 tokens) at two.
+# Layers replayed as CUDA graphs keep two: their backward takes the host little, and the lead's memory
+# put the Llama-3.2-1B step over its 3.0 GiB (2.96 -> 3.03). SLOTHNB_OFFLOAD_AHEAD_GIB=0 restores the
+# plain two-layer rule.
+AHEAD_BYTES = int(float(os.environ.get("SLOTHNB_OFFLOAD_AHEAD_GIB", "0.75")) * 2**30)
+MAX_LAYERS_AHEAD = max(LAYERS_AHEAD, int(os.environ.get("SLOTHNB_OFFLOAD_MAX_LAYERS_AHEAD", "6")))
 _LAYER_COPIES: collections.deque = collections.deque()  # the copy event of each layer input in flight
 
 
-def _keep_pace(copied: torch.cuda.Event) -> None:
-    """Called with each layer input's copy event: wait for the oldest beyond ``LAYERS_AHEAD``
-    (a layer's carried values are queued before its input, so its whole group has then been copied)."""
+def _keep_pace(copied: torch.cuda.Event, far_ahead: bool = True) -> None:
+    """Called with each layer input's copy event: wait for the oldest beyond the lead allowed (a layer's
+    carried values are queued before its input, so its whole group has then been copied). Without
+    ``far_ahead``, ``LAYERS_AHEAD`` is the limit."""
     _LAYER_COPIES.append(copied)
-    while len(_LAYER_COPIES) > LAYERS_AHEAD:
+    while _LAYER_COPIES and _LAYER_COPIES[0].query():  # copied already: no longer ahead
+        _LAYER_COPIES.popleft()
+    most = MAX_LAYERS_AHEAD if far_ahead else LAYERS_AHEAD
+    while len(_LAYER_COPIES) > LAYERS_AHEAD and (len(_LAYER_COPIES) > most or in_flight_bytes() > AHEAD_BYTES):
         _LAYER_COPIES.popleft().synchronize()
     release_finished_copies()
 

@@ -20,7 +20,7 @@ def _fake_offload(monkeypatch, on_restore=None):
     stored, restored = [], []
 
     class FakeOffload:
-        def __init__(self, x):
+        def __init__(self, x, far_ahead=True):
             self.copy = x.detach().clone()
             stored.append(tuple(x.shape))
 

@@ -261,11 +261,57 @@ def test_the_host_waits_for_copies_more_than_a_few_layers_old(monkeypatch):
     monkeypatch.setattr(host_offload, "_LAYER_COPIES", __import__("collections").deque())
     monkeypatch.setattr(host_offload, "_IN_FLIGHT", __import__("collections").deque())
     monkeypatch.setattr(host_offload, "LAYERS_AHEAD", 3)
+    monkeypatch.setattr(host_offload, "AHEAD_BYTES", 0)  # no further lead for small tensors
     for i in range(6):
         host_offload._IN_FLIGHT.append((Event(i), torch.empty(1), Event(i)))
         host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0])
     assert waited == [0, 1, 2]  # layers 3, 4 and 5 may still be copying
     assert [e.i for e, _, _ in host_offload._IN_FLIGHT] == [3, 4, 5]  # the finished ones are dropped
+
+
+def test_the_host_runs_further_ahead_while_the_tensors_held_for_copies_are_few(monkeypatch):
+    """Past LAYERS_AHEAD the host goes on while the tensors waiting for copies take at most AHEAD_BYTES,
+    and never past MAX_LAYERS_AHEAD; copies found finished no longer count as ahead."""
+    waited, done = [], set()
+
+    class Event:
+        def __init__(self, i):
+            self.i = i
+
+        def synchronize(self):
+            waited.append(self.i)
+            done.add(self.i)
+
+        def query(self):
+            return self.i in done
+
+    deque = __import__("collections").deque
+    monkeypatch.setattr(host_offload, "LAYERS_AHEAD", 2)
+    monkeypatch.setattr(host_offload, "MAX_LAYERS_AHEAD", 4)
+    monkeypatch.setattr(host_offload, "AHEAD_BYTES", 100)
+
+    def run(layers, floats):
+        waited.clear(), done.clear()
+        monkeypatch.setattr(host_offload, "_LAYER_COPIES", deque())
+        monkeypatch.setattr(host_offload, "_IN_FLIGHT", deque())
+        for i in range(layers):
+            host_offload._IN_FLIGHT.append((Event(i), torch.empty(floats), Event(i)))
+            host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0])
+        return list(waited)
+
+    assert run(3, 8) == []  # 3 layers of 32 bytes: 96 <= 100
+    assert run(5, 8) == [0, 1]  # 4 layers hold 128 bytes: back to 3 each time
+    assert run(6, 0) == [0, 1]  # nothing held, but at most 4 layers ahead
+    waited.clear()
+    done.update((2, 3))  # those copies finished meanwhile (in order, as on one stream): 4 and 5 are ahead
+    for i in (6, 7, 8):
+        host_offload._IN_FLIGHT.append((Event(i), torch.empty(0), Event(i)))
+        host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0])
+    assert waited == [4]  # 4..7 are four ahead; with 8 the oldest still copying is waited for
+    waited.clear()
+    host_offload._IN_FLIGHT.append((Event(9), torch.empty(0), Event(9)))
+    host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0], far_ahead=False)  # a graphed layer: two ahead
+    assert waited == [5, 6, 7]
 
 
 def test_the_link_backlog_counts_only_copies_whose_tensor_the_gpu_has_produced(monkeypatch):
