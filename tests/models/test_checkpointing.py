@@ -257,9 +257,10 @@ def test_offloaded_peak_is_lower_than_standard_on_gpu():
     saved_inputs = 24 * 8192 * 1024 * 2
     assert offloaded < standard - saved_inputs // 2, (standard / 2**20, offloaded / 2**20)
     # bf16 gradients summed over 8,192 tokens, and SDPA's backward is not deterministic run to run: an
-    # element near zero may differ by ~1e-3 (seen once in 2 x 1,024); a broken offload differs by far more
+    # element near zero may differ by ~1e-3 (seen twice in 2 x 1,024: 1.05e-3 in session 23, the largest
+    # gradient being ~0.1); a broken offload differs by the gradients' own size
     for a, b in zip(g_off, g_std):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=max(1e-3, 1e-2 * b.abs().max().item()))
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=max(2e-3, 1e-2 * b.abs().max().item()))
 
 
 @pytest.mark.gpu
