@@ -379,3 +379,33 @@ def test_the_link_backlog_leaves_out_copies_the_gpu_has_not_produced_on_gpu():
     torch.cuda.synchronize()
     assert host_offload.link_backlog_bytes() == 0 and host_offload.in_flight_bytes() == 0
     assert torch.equal(off.restore(), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ahead_bytes, far_ahead, host_waits", [(64 << 20, True, False), (0, True, True),
+                                                                (64 << 20, False, True)])
+def test_the_host_runs_ahead_of_copies_while_few_bytes_wait_for_them_on_gpu(monkeypatch, ahead_bytes,
+                                                                            far_ahead, host_waits):
+    """Six 1 MiB layer inputs queued behind ~100 ms of compute-stream work: the host queues them all at
+    once while the tensors waiting for their copies fit AHEAD_BYTES (MAX_LAYERS_AHEAD 8); else, and for
+    a layer replayed as graphs (``far_ahead=False``), it waits for the GPU past two. Values round-trip."""
+    import collections
+    import time
+
+    monkeypatch.setattr(host_offload, "LAYERS_AHEAD", 2)
+    monkeypatch.setattr(host_offload, "MAX_LAYERS_AHEAD", 8)
+    monkeypatch.setattr(host_offload, "AHEAD_BYTES", ahead_bytes)
+    monkeypatch.setattr(host_offload, "_LAYER_COPIES", collections.deque())
+    xs = [torch.full((2**18,), float(i), device="cuda") for i in range(6)]
+    for off in [host_offload.OffloadedTensor(torch.empty_like(x)) for x in xs]:  # six buffers pinned first:
+        off.restore()  # pinning may synchronise the device
+    torch.cuda.synchronize()
+    host_offload.release_finished_copies()
+    host_offload._LAYER_COPIES.clear()
+    torch.cuda._sleep(200_000_000)  # the compute stream is busy: every copy waits behind it
+    start = time.perf_counter()
+    offs = [host_offload.OffloadedTensor(x, far_ahead=far_ahead) for x in xs]
+    queued = time.perf_counter() - start
+    assert (queued > 0.03) == host_waits, queued
+    for off, x in zip(reversed(offs), reversed(xs)):
+        assert torch.equal(off.restore(), x)
