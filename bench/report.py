@@ -7,11 +7,14 @@ PEAK_TFLOPS: the matmul ceiling for MFU when the run did not measure one (no ``i
 
 Step benchmarks: one table per case (model, quant, seq, batch) with every system that ran in
 that folder's run, and for a run with ``--ab-switch`` its slots (the defaults and each variant, steps
-taken in turn in one process: the way to compare engine switches on one machine); kernels: one table
-per op family, as bench/kernels_ops.py wrote them.
+taken in turn in one process: the way to compare engine switches on one machine), with each variant's
+speed against the defaults' round by round; kernels: one table per op family, as bench/kernels_ops.py
+wrote them.
 """
 import json
 import os
+import random
+import statistics
 import sys
 
 N_MATMUL = {"1b": 1.236e9, "8b": 7.505e9, "qwen7b": 7.070e9, "gemma9b": 9.241e9}
@@ -56,12 +59,33 @@ def ab_table(r):
     if not slots:
         return []
     out = ["", f"{r['system']}, one process, steps taken in turn:", "",
-           "| switch | steps | tokens/s | host ms a step | peak alloc GiB (graphs' temporaries counted) |",
-           "|---|---|---|---|---|"]
-    for v in slots:
+           "| switch | steps | tokens/s | host ms a step | peak alloc GiB (graphs' temporaries counted) "
+           "| tokens/s against the defaults, round by round: median [90% interval] |",
+           "|---|---|---|---|---|---|"]
+    timed = (r.get("step_times_s") or [])[r.get("warmup", 0):]
+    for slot, v in enumerate(slots):
         peak = v.get("honest_peak_gib", v["peak_alloc_gib"])
-        out.append(f"| {v['switch']} | {v['steps']} | {v['tok_s']:,.0f} | {v['host_ms']:.1f} | {peak:.3f} |")
+        change = paired_change(timed, len(slots) - 1, slot) if slot else None
+        against = "" if change is None else f"{change[0]:+.1f}% [{change[1]:+.1f}, {change[2]:+.1f}]"
+        out.append(f"| {v['switch']} | {v['steps']} | {v['tok_s']:,.0f} | {v['host_ms']:.1f} | {peak:.3f} | {against} |")
     return out
+
+
+def paired_change(times, variants, slot, draws=2000, seed=0):
+    """How much faster (%) the variant in ``slot`` ran than the defaults (slot 0), from the steps of an
+    ``--ab-switch`` run (``times``: the timed steps, which take turns: defaults, variant 1, ...): the
+    median over rounds of each round's defaults-step time over its variant-step time, minus one, and a
+    bootstrap 90% interval of that median over the rounds. One round's steps run back to back, so the
+    host's drift between rounds cancels; a hiccup spoils one round, not the median. None with fewer than
+    three whole rounds."""
+    n = variants + 1
+    ratios = [times[i] / times[i + slot] - 1 for i in range(0, len(times) - n + 1, n)]
+    if len(ratios) < 3:
+        return None
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    lo, hi = medians[int(0.05 * draws)], medians[int(0.95 * draws) - 1]
+    return tuple(round(100 * x, 2) for x in (statistics.median(ratios), lo, hi))
 
 
 def kernel_tables(path):

@@ -134,6 +134,32 @@ def test_report_tabulates_the_ab_slots_of_a_run(tmp_path):
     path.write_text(json.dumps(rec) + "\n" + json.dumps(dict(rec, ab_variants=None)) + "\n")
     table, _ = report.step_tables(str(path), default_peak=778.0)
     rows = [line for line in table.splitlines() if line.startswith("| defaults") or line.startswith("| slothnb.kernels")]
-    assert rows == ["| defaults | 20 | 12,226 | 330.6 | 6.410 |",
-                    "| slothnb.kernels.lora_widened.KEEP_GATE_UP=0 | 20 | 12,088 | 338.7 | 6.250 |"]
+    assert rows == ["| defaults | 20 | 12,226 | 330.6 | 6.410 |  |",
+                    "| slothnb.kernels.lora_widened.KEEP_GATE_UP=0 | 20 | 12,088 | 338.7 | 6.250 |  |"]
     assert table.count("one process, steps taken in turn") == 1  # the record without slots adds none
+    # with the record's step times, each variant's speed against the defaults, round by round
+    rec.update(warmup=2, step_times_s=[9.0, 9.0] + [0.30, 0.33] * 20)
+    path.write_text(json.dumps(rec) + "\n")
+    table, _ = report.step_tables(str(path), default_peak=778.0)
+    assert "| 6.250 | -9.1% [-9.1, -9.1] |" in table
+
+
+def test_paired_change_is_the_median_round_by_round_with_a_bootstrap_interval():
+    """Each round (defaults, then the variants, back to back) gives defaults time / variant time - 1; a
+    hiccup spoils one round, not the median; the interval comes from resampling the rounds."""
+    import report
+
+    times = []
+    for i in range(30):  # the host drifts slowly; variant 1 is 10% faster, variant 2 the same as the defaults
+        base = 0.30 + 0.002 * i
+        times += [base, base / 1.10, base]
+    times[3 * 7 + 1] = 0.9  # one hiccup in variant 1's steps
+    med, lo, hi = report.paired_change(times, 2, 1)
+    assert med == 10.0 and lo <= 10.0 <= hi and lo > 5
+    med, lo, hi = report.paired_change(times, 2, 2)
+    assert med == 0.0 and lo <= 0.0 <= hi
+    assert report.paired_change(times[:6], 2, 1) is None  # two rounds are too few
+    rng = __import__("random").Random(1)
+    noisy = [0.30 * (1 + rng.gauss(0, 0.03)) for _ in range(80)]  # the same code in both slots, 3% noise
+    med, lo, hi = report.paired_change(noisy, 1, 1)
+    assert lo < 0.0 < hi and hi - lo < 6

@@ -5,7 +5,7 @@ buffers (grown in the background for carried values), a host-memory budget (long
 exhaust RAM), one side stream per device for the copies, and ``OffloadedTensor``, which copies a CUDA
 tensor out in forward and back (prefetched one layer ahead) in backward; the compute stream never
 waits for a copy, and the host waits only when it has queued more than ``LAYERS_AHEAD`` layers of
-copies ahead of the GPU (up to ``MAX_LAYERS_AHEAD`` while the tensors held for them are few:
+copies ahead of the GPU (optionally up to ``MAX_LAYERS_AHEAD`` while the tensors held for them are few:
 ``AHEAD_BYTES``).
 """
 from __future__ import annotations
@@ -426,18 +426,15 @@ _IN_FLIGHT: collections.deque = collections.deque()  # (copied, tensor, produced
 # the GPU catch up, for the memory of that many more layer inputs).
 LAYERS_AHEAD = max(1, int(os.environ.get("SLOTHNB_OFFLOAD_LAYERS_AHEAD", "2")))
 # Beyond LAYERS_AHEAD the host may go on, up to MAX_LAYERS_AHEAD layers, while the GPU tensors held for
-# unfinished copies (queued, or produced and waiting for the link) take at most AHEAD_BYTES. The lead
-# the host builds in the forward is what it has in hand for the backward, where its work per layer is
-# about the GPU's: there a jittery host stalls the GPU unless it starts well ahead. Measured (session
-# 23, H100s, Llama-3.1-8B QLoRA at 2,048 tokens, same process): on a host whose steps swing by 100 ms,
-# +3.0, +1.2, -2.8, +4.7, +1.7% at 0.5 GiB; on a quicker one -1.6 and -0.9% (+-1.5% is the noise of
-# 50-step slots): a small gain, where the host is slow. It costs the held tensors' memory where the
-# forward sets the step's peak: the 8B bf16 step's rose 15.71 -> 15.85 GiB at 0.5, 16.05 at 0.75 (the
-# QLoRA steps' peaks are in their backward: unchanged at 0.5). Large layer inputs and carried values
-# (4,096 tokens) fill the bytes at two layers already. Layers replayed as CUDA graphs keep two: their
-# backward takes the host little, and the lead's memory put the Llama-3.2-1B step over its 3.0 GiB
-# (2.96 -> 3.03). SLOTHNB_OFFLOAD_AHEAD_GIB=0 restores the plain two-layer rule.
-AHEAD_BYTES = int(float(os.environ.get("SLOTHNB_OFFLOAD_AHEAD_GIB", "0.5")) * 2**30)
+# unfinished copies (queued, or produced and waiting for the link) take at most AHEAD_BYTES: a lead built
+# in the forward, where the host is faster than the GPU, for the backward, where it is about as fast and
+# a jittery host stalls the GPU. Off by default (0): in session 23 (H100s, Llama-3.1-8B QLoRA at 2,048
+# tokens) 0.5 GiB measured -0.7 to +1.6% against none, round by round in one process (`bench/report.py`'s
+# paired interval: noise), while the 8B bf16 step's peak, which is in its forward, rose 15.71 -> 15.85 GiB
+# (16.05 at 0.75). Layers replayed as CUDA graphs keep two in any case (``far_ahead``): their backward
+# takes the host little, and the lead put the Llama-3.2-1B step over its 3.0 GiB (2.96 -> 3.03).
+# SLOTHNB_OFFLOAD_AHEAD_GIB sets it for experiments.
+AHEAD_BYTES = int(float(os.environ.get("SLOTHNB_OFFLOAD_AHEAD_GIB", "0")) * 2**30)
 MAX_LAYERS_AHEAD = max(LAYERS_AHEAD, int(os.environ.get("SLOTHNB_OFFLOAD_MAX_LAYERS_AHEAD", "6")))
 _LAYER_COPIES: collections.deque = collections.deque()  # the copy event of each layer input in flight
 
