@@ -446,7 +446,7 @@ def _keep_pace(copied: torch.cuda.Event, far_ahead: bool = True) -> None:
     _LAYER_COPIES.append(copied)
     while _LAYER_COPIES and _LAYER_COPIES[0].query():  # copied already: no longer ahead
         _LAYER_COPIES.popleft()
-    most = MAX_LAYERS_AHEAD if far_ahead else LAYERS_AHEAD
+    most = MAX_LAYERS_AHEAD if far_ahead and AHEAD_BYTES > 0 else LAYERS_AHEAD  # off: the two-layer rule alone
     while len(_LAYER_COPIES) > LAYERS_AHEAD and (len(_LAYER_COPIES) > most or in_flight_bytes() > AHEAD_BYTES):
         _LAYER_COPIES.popleft().synchronize()
     release_finished_copies()
