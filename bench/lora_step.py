@@ -372,7 +372,8 @@ def main(argv=None):
                     help="module.ATTR=value[,...] set in every other timed step (the rest run the defaults): a "
                          "same-process A/B whose halves see the same host; results in the record's 'ab'. "
                          "Several variants, 'A;B;..', take turns with the defaults (defaults, A, B, defaults, "
-                         "..): per variant tok/s, host ms and peak in 'ab_variants'")
+                         "..): per variant tok/s, host ms and peak in 'ab_variants' (bench/report.py adds each "
+                         "variant's speed against the defaults round by round, with an interval)")
     args = ap.parse_args(argv)
     if args.grad_ckpt in ("true", "false"):
         args.grad_ckpt = args.grad_ckpt == "true"
