@@ -259,20 +259,29 @@ class FastLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def launch(self, grid, args, kwargs):
-        if INTERPRET or not FAST_LAUNCH or callable(grid) or len(self._constexpr) != len(self.arg_names):
-            return self.fn[grid](*args, **kwargs)
-        options = ()
+    def _keyed(self, args, kwargs):
+        """(key, params, device) of a launch taken by the fast path, or None where Triton must take it."""
         params = args
+        options = ()
         if kwargs:
             try:
                 params = args + tuple(kwargs[n] for n in self.arg_names[len(args):])
             except KeyError:
-                return self.fn[grid](*args, **kwargs)
+                return None
             options = tuple((k, v) for k, v in kwargs.items() if k not in self._names)
         device = _current_device()
         spec = _specialisation
-        key = (tuple([v if c else spec(v) for v, c in zip(params, self._constexpr)]), options, device)
+        return (tuple([v if c else spec(v) for v, c in zip(params, self._constexpr)]), options, device), params, device
+
+    def _fast(self, grid) -> bool:
+        return not (INTERPRET or not FAST_LAUNCH or callable(grid) or len(self._constexpr) != len(self.arg_names))
+
+    def launch(self, grid, args, kwargs):
+        keyed = None if INTERPRET or not FAST_LAUNCH or callable(grid) or len(self._constexpr) != len(
+            self.arg_names) else self._keyed(args, kwargs)  # ``_fast``, inlined: every launch runs this
+        if keyed is None:
+            return self.fn[grid](*args, **kwargs)
+        key, params, device = keyed
         entry = self.compiled.get(key)
         if entry is None:
             compiled = self.fn[grid](*args, **kwargs)
@@ -293,6 +302,53 @@ class FastLaunch:
             _switch_off_fast_launch()
             return self.fn[grid](*args, **kwargs)
         return compiled
+
+    def bind(self, grid, args, kwargs, slots):
+        """Launch as ``kernel[grid](*args, **kwargs)`` and return a ``BoundLaunch`` of that launch whose
+        parameters at positions ``slots`` (in the kernel's signature order) are given at each call, or
+        None where the launch cannot be bound (not the fast path, or no C launcher to call)."""
+        self.launch(grid, args, kwargs)
+        keyed = self._keyed(args, kwargs) if self._fast(grid) else None
+        if keyed is None:
+            return None
+        key, params, device = keyed
+        entry = self.compiled.get(key)
+        if entry is None or entry[1] is None:
+            return None
+        n = len(grid)
+        return BoundLaunch(entry[1], params, slots, device,
+                           (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1))
+
+
+class BoundLaunch:
+    """One compiled launch of a ``FastLaunch`` kernel, grid and parameters fixed but those at ``slots``,
+    called in C with no key built: for a call site that launches the same work again and again on fresh
+    buffers (``dequantize_nf4``, ~480 launches an 8B QLoRA step, where building the key and checking the
+    call's arguments cost ~10 us of host each). Whoever calls it promises that the values it passes
+    specialise as the bound ones did (dtype, 16-byte alignment) and fit the fixed parameters."""
+
+    __slots__ = ("direct", "params", "slots", "device", "grid")
+
+    def __init__(self, direct, params, slots, device, grid):
+        self.direct, self.slots, self.device, self.grid = direct, tuple(slots), device, grid
+        self.params = list(params)
+        for i in self.slots:  # the bound call's own buffers are not kept alive
+            self.params[i] = None
+
+    def __call__(self, *values) -> bool:
+        """Launch with ``values`` at the slots, on the current stream; False, with nothing launched, where
+        the fast path is off, a launch hook is registered (a profiler must see the launch) or the
+        current device is another."""
+        if not FAST_LAUNCH or _current_device() != self.device or not _launch_hooks_quiet():
+            return False
+        params = self.params.copy()
+        for i, v in zip(self.slots, values):
+            params[i] = v
+        launch, function, cooperative, pdl, metadata = self.direct
+        g0, g1, g2 = self.grid
+        launch(g0, g1, g2, _raw_stream(self.device), function, cooperative, pdl, None, None, metadata,
+               None, None, None, *params)
+        return True
 
 
 def _switch_off_fast_launch():

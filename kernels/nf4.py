@@ -218,6 +218,7 @@ class _Decoded(NamedTuple):
     offset: torch.Tensor
     blocksize2: int
     words: Optional[torch.Tensor]  # data as int32 (4 packed bytes, 8 codes) when its size and alignment allow
+    plans: dict  # _geometry(...) -> BoundLaunch: this weight's launches already made, by output geometry
 
 
 _DECODED: dict = {}  # id(packed) -> (weakref(packed), quant_state, data_ptr, _Decoded)
@@ -251,7 +252,7 @@ def _decoded(packed, quant_state) -> _Decoded:
         blocksize2 = 1
     words = data.view(torch.int32) if n % 8 == 0 and data.numel() % 4 == 0 and data.data_ptr() % 4 == 0 else None
     decoded = _Decoded(data, tuple(int(s) for s in qs.shape), n, qs.dtype, int(qs.blocksize), bool(qs.nested),
-                       absmax, code, absmax2, code2, offset, blocksize2, words)
+                       absmax, code, absmax2, code2, offset, blocksize2, words, {})
     try:
         ref = weakref.ref(packed, lambda _, k=key: _DECODED.pop(k, None))
     except TypeError:  # not weak-referenceable: not cached
@@ -261,6 +262,26 @@ def _decoded(packed, quant_state) -> _Decoded:
 
 
 TAIL_ROWS = 32  # rows a tail program writes (``dequantize_nf4(tail=...)``)
+
+# A weight's launches are bound by the geometry of their output (``FastLaunch.bind``): the next call with
+# the same geometry launches in C at once, without the checks and the arithmetic below and without the
+# launch key (~18 -> ~5 us of host a call on the H100 machines' CPUs, ~480 calls an 8B QLoRA step).
+# SLOTHNB_NF4_BIND=0 turns it off (benchmarks). MAX_PLANS bounds the geometries kept per weight.
+BIND = os.environ.get("SLOTHNB_NF4_BIND", "1") != "0"
+MAX_PLANS = 16
+_BOUND_SLOTS = (6, 10)  # the kernel's out_ptr and tail_ptr (out again without a tail)
+
+
+def _geometry(dtype, out, tail):
+    """What makes two calls on one weight the same launch: the dtype asked for, and everything of ``out``
+    and ``tail`` that the launch's arguments, its checks or Triton's specialisation read."""
+    key = (dtype, out.dtype, out.device, out.shape, out.stride(), out.storage_offset(),
+           out.untyped_storage().nbytes(), out.data_ptr() % 16 == 0,
+           WORD_STORES, OUTPUTS_PER_PROGRAM, WORD_OUTPUTS_PER_PROGRAM, NUM_WARPS, TAIL_ROWS)  # swept by benchmarks
+    if tail is None:
+        return key
+    T, scale, zeros = tail
+    return key + (T.dtype, T.device, T.shape, T.stride(), T.data_ptr() % 16 == 0, float(scale), int(zeros))
 
 
 def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) -> torch.Tensor:
@@ -278,11 +299,20 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
     ``buf[:, in + zeros:].copy_(T)``, ``.mul_(scale)``, without their launches (the fused LoRA
     ops widen five projections a layer this way, in forward and again in the recompute).
     """
+    # On the device with the cached plain tensor: a bitsandbytes Params4bit answers every attribute read
+    # through Python (~1.5 us), and a training step dequantises ~480 times.
+    w = _decoded(packed, quant_state)
+    key = None
+    if BIND and w.plans:  # this weight was launched on a GPU before: a launch of the same geometry is bound
+        if out is None and tail is None:
+            out = torch.empty(w.shape, dtype=dtype or w.dtype, device=w.data.device)
+        if out is not None:
+            key = _geometry(dtype, out, tail)
+            bound = w.plans.get(key)
+            if bound is not None and bound(out, out if tail is None else tail[0]):
+                return out
     if tail is not None:
         _check_tail(out, tail)
-    # On the device with the cached plain tensor: a bitsandbytes Params4bit answers every attribute read
-    # through Python (~1.5 us), and a training step dequantises ~570 times.
-    w = _decoded(packed, quant_state)
     if not use_triton(w.data):
         dense = dequantize_nf4_reference(packed, quant_state, dtype or (out.dtype if out is not None else None))
         if out is None:
@@ -292,6 +322,7 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
         if tail is not None:
             _write_tail_torch(out, tail)
         return out
+    asked = dtype
     shape, n = w.shape, w.n
     if out is not None:
         dtype = dtype or out.dtype
@@ -330,12 +361,17 @@ def dequantize_nf4(packed, quant_state=None, dtype=None, out=None, tail=None) ->
         tail_args = (out, 0, 1.0, 0, main)
         tail_meta = dict(TAIL=False, TAIL_ZEROS=0, TAIL_COLS=0, TAIL_BLOCK=1, TAIL_ROWS=1)
         grid = (main,)
-    _dequantize_nf4_kernel[grid](
-        w.words if words else w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset,
-        _as_words(out) if pairs else out, n, row_len, row_stride, *tail_args, BLOCKSIZE=w.blocksize,
-        BLOCKSIZE2=w.blocksize2, NESTED=w.nested, BF16=dtype == torch.bfloat16, BLOCKS=blocks, PAIRS=pairs,
-        **tail_meta, WORDS=WORD_OUTPUTS_PER_PROGRAM // 8 if words else 0, num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )
+    args = (w.words if words else w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset,
+            _as_words(out) if pairs else out, n, row_len, row_stride, *tail_args)
+    meta = dict(BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested, BF16=dtype == torch.bfloat16,
+                BLOCKS=blocks, PAIRS=pairs, **tail_meta, WORDS=WORD_OUTPUTS_PER_PROGRAM // 8 if words else 0,
+                num_warps=NUM_WARPS, enable_fp_fusion=False)
+    if not BIND or pairs or len(w.plans) >= MAX_PLANS:
+        _dequantize_nf4_kernel[grid](*args, **meta)
+        return out
+    bound = _dequantize_nf4_kernel.bind(grid, args, meta, _BOUND_SLOTS)
+    if bound is not None:
+        w.plans[key if key is not None else _geometry(asked, out, tail)] = bound
     return out
 
 

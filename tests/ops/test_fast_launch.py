@@ -203,3 +203,38 @@ def test_a_compiled_kernel_that_launches_differently_switches_the_fast_path_off(
     monkeypatch.setattr(FakeCompiled, "__getitem__", lambda self, grid: (lambda *a: None))  # no stream= keyword
     k[(1,)](x, 32, 1e-5, BLOCK=128)
     assert _utils.FAST_LAUNCH is False and [l[0] for l in launches] == ["triton", "triton"]
+
+
+def test_a_bound_launch_calls_the_c_launcher_with_new_values_at_its_slots(c_kernel):
+    k, launches, _ = c_kernel
+    x, y = torch.zeros(64), torch.ones(64)
+    k[(4, 2)](x, 32, 1e-5, BLOCK=128)  # compiled
+    bound = k.bind((4, 2), (x, 32, 1e-5), {"BLOCK": 128}, slots=(0,))
+    assert bound.params[0] is None  # the binding call's buffer is not kept alive
+    assert bound(y) is True
+    assert [l[0] for l in launches] == ["triton", "c", "c"]  # bind launched once itself, then the bound call
+    assert launches[2][1] == (4, 2, 1, 77, 1234, False, True, None, None, (4, 1, 0), None, None, None,
+                              y, 32, 1e-5, 128)
+
+
+def test_a_bound_launch_declines_under_hooks_or_another_device_and_binds_only_c_launchers(c_kernel, kernel,
+                                                                                          monkeypatch):
+    k, launches, runtime = c_kernel
+    x = torch.zeros(64)
+    k[(4,)](x, 32, 1e-5, BLOCK=128)
+    bound = k.bind((4,), (x, 32, 1e-5), {"BLOCK": 128}, slots=(0,))
+    del launches[:]
+    runtime.launch_enter_hook = Hooks([print])  # a profiler's hook: the regular launch must run
+    assert bound(x) is False
+    runtime.launch_enter_hook = Hooks([])
+    monkeypatch.setattr(_utils, "_current_device", lambda: 1)
+    assert bound(x) is False
+    monkeypatch.setattr(_utils, "_current_device", lambda: 0)
+    monkeypatch.setattr(_utils, "FAST_LAUNCH", False)
+    assert bound(x) is False and launches == []
+    monkeypatch.setattr(_utils, "FAST_LAUNCH", True)
+    monkeypatch.setattr(FakeLauncher, "global_scratch_size", 128)  # no C launcher to call directly
+    plain = _utils.fast_launch(FakeJit())
+    plain.fn.__class__ = k.fn.__class__
+    plain[(4,)](x, 32, 1e-5, BLOCK=128)
+    assert plain.bind((4,), (x, 32, 1e-5), {"BLOCK": 128}, slots=(0,)) is None

@@ -274,3 +274,102 @@ def test_a_weight_is_checked_and_decoded_once_then_served_from_the_cache(monkeyp
     assert len(resolved) == 3
     del other  # a dead weight leaves the cache
     assert all(ref() is not None for ref, *_ in nf4._DECODED.values())
+
+
+class BindingKernel:
+    """Stands in for ``_dequantize_nf4_kernel`` where launches cannot be bound (the interpreter): each
+    bound launch re-runs the real kernel with the new values at its slots, and is counted."""
+
+    def __init__(self, real):
+        self.real, self.binds, self.replays = real, 0, 0
+
+    def __getitem__(self, grid):
+        return self.real[grid]
+
+    def bind(self, grid, args, kwargs, slots):
+        self.real[grid](*args, **kwargs)
+        self.binds += 1
+
+        def bound(*values):
+            params = list(args)
+            for i, v in zip(slots, values):
+                params[i] = v
+            self.real[grid](*params, **kwargs)
+            self.replays += 1
+            return True
+        return bound
+
+
+@pytest.fixture
+def binding(monkeypatch):
+    from slothnb.kernels import nf4
+
+    if not nf4.use_triton(torch.empty(0)):
+        pytest.skip("launches are bound on the Triton path (TRITON_INTERPRET=1 on CPU)")
+    kernel = BindingKernel(nf4._dequantize_nf4_kernel)
+    monkeypatch.setattr(nf4, "_dequantize_nf4_kernel", kernel)
+    monkeypatch.setattr(nf4, "BIND", True)
+    return nf4, kernel
+
+
+def test_a_weights_launch_is_bound_by_geometry_and_replayed_into_fresh_buffers(binding):
+    nf4, kernel = binding
+    _, packed, state = quantized((48, 256), torch.bfloat16, True, device="cpu", seed=3)
+    T = torch.randn(48, 16).to(torch.bfloat16)
+    want = bnbf.dequantize_4bit(packed, state)
+
+    def widened(scale):
+        buf = torch.full((48, 256 + 40), 7.0, dtype=torch.bfloat16)
+        nf4.dequantize_nf4(packed, state, torch.bfloat16, out=buf[:, :256], tail=(T, scale, 16))
+        return buf
+
+    first, second = widened(0.5), widened(0.5)
+    assert (kernel.binds, kernel.replays) == (1, 1)
+    assert torch.equal(first, second) and torch.equal(second[:, :256], want)
+    assert (second[:, 256:272] == 0).all() and torch.equal(second[:, 272:288], (T.float() * 0.5).to(torch.bfloat16))
+    assert (second[:, 288:] == 7).all()
+    widened(2.0)  # another scale is another launch
+    assert (kernel.binds, kernel.replays) == (2, 1)
+    for _ in range(2):  # the plain form: its own geometry, out allocated as before
+        assert torch.equal(nf4.dequantize_nf4(packed, state), want)
+    assert (kernel.binds, kernel.replays) == (3, 2)
+    into = torch.empty(48, 264, dtype=torch.bfloat16)[:, :256]  # strided: another geometry again
+    nf4.dequantize_nf4(packed, state, out=into)
+    assert torch.equal(into, want) and (kernel.binds, kernel.replays) == (4, 2)
+
+
+def test_bound_launches_still_check_their_arguments_and_can_be_switched_off(binding, monkeypatch):
+    nf4, kernel = binding
+    _, packed, state = quantized((48, 256), torch.bfloat16, True, device="cpu", seed=4)
+    T = torch.zeros(48, 16, dtype=torch.bfloat16)
+    buf = torch.empty(48, 256 + 24, dtype=torch.bfloat16)
+    nf4.dequantize_nf4(packed, state, out=buf[:, :256], tail=(T, 1.0, 0))
+    with pytest.raises(ConfigError, match="room for zeros"):  # 16 zeros + 16 columns > 24: not the bound geometry
+        nf4.dequantize_nf4(packed, state, out=buf[:, :256], tail=(T, 1.0, 16))
+    with pytest.raises(ConfigError, match="tail="):
+        nf4.dequantize_nf4(packed, state, out=buf[:, :256], tail=(T.float(), 1.0, 0))
+    monkeypatch.setattr(nf4, "BIND", False)
+    nf4.dequantize_nf4(packed, state, out=buf[:, :256], tail=(T, 1.0, 0))
+    assert (kernel.binds, kernel.replays) == (1, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_bound_launches_give_the_same_bits(monkeypatch):
+    from slothnb.kernels import nf4
+
+    _, packed, state = quantized((14336, 4096), torch.bfloat16, True, device="cuda", seed=5)
+    T = torch.randn(14336, 16, device="cuda").to(torch.bfloat16)
+
+    def run():
+        buf = torch.full((14336, 4096 + 48), 7.0, dtype=torch.bfloat16, device="cuda")
+        nf4.dequantize_nf4(packed, state, torch.bfloat16, out=buf[:, :4096], tail=(T, 0.5, 16))
+        return buf, nf4.dequantize_nf4(packed, state)
+
+    monkeypatch.setattr(nf4, "BIND", False)
+    expected = run()
+    monkeypatch.setattr(nf4, "BIND", True)
+    run()  # binds
+    assert len(nf4._decoded(packed, state).plans) == 2
+    got = run()  # replayed
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
