@@ -79,6 +79,7 @@ class _Call:
         # the layer written out: (forward, recompute + backward) of ``arch.llama_layer``, if it has them
         self.written = written
         self.pacer = None  # graph_pacing.SharePacer when this call marks the step
+        self.memo = {}  # what the written-out forward planned, for its backward (``llama_layer.forward``)
         self.out_leaves = self.out_spec = self.out_slots = None
 
     def arguments(self, tensors):
@@ -107,7 +108,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
             if graphed:
                 out = call.graphs.forward(call.run, tensors)
             else:
-                out = call.written[0](*call.arguments(tensors)) if call.written is not None else None
+                out = call.written[0](*call.arguments(tensors), memo=call.memo) if call.written is not None else None
                 if out is None:  # not written out: the layer's own forward
                     out = call.run(tensors)
         out_leaves, call.out_spec = tree_flatten(out)
@@ -156,7 +157,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 if grads is not None:
                     return (None, None, *grads)
             if call.written is not None and len(grad_outs) == 1:
-                grads = call.written[1](*call.arguments(inputs), inputs, grad_outs, ctx.needs_input_grad[2:])
+                grads = call.written[1](*call.arguments(inputs), inputs, grad_outs, ctx.needs_input_grad[2:],
+                                        memo=call.memo)
                 if grads is not None:  # done without an autograd graph; None: not covered, nothing done
                     return (None, None, *grads)
             out = call.run(inputs)

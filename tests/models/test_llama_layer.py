@@ -84,6 +84,21 @@ def test_written_out_backward_matches_autograd_bit_for_bit(arch, monkeypatch, ru
     _same(ref, got)
 
 
+def test_each_call_is_planned_once_its_backward_runs_its_forwards_plan(monkeypatch, runs):
+    model = _lora_model("llama", layers=3)
+    plans = _recording(monkeypatch, llama_layer, "_plan", lambda a, kw: a[0])
+    ref, got, written = _both_ways(model, monkeypatch, runs)
+    assert written == 2
+    _same(ref, got)
+    plans.clear()
+    _step(model)
+    assert len(plans) == 2 and len(runs) == 4  # two checkpointed layers: each planned in its forward only
+    plans.clear()
+    model.base_model.model.model.layers[0].register_forward_hook(lambda *a: None)
+    _step(model)  # a forward that did not apply leaves its backward nothing: that one checks afresh
+    assert len(plans) == 3 and len(runs) == 5
+
+
 def _recording(monkeypatch, owner, name, note):
     """Wrap ``owner.name`` so that each call appends ``note(args, kwargs)`` to the list returned."""
     notes, real = [], getattr(owner, name)
