@@ -46,6 +46,8 @@ from slothnb.models import carrying, lora_fusion
 from slothnb.models.arch import common, sdpa_direct
 
 ENABLED = os.environ.get("SLOTHNB_WRITTEN_LAYERS", "1") != "0"
+# A call's backward runs the plan its forward made (``memo``); False: it checks the layer again (benchmarks).
+PLAN_ONCE = True
 
 
 def _llama_forward_code():
@@ -172,7 +174,7 @@ def backward(layer, args, kwargs, inputs, grad_outs, needs, accumulate=None, mem
     slot = next((i for i, t in enumerate(inputs) if t is x), None)
     if slot is None or any(n for i, n in enumerate(needs) if i != slot):
         return None
-    planned = memo.get("plan") if ENABLED and memo is not None else None
+    planned = memo.get("plan") if ENABLED and PLAN_ONCE and memo is not None else None
     plan = planned if planned is not None else _plan(layer, x, kwargs)
     if plan is None:
         return None
