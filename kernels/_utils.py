@@ -277,8 +277,7 @@ class FastLaunch:
         return not (INTERPRET or not FAST_LAUNCH or callable(grid) or len(self._constexpr) != len(self.arg_names))
 
     def launch(self, grid, args, kwargs):
-        keyed = None if INTERPRET or not FAST_LAUNCH or callable(grid) or len(self._constexpr) != len(
-            self.arg_names) else self._keyed(args, kwargs)  # ``_fast``, inlined: every launch runs this
+        keyed = self._keyed(args, kwargs) if self._fast(grid) else None
         if keyed is None:
             return self.fn[grid](*args, **kwargs)
         key, params, device = keyed
@@ -289,8 +288,7 @@ class FastLaunch:
                 self.compiled[key] = (compiled, _direct_launch(compiled))
             return compiled
         compiled, direct = entry
-        n = len(grid)
-        g0, g1, g2 = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+        g0, g1, g2 = _grid3(grid)
         try:
             if direct is not None and _launch_hooks_quiet():
                 launch, function, cooperative, pdl, metadata = direct
@@ -315,9 +313,13 @@ class FastLaunch:
         entry = self.compiled.get(key)
         if entry is None or entry[1] is None:
             return None
-        n = len(grid)
-        return BoundLaunch(entry[1], params, slots, device,
-                           (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1))
+        return BoundLaunch(entry[1], params, slots, device, _grid3(grid))
+
+
+def _grid3(grid):
+    """A launch grid as its three dimensions."""
+    n = len(grid)
+    return grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
 
 
 class BoundLaunch:
