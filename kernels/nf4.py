@@ -265,7 +265,8 @@ TAIL_ROWS = 32  # rows a tail program writes (``dequantize_nf4(tail=...)``)
 
 # A weight's launches are bound by the geometry of their output (``FastLaunch.bind``): the next call with
 # the same geometry launches in C at once, without the checks and the arithmetic below and without the
-# launch key (~18 -> ~5 us of host a call on the H100 machines' CPUs, ~480 calls an 8B QLoRA step).
+# launch key (~19 -> ~5 us of host a call on the development CPU, bench/nf4_host.py; ~480 calls an 8B QLoRA
+# step, 4-30 ms of host a step on the H100 machines).
 # SLOTHNB_NF4_BIND=0 turns it off (benchmarks). MAX_PLANS bounds the geometries kept per weight.
 BIND = os.environ.get("SLOTHNB_NF4_BIND", "1") != "0"
 MAX_PLANS = 16
