@@ -10,23 +10,11 @@ launch (``nf4.BIND = True``), at the Llama-3.1-8B q_proj shape, with a widened t
     python bench/nf4_host.py
 """
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def per_call_us(fn, n=2000, repeats=7):
-    """(best, median) µs a call over ``repeats`` runs of ``n`` calls."""
-    fn()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        runs.append((time.perf_counter() - t) / n * 1e6)
-    return min(runs), statistics.median(runs)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_ops import per_call_us  # noqa: E402
 
 
 def main():
@@ -60,12 +48,11 @@ def main():
         "into a widened buffer, no tail": lambda: nf4.dequantize_nf4(packed, state, torch.bfloat16,
                                                                     out=wide[:, :4096]),
     }
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; µs a call (best, median of 7 x 2000)")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; µs a call (best of 7 x 2000)")
     for bind in (False, True):
         nf4.BIND = bind
         for name, fn in calls.items():
-            best, median = per_call_us(fn)
-            print(f"  {'bound  ' if bind else 'unbound'}  {name:42s} {best:6.2f} {median:6.2f}")
+            print(f"  {'bound  ' if bind else 'unbound'}  {name:42s} {per_call_us(fn, 2000, repeats=7):6.2f}")
 
 
 if __name__ == "__main__":
