@@ -28,6 +28,8 @@ import time
 import traceback
 
 GiB = 1024 ** 3
+# The caching allocator's counters read per step (``allocator_by_step``, in this order) and over the run.
+_ALLOC_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_DIRS = {"1b": "rand-llama-1b", "8b": "rand-llama-8b", "qwen7b": "rand-qwen2.5-7b",
               "gemma9b": "rand-gemma2-9b", "tiny": "rand-llama-tiny"}
@@ -276,7 +278,8 @@ def run(args, rec):
     telemetry, gpu_by_step = gpu_telemetry.StepTelemetry.for_device(0), []
     from slothnb.models import graph_capture
 
-    times, queued, losses, peaks, reserved, counts, replay_peaks = [], [], [], [], [], [], []
+    times, queued, losses, peaks, reserved, counts, replay_peaks, allocs = [], [], [], [], [], [], [], []
+    last_stats = stats0
     variants = _variants(args.ab_switch)
     defaults = {(m, attr): getattr(m, attr) for v in variants for m, attr, _ in v}
     for i in range(n):
@@ -304,6 +307,9 @@ def run(args, rec):
         replay_peaks.append(graph_capture.replay_peak(reset=True))  # SLOTHNB_CUDA_GRAPHS=1: temporaries included
         counts.append(dict(host_offload.COUNTS))  # what each step offloaded, carried and pinned
         host_offload.COUNTS.clear()
+        stats = torch.cuda.memory_stats()  # cudaMalloc/cudaFree in this step: a host stall where they happen
+        allocs.append([stats.get(k, 0) - last_stats.get(k, 0) for k in _ALLOC_KEYS])
+        last_stats = stats
     for (m, attr), d in defaults.items():
         setattr(m, attr, d)
     timed = times[args.warmup:]
@@ -323,6 +329,7 @@ def run(args, rec):
                tokens_per_s=round(tokens / med, 1), losses=losses,
                peak_alloc_gib=round(max(peaks) / GiB, 3), peak_reserved_gib=round(max(reserved) / GiB, 3),
                peak_alloc_by_step_gib=[round(b / GiB, 3) for b in peaks], offload_counts_by_step=counts,
+               allocator_by_step=allocs,
                mem_after_train=mem_now(torch))
     rec["host"] = host_memory()
     rec["gpu_by_step"] = gpu_by_step
@@ -344,8 +351,7 @@ def run(args, rec):
         print("PACER", json.dumps({"share": pacer.share, "lag_ms": [round(h[0] * 1e3) for h in pacer.history],
                                    "shares": [h[2] for h in pacer.history]}), flush=True)
     stats1 = torch.cuda.memory_stats()  # allocator trouble (cudaMalloc calls, flushes) during the steps
-    rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0)
-                        for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+    rec["allocator"] = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in _ALLOC_KEYS}
     rec["model_tflops_6N"] = round(6 * rec["n_matmul_params"] * rec["tokens_per_s"] / 1e12, 1)
     if args.peak_tflops:
         rec["peak_tflops"] = args.peak_tflops

@@ -123,8 +123,11 @@ def _add_base(out, dY, weight, quant_state, beta, transpose=True, W=None):
 
 # The MLP's ``h A_d^T`` is computed over row chunks of at most this many bytes of h, in the forward and,
 # after a recompute that skipped the down projection (``output_needed=False``), in the backward from
-# the h its activation kernel rewrites: the same chunks give the same bits either way.
-H_CHUNK_BYTES = 64 << 20
+# the h its activation kernel rewrites: the same chunks give the same bits either way. Chunks bound
+# memory only where h is made chunk by chunk (``SLOTHNB_HA_IN_BACKWARD=0``); where h is whole they are
+# views, and each is one more matmul for the host to launch. 256 MiB (64 until session 25) keeps the
+# 8B MLP's h (117 MB at 2 x 2,048 tokens, 235 MB at 2 x 4,096) in one: 62 launches fewer a step.
+H_CHUNK_BYTES = 256 << 20
 # SLOTHNB_HA_IN_BACKWARD=0: a recompute without output still computes h A_d^T itself (benchmarks).
 HA_IN_BACKWARD = os.environ.get("SLOTHNB_HA_IN_BACKWARD", "1") != "0"
 

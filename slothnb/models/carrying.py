@@ -119,7 +119,7 @@ def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
     if not carries_attention_state(out):
         return
     native = out if out.is_contiguous() else out.transpose(1, 2)
-    allowed = native.is_contiguous() and (not host_offload.worth_offloading(out) or (
+    allowed = native.is_contiguous() and native.nbytes <= CARRY_MAX_BYTES and (not host_offload.worth_offloading(out) or (
         host_offload.pinned_buffers_ready(native, 1) and host_offload.pinned_buffers_ready(lse, 1)))
     carry(lse, allowed, "sdpa_lse")
     carry(native, allowed, "sdpa_out")
@@ -191,10 +191,15 @@ def _keep_gate_up(G: torch.Tensor, U: torch.Tensor) -> None:
     seen = next(_GATE_UP_SEEN)
     turn = seen % CARRY_MLP_EVERY == 0 if GATE_UP_SLOTS == "fixed" else seen - _GATE_UP_LAST[0] >= CARRY_MLP_EVERY
     allowed, why = turn, "gate_up_not_its_turn"
+    if allowed and max(G.nbytes, U.nbytes) > CARRY_MAX_BYTES:  # never carried: ask for no buffers either
+        allowed, why = False, "gate_up_too_large"
     if allowed and on_gpu and not _link_has_room(G, U):
         allowed, why = False, "gate_up_no_link_room"
     if allowed and on_gpu and not host_offload.pinned_buffers_ready(G, 2):  # both or neither
+        # The buffers are pinned for the next step; this layer keeps its turn, so that the first step asks
+        # for as many as the spacing will carry, not for every layer's.
         allowed, why = False, "gate_up_no_pinned_buffers"
+        _GATE_UP_LAST[0] = seen
     entries = getattr(_CARRY, "record", None)
     carry(G, allowed, "gate")
     carry(U, allowed, "up")

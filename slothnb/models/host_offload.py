@@ -64,14 +64,24 @@ class _PinnedPool:
     Llama-3.1-8B layer's G (117 MB at 4,096 tokens) costs tens of ms; done inline, a pool that grows
     by a few buffers a step (the link decides how many layers carry) slows every step until it stops
     growing.
+
+    What is requested is what a forward was refused (a *round*: the takes and misses between two
+    backwards, which give the buffers back), less what is free or already being pinned: each refusal of
+    a round is new demand, and a buffer still being pinned from an earlier round is counted as supply, not
+    asked for twice. So the first step asks for everything it missed at once and the pool is settled
+    within the warm-up steps, where ``max_pending`` at a time (sessions 12-24) spread the pinning over
+    the first five steps of an 8B QLoRA run: the first timed steps paid for it (docs/perf-notes.md
+    section 24).
     """
 
     max_keys = 8  # distinct (shape, dtype) kept; varying sequence lengths would otherwise pile up buffers
-    max_pending = 16  # background pinning requests queued at once
+    max_pending = 64  # background pinning requests queued at once: a bound against runaway demand
 
     def __init__(self):
         self._free = defaultdict(list)
         self._pending = collections.Counter()  # key -> buffers being pinned in the background
+        self._refused = collections.Counter()  # key -> buffers carried values were refused this round
+        self._giving = False  # the last call was a give (a backward): the next take or miss opens a round
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue | None = None
         self._made = weakref.WeakSet()  # every buffer this pool pinned and someone still holds
@@ -96,10 +106,17 @@ class _PinnedPool:
         COUNTS["pinned_inline"] += 1
         return self._track(pinned_empty(shape, dtype))
 
+    def _open_round(self) -> None:
+        """Under the lock: a take or miss after a give starts a new round (the next step's forward)."""
+        if self._giving:
+            self._giving = False
+            self._refused.clear()
+
     def take_ready(self, shape, dtype, grow: bool = True) -> torch.Tensor | None:
         """A free buffer, or None (and, if ``grow``, one is pinned in the background for later)."""
         key = (tuple(shape), dtype)
         with self._lock:
+            self._open_round()
             if self._free.get(key):
                 return self._free[key].pop()
         if grow:
@@ -107,15 +124,18 @@ class _PinnedPool:
         return None
 
     def ready(self, shape, dtype, n: int) -> bool:
-        """Whether ``n`` buffers of this kind are free; if not, the missing ones are requested in the
-        background (each call is one more value that could not be carried, so requests add up, to at
-        most ``max_pending`` at once)."""
+        """Whether ``n`` buffers of this kind are free; if not, the value set is refused and what this
+        round's refusals need beyond the free buffers and those being pinned is requested in the
+        background (at most ``max_pending`` at once)."""
         key = (tuple(shape), dtype)
         with self._lock:
+            self._open_round()
             free = len(self._free.get(key, ()))
             if free >= n:
                 return True
-            missing = min(n - free, self.max_pending - sum(self._pending.values()))
+            self._refused[key] += n
+            missing = min(self._refused[key] - free - self._pending[key],
+                          self.max_pending - sum(self._pending.values()))
             if missing <= 0:
                 return False
             self._pending[key] += missing
@@ -151,6 +171,7 @@ class _PinnedPool:
 
     def give(self, buf: torch.Tensor) -> None:
         with self._lock:
+            self._giving = True
             self._free[(tuple(buf.shape), buf.dtype)].append(buf)
 
 

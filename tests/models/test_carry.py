@@ -224,6 +224,40 @@ def test_a_layer_refused_for_link_room_passes_its_turn_to_the_next(monkeypatch):
     assert host_offload.COUNTS["gate_up_no_host_room"] == 1
 
 
+def test_a_layer_refused_for_want_of_pinned_buffers_keeps_its_turn(monkeypatch):
+    """Until the pool has buffers (the first step), the layers whose turn it is ask for them and the spacing
+    holds: the step asks for as many pairs as will be carried, not for one pair a layer."""
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 2)
+    monkeypatch.setattr(carrying, "GATE_UP_SLOTS", "spaced")
+    monkeypatch.setattr(carrying, "_GATE_UP_SEEN", __import__("itertools").count())
+    monkeypatch.setattr(carrying, "_GATE_UP_LAST", [-100])
+    monkeypatch.setattr(host_offload, "worth_offloading", lambda t: True)
+    monkeypatch.setattr(host_offload, "link_backlog_bytes", lambda: 0)
+    monkeypatch.setattr(host_offload, "COUNTS", __import__("collections").Counter())
+    asked = []
+    monkeypatch.setattr(host_offload, "pinned_buffers_ready", lambda t, n: asked.append(n) and False)
+    with carrying._carry_scope("record", []):
+        for _ in range(6):
+            carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))
+    assert asked == [2, 2, 2]  # offers 0, 2, 4
+    assert host_offload.COUNTS["gate_up_no_pinned_buffers"] == 3 and host_offload.COUNTS["gate_up_not_its_turn"] == 3
+
+
+def test_gate_and_up_too_large_to_carry_ask_for_no_pinned_buffers(monkeypatch):
+    """At long context G alone outgrows CARRY_MAX_BYTES: no host memory is pinned for a pair never carried."""
+    monkeypatch.setattr(carrying, "CARRY_MAX_BYTES", 64)
+    monkeypatch.setattr(carrying, "_GATE_UP_LAST", [-100])
+    monkeypatch.setattr(host_offload, "worth_offloading", lambda t: True)
+    monkeypatch.setattr(host_offload, "link_backlog_bytes", lambda: 0)
+    monkeypatch.setattr(host_offload, "COUNTS", __import__("collections").Counter())
+    monkeypatch.setattr(host_offload, "pinned_buffers_ready", lambda t, n: pytest.fail("asked for buffers"))
+    entries = []
+    with carrying._carry_scope("record", entries):
+        carrying._keep_gate_up(torch.ones(4, 8), torch.ones(4, 8))  # 128 bytes each
+    assert entries[0][1] is None and entries[1][1] is None
+    assert host_offload.COUNTS["gate_up_too_large"] == 1
+
+
 def test_values_too_large_for_the_host_are_not_carried(monkeypatch):
     monkeypatch.setattr(carrying, "CARRY_MAX_BYTES", 64)
     entries = []

@@ -229,6 +229,42 @@ def test_background_pinning_requests_are_bounded(monkeypatch):
     assert len(made) == 5 and len(pool._free[((4, 8), torch.float32)]) == 5
 
 
+def test_a_forward_asks_for_all_it_was_refused_at_once(monkeypatch):
+    """The first step of an 8B run is refused ~16 G/U pairs: all are pinned for the second step, not at most
+    16 buffers at a time spread over five steps (the timed steps then paid for the pinning)."""
+    pool, made = _fake_pinning(monkeypatch)
+    gate = __import__("threading").Event()  # the pinning thread waits until the forward is over
+    real = host_offload.pinned_empty
+    monkeypatch.setattr(host_offload, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
+    for _ in range(20):  # twenty layers' G and U refused in one forward
+        assert not pool.ready((4, 8), torch.float32, 2)
+    gate.set()
+    pool.wait_for_pinning()
+    assert len(made) == 40 and all(touch for _, touch in made)
+    for _ in range(20):  # the next forward finds them all
+        assert pool.ready((4, 8), torch.float32, 2)
+        assert pool.take_ready((4, 8), torch.float32) is not None and pool.take_ready((4, 8), torch.float32) is not None
+
+
+def test_buffers_still_being_pinned_are_not_asked_for_again(monkeypatch):
+    """A forward that starts while the last one's buffers are still being pinned is refused again by the same
+    layers: those refusals are covered by the buffers on their way; only new ones are asked for."""
+    pool, made = _fake_pinning(monkeypatch)
+    gate = __import__("threading").Event()
+    real = host_offload.pinned_empty
+    monkeypatch.setattr(host_offload, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
+    key = ((4, 8), torch.float32)
+    assert not pool.ready(*key, 2) and not pool.ready(*key, 2)  # round 1: two layers refused, four pinning
+    pool.give(torch.empty(2, 2))  # its backward gives a layer input's buffer back: the round ends
+    assert not pool.ready(*key, 2) and not pool.ready(*key, 2)  # round 2, the same two layers: nothing new
+    assert pool._pending[key] == 4
+    assert not pool.ready(*key, 2)  # a third layer refused in round 2: two more
+    assert pool._pending[key] == 6
+    gate.set()
+    pool.wait_for_pinning()
+    assert len(made) == 6 and len(pool._free[key]) == 6
+
+
 def test_offload_carried_refuses_without_a_free_buffer_and_releases_the_budget(monkeypatch):
     pool, _ = _fake_pinning(monkeypatch)
     budget = host_offload.HostBudget(limit_bytes=1 << 20)
