@@ -100,11 +100,30 @@ def kernel_tables(path):
     return "\n".join(out)
 
 
+def step_lines(path):
+    """Each slothnb run's steps, warm-up included: ``step/host`` ms, then what the step pinned (background
+    + inline) and the allocator's cudaMallocs, where any: why a step was slow, at a glance."""
+    out = []
+    for r in (json.loads(line) for line in open(path) if line.startswith("{")):
+        if r.get("kind") != "bench" or r.get("system") != "slothnb" or "step_times_s" not in r:
+            continue
+        counts = r.get("offload_counts_by_step") or [{}] * len(r["step_times_s"])
+        allocs = r.get("allocator_by_step") or [[0, 0, 0, 0]] * len(r["step_times_s"])
+        cells = []
+        for t, h, c, a in zip(r["step_times_s"], r["host_queued_s"], counts, allocs):
+            pins = c.get("pinned_background", 0) + c.get("pinned_inline", 0)
+            cells.append(f"{t * 1e3:.0f}/{h * 1e3:.0f}" + (f" p{pins}" if pins else "") + (f" m{a[1]}" if a[1] else ""))
+        out.append(f"{r['model']} {r['quant']} {r['seq']}x{r['batch']} ({r.get('tokens_per_s')} tok/s, warm-up "
+                   f"{r.get('warmup', 3)}): " + " | ".join(cells))
+    return "\n".join(out)
+
+
 def main(folder, default_peak=None):
     res, kern = os.path.join(folder, "results.jsonl"), os.path.join(folder, "kernels.json")
     if os.path.exists(res):
         tables, peak = step_tables(res, default_peak)
         print(f"Matmul ceiling (8192³ bf16, median): {peak} TFLOP/s\n{tables}")
+        print("\nSteps (ms step/host; p: buffers pinned, m: cudaMallocs):\n" + step_lines(res))
     if os.path.exists(kern):
         print("\n" + kernel_tables(kern))
 
