@@ -32,7 +32,9 @@ from typing import Optional
 import torch
 
 from .adapter_casts import _cast, _stacked
-from .lora_widened import _adapter_in_gemm, _adapter_inputs, _forward_shared, _widened_input, backward_bases, keeps
+from . import lora_widened
+from .lora_widened import (_adapter_in_gemm, _adapter_inputs, _forward_fused, _forward_shared, _widened_input,
+                           backward_bases, backward_stacked_base, keeps)
 from .nf4 import dequantize_nf4
 from ..errors import ConfigError
 from .lora_activations import ACTIVATIONS, gated_backward, gated_forward
@@ -173,7 +175,7 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened=False):
+def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened=False, fused=False):
     """(dX, [(dA_j, dB_j)]) of LoRA projections sharing the input X (one projection, or q/k/v, or
     gate/up): ``parts`` = [(W, quant_state, scale, A, B)] with A, B in dY's dtype, ``dtypes`` = [(A dtype,
     B dtype)] of the parameters, in which their gradients come back.
@@ -183,9 +185,18 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened
     and ``dX += [dY_j B_j] [A_j]``, four launches fewer for q/k/v and two for gate/up than one by one;
     the A's are one view when packed (``_stacked``). ``dYs`` entries are dropped as they are used.
     ``widened``: the forward ran them widened (``lora_widened``); ``kept``: its dequantised W of each
-    projection (``lora_widened.KEEP``).
+    projection (``lora_widened.KEEP``). ``fused``: it ran them as one matmul (``lora_widened.FUSED_QKV``):
+    the dY_j are laid side by side and ``dX += [dY_1 ..] [W_1; ..]`` is one matmul (``kept``: the stacked W).
     """
     n, dt = X.shape[0], X.dtype
+    dY_all = None
+    if fused:  # one [tokens, sum out_j] gradient, whose column blocks stand in for the dY_j from here on
+        dY_all = torch.cat(dYs, dim=1)
+        dYs.clear()
+        start = 0
+        for p in parts:
+            dYs.append(dY_all[:, start:start + p[4].shape[0]])
+            start += p[4].shape[0]
     ranks = [p[3].shape[0] for p in parts]
     scales = [p[2] for p in parts]
     same_scale = all(sc == scales[0] for sc in scales)
@@ -201,7 +212,10 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened
     a_dtype = functools.reduce(torch.promote_types, [d[0] for d in dtypes])  # A's of mixed dtypes: the widest
     dA = _scaled(_mm_as(dyb_t, X, a_dtype), common)
     dX = None
-    if need_dx:  # the adapter terms first, then each base matmul adds itself onto them (``_add_base``)
+    if need_dx and fused:
+        dX = dyb_t.t() @ _stacked([p[3] for p in parts])
+        dX.addmm_(dY_all, backward_stacked_base(X, [p[:5] for p in parts], kept), beta=common)
+    elif need_dx:  # the adapter terms first, then each base matmul adds itself onto them (``_add_base``)
         dX = dyb_t.t() @ _stacked([p[3] for p in parts])
         bases = backward_bases(X, parts, kept) if widened else [None] * len(parts)
         for j, (weight, quant_state, *_rest) in enumerate(parts):
@@ -270,11 +284,12 @@ class LoraQKVFunction(torch.autograd.Function):
         X = _rows(x, dt)
         parts = _prepared(dt, bundles, AB)
         shapes = [(*x.shape[:-1], p[4].shape[0]) for p in parts]
-        ctx.kept = None
+        ctx.kept, ctx.fused = None, False
         if _adapter_in_gemm(parts):
             ctx.kept = [] if getattr(ctx, "keep_bases", False) and keeps(X) else None
-            Xa, xas, outs = _forward_shared(X, [p[:5] for p in parts], shapes, getattr(ctx, "widened", None),
-                                            ctx.kept)
+            ctx.fused = lora_widened.FUSED_QKV and len(parts) > 1
+            Xa, xas, outs = (_forward_fused if ctx.fused else _forward_shared)(
+                X, [p[:5] for p in parts], shapes, getattr(ctx, "widened", None), ctx.kept)
             X, saved = Xa, [Xa]  # X itself is Xa[:, :in]
         else:
             xas, outs, saved = _adapter_inputs(X, [p[3] for p in parts]), [], [X]
@@ -299,7 +314,7 @@ class LoraQKVFunction(torch.autograd.Function):
         parts = [(w, qs, sc, rest[3 * i + 1], rest[3 * i + 2]) for i, (w, qs, sc, _) in enumerate(ctx.bases)]
         kept, ctx.kept = ctx.kept, None
         dX, pairs = _backward([_rows(dy, X.dtype) for dy in dys], X, rest[0::3], parts, [b[3] for b in ctx.bases],
-                              need_dx=need_dx, kept=kept, widened=True)
+                              need_dx=need_dx, kept=kept, widened=True, fused=getattr(ctx, "fused", False))
         grads = [g for pair in pairs for g in pair]
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
         return (dx, None, *grads)

@@ -38,6 +38,16 @@ KEEP = os.environ.get("SLOTHNB_KEEP_DEQUANTIZED", "1")
 KEEP_GATE_UP = os.environ.get("SLOTHNB_KEEP_GATE_UP", "1") != "0"
 
 
+# SLOTHNB_FUSED_QKV: q, k and v (NF4 bases, widened) as one matmul against their weights stacked in one
+# buffer, ``[X | xa_q xa_k xa_v] @ [W_q | s B_q 0 0; W_k | 0 s B_k 0; W_v | 0 0 s B_v]^T`` (``_forward_fused``),
+# and in the backward one ``dX += [dY_q dY_k dY_v] [W_q; W_k; W_v]``: two matmuls and two output buffers
+# fewer in each forward and recompute, two accumulations into dX fewer in the backward, and GEMMs of
+# N = 6,144 and K = 6,144 instead of k's and v's 1,024 at 8B shapes. q, k and v come back as tensors over
+# the one output's memory (not views of it, so RoPE may still rotate q and k in place under autograd).
+# "1" (default) everywhere, "0" nowhere (benchmarks).
+FUSED_QKV = os.environ.get("SLOTHNB_FUSED_QKV", "1") != "0"
+
+
 def keeps(X) -> bool:
     """Whether ``KEEP`` is on for tensors like X."""
     return switched_on(KEEP, X)
@@ -61,6 +71,73 @@ def backward_bases(X, parts, kept=None):
         W = torch.empty(B.shape[0], _padded(start), dtype=X.dtype, device=X.device)[:, :h]
         out.append(dequantize_nf4(weight, quant_state, X.dtype, out=W))
     return out
+
+
+def _stacked_weights(X, parts, width, tails):
+    """The projections' dequantised weights one above the other in one ``[sum out_j, width]`` buffer (rows
+    padded to ``_ALIGN``). With ``tails`` each row block is ``[W_j | 0 .. s_j B_j .. 0]``: its adapter's
+    columns at its place among all the adapters' (``_widened_input``'s order), zeros at the others'; without,
+    only the first ``in`` columns are written (the backward's ``[W_q; W_k; W_v]``, in the same row layout
+    as the forward's, so that kept or dequantised afresh it gives the same matmul and the same bits)."""
+    h = X.shape[1]
+    W = torch.empty(sum(p[4].shape[0] for p in parts), _padded(width), dtype=X.dtype, device=X.device)[:, :width]
+    if tails and width > h:
+        W[:, h:].zero_()  # each block's tail writes its own adapter's columns and the zeros before them
+    row, start = 0, h
+    for weight, quant_state, scale, A, B in parts:
+        block = W[row:row + B.shape[0], :h]
+        if not tails:
+            dequantize_nf4(weight, quant_state, X.dtype, out=block)
+        else:
+            tail = (B if B.stride(-1) == 1 else B.contiguous(), scale, start - h)
+            if DEQUANT_TAIL:
+                dequantize_nf4(weight, quant_state, X.dtype, out=block, tail=tail)
+            else:
+                _write_tail_torch(dequantize_nf4(weight, quant_state, X.dtype, out=block), tail)
+            start += A.shape[0]
+        row += B.shape[0]
+    return W
+
+
+def _column_blocks(Y, shapes):
+    """Y's consecutive column blocks as tensors of ``shapes`` (``[..., out_j]``, their rows Y's rows) over
+    Y's memory. Not views: each has its own version counter and no ``_base``, so one may be modified in
+    place under autograd (``RoPEProjectionsFunction`` marks q and k dirty) as a projection's own output."""
+    out, col, row = [], Y.storage_offset(), Y.stride(0)
+    storage = Y.untyped_storage()
+    for shape in shapes:
+        strides, step = [1], row
+        for d in reversed(shape[:-1]):
+            strides.append(step)
+            step *= d
+        out.append(torch.empty(0, dtype=Y.dtype, device=Y.device).set_(storage, col, shape, tuple(reversed(strides))))
+        col += shape[-1]
+    return out
+
+
+def _forward_fused(X, parts, out_shapes, into=None, keep=None):
+    """``_forward_shared`` for q/k/v as one matmul (``FUSED_QKV``): (Xa, [x A_j^T views], [y_j]) with the
+    y_j column blocks of one ``[tokens, sum out_j]`` output. ``keep`` receives one tensor, the stacked
+    ``[sum out_j, in]`` weights (``backward_stacked_base``)."""
+    h = X.shape[1]
+    Xa, xas = _widened_input(X, [p[3] for p in parts], into)
+    width = h + sum(xa.shape[1] for xa in xas)
+    W = _stacked_weights(X, parts, width, tails=True)
+    Y = torch.empty(X.shape[0], W.shape[0], dtype=X.dtype, device=X.device)
+    torch.mm(Xa[:, :width], W.t(), out=Y)
+    if keep is not None:
+        keep.append(W[:, :h])
+    del W
+    return Xa, xas, _column_blocks(Y, out_shapes)
+
+
+def backward_stacked_base(X, parts, kept=None):
+    """``[W_1; ..; W_k]`` ``[sum out_j, in]`` for the fused backward's one ``dY W``: the forward's kept
+    buffer, or a fresh dequantisation in its row layout."""
+    if kept is not None:
+        return kept[0]
+    width = X.shape[1] + sum(p[3].shape[0] for p in parts)
+    return _stacked_weights(X, parts, width, tails=False)[:, :X.shape[1]]
 
 
 def _adapter_in_gemm(parts) -> bool:

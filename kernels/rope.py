@@ -176,23 +176,33 @@ class RoPEProjectionsFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
+def _rows_of_features(x) -> bool:
+    """x is laid out as rows of unit-stride features: contiguous, or ``[B, S, F]`` rows spaced by more than
+    F (a column block of a wider output, ``lora_widened.FUSED_QKV``), so ``_heads`` can view it."""
+    if x.is_contiguous():
+        return True
+    return (x.dim() == 3 and x.stride(2) == 1 and x.stride(1) >= x.shape[2]
+            and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1)))
+
+
 def rope_in_place_ok(q, k) -> bool:
-    """Whether :func:`apply_rope_projections` can rotate q and k where they lie: contiguous, distinct,
-    and not views (autograd forbids a two-output in-place Function on views)."""
-    return (q.is_contiguous() and k.is_contiguous() and q._base is None and k._base is None
-            and q.dim() >= 3 and k.dim() >= 3 and q.data_ptr() != k.data_ptr())
+    """Whether :func:`apply_rope_projections` can rotate q and k where they lie: rows of features
+    (``_rows_of_features``), distinct, and not views (autograd forbids a two-output in-place Function on views)."""
+    return (q.dim() >= 3 and k.dim() >= 3 and _rows_of_features(q) and _rows_of_features(k)
+            and q._base is None and k._base is None and q.data_ptr() != k.data_ptr())
 
 
 def apply_rope_projections(q, k, cos, sin, head_dim: int):
     """Rotate q ``[B, S, Hq*D]`` and k ``[B, S, Hk*D]`` (or ``[B, S, H, D]``) in place, one launch.
 
-    For projection outputs before the ``[B, H, S, D]`` transpose (see :func:`rope_in_place_ok`); returns
+    For projection outputs before the ``[B, H, S, D]`` transpose (see :func:`rope_in_place_ok`: their rows
+    may be spaced wider than their features, as column blocks of one q/k/v output are); returns
     ``(q, k)``, the same tensors, rotated. cos/sin are ``[B or 1, S, head_dim]``. Raises ConfigError for
-    views or non-contiguous inputs (use :func:`apply_rope` on those).
+    views or other layouts (use :func:`apply_rope` on those).
     """
     if not rope_in_place_ok(q, k):
-        raise ConfigError("apply_rope_projections needs contiguous, non-view, distinct q and k [B, S, H*D] "
-                          "tensors (projection outputs); use apply_rope on transposed views.")
+        raise ConfigError("apply_rope_projections needs non-view, distinct q and k [B, S, H*D] tensors of "
+                          "unit-stride rows (projection outputs); use apply_rope on transposed views.")
     _check_qk(_heads(q, head_dim), _heads(k, head_dim))
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)

@@ -224,6 +224,42 @@ def test_adapter_in_gemm_matches_the_two_matmul_form(ranks, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("ranks", [(8, 8, 8), (3, 5, 16)])
+def test_fused_qkv_is_one_matmul_and_gives_what_three_give(ranks, monkeypatch):
+    """``FUSED_QKV``: q, k and v (NF4) from one matmul against their stacked widened weights, as column
+    blocks of one output that are not views (RoPE may rotate them in place); the backward's ``dY W`` is
+    one matmul too. Outputs and gradients are those of three separate projections."""
+    import slothnb.kernels.lora as lora_mod
+    import slothnb.kernels.lora_widened as widened_mod
+
+    matmuls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(widened_mod.torch, "mm", lambda *a, **kw: matmuls.append(a[1].shape) or real_mm(*a, **kw))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(widened_mod, "FUSED_QKV", fused)
+        ps = [pair(o, 64, "nf4", torch.float64, r=r, seed=s)[0] for s, (o, r) in enumerate(zip((64, 32, 32), ranks))]
+        x, _ = make_x("3d", 64, torch.float64)
+        matmuls.clear()
+        q, k, v = lora_qkv(x, *ps)
+        # x A^T for all three, then one matmul (fused) or one each
+        assert len(matmuls) == (2 if fused else 4)
+        if fused:
+            assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            assert all(t._base is None for t in (q, k, v)) and q.stride() == (3 * 128, 128, 1)
+            assert (k.storage_offset(), v.storage_offset()) == (64, 96)
+            assert q.grad_fn.fused
+        gen = torch.Generator().manual_seed(3)
+        stacked = []
+        real_stacked = lora_mod.backward_stacked_base
+        monkeypatch.setattr(lora_mod, "backward_stacked_base", lambda *a: stacked.append(1) or real_stacked(*a))
+        torch.autograd.backward([q, k, v], [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (q, k, v)])
+        assert len(stacked) == (1 if fused else 0)
+        results.append([t.detach() for t in (q, k, v)] + [t.grad for t in (x, *(w for p in ps for w in (p.A, p.B)))])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_second_backward_through_overwritten_buffers_fails_loudly():
     y, *_ = mlp_case("16bit", torch.float32, "swiglu")  # fused in-place activation backward
     y.sum().backward(retain_graph=True)

@@ -185,3 +185,46 @@ def test_projections_rotated_in_place_with_autograd():
     assert not rope_mod.rope_in_place_ok(q.view(B, S, Hq, D), k)
     with pytest.raises(ConfigError, match="non-view"):
         rope_mod.apply_rope_projections(q[:, :, :D], k, cos, sin, D)
+
+
+
+class _ColumnBlocks(torch.autograd.Function):
+    """Stands in for ``LoraQKVFunction`` with ``FUSED_QKV``: its outputs are column blocks of one buffer."""
+
+    @staticmethod
+    def forward(ctx, y, shapes):
+        from slothnb.kernels.lora_widened import _column_blocks
+
+        return tuple(_column_blocks(y.clone(), shapes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return torch.cat([g.reshape(-1, g.shape[-1]) for g in grads], dim=1), None
+
+
+def test_column_blocks_of_one_output_are_rotated_in_place_with_autograd():
+    """q and k as column blocks of one q/k/v output (``lora_widened.FUSED_QKV``): rows spaced wider than
+    their features, not views; rotated where they lie, with HF's numbers forward and backward."""
+    B, S, Hq, Hk, D = 2, 5, 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(B * S, (Hq + 2 * Hk) * D, generator=g, dtype=torch.float64, requires_grad=True)
+    shapes = [(B, S, Hq * D), (B, S, Hk * D), (B, S, Hk * D)]
+    q, k, v = _ColumnBlocks.apply(base, shapes)
+    assert not q.is_contiguous() and q._base is None and rope_mod.rope_in_place_ok(q, k)
+    assert not rope_mod.rope_in_place_ok(q[1:], k)  # a view
+    cos, sin = (t[:S].double().unsqueeze(0) for t in hf_tables(S, D))
+    ptrs = (q.data_ptr(), k.data_ptr())
+    rq, rk = rope_mod.apply_rope_projections(q, k, cos, sin, D)
+    assert (rq.data_ptr(), rk.data_ptr()) == ptrs  # rotated where they lie
+
+    ref = base.detach().clone().requires_grad_()
+    rows = ref.view(B, S, -1)
+    heads = lambda t, h: t.reshape(B, S, h, D).transpose(1, 2)
+    want_q, want_k = apply_rope_reference(heads(rows[..., :Hq * D], Hq), heads(rows[..., Hq * D:(Hq + Hk) * D], Hk),
+                                          cos, sin)
+    torch.testing.assert_close(heads(rq, Hq), want_q)
+    torch.testing.assert_close(heads(rk, Hk), want_k)
+    gq, gk, gv = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (want_q, want_k, v))
+    ((heads(rq, Hq) * gq).sum() + (heads(rk, Hk) * gk).sum() + (v * gv).sum()).backward()
+    ((want_q * gq).sum() + (want_k * gk).sum() + (rows[..., (Hq + Hk) * D:] * gv).sum()).backward()
+    torch.testing.assert_close(base.grad, ref.grad)
