@@ -280,10 +280,13 @@ def _qlora_model(tmp_path, device, **config):
     return model
 
 
-def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, flash_forwards):
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, flash_forwards, fused_qkv):
     """NF4 bases through bitsandbytes' CPU quantisation and the interpreted kernels: the widened q/k/v
-    and gate/up matmuls, the norm writing their input, the recompute's dequantised weights kept for the
-    backward, the attention state carried, h = x + o in the norm; bit for bit the autograd path's."""
+    (also as one matmul, ``FUSED_QKV``) and gate/up matmuls, the norm writing their input, the recompute's
+    dequantised weights kept for the backward, the attention state carried, h = x + o in the norm; bit for
+    bit the autograd path's."""
+    monkeypatch.setattr(lora_widened, "FUSED_QKV", fused_qkv)
     monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
     assert lora_widened.KEEP_GATE_UP  # on by default: the count of kept weights below includes gate/up
     kept = _recording(monkeypatch, lora_kernels, "_backward", lambda a, kw: kw.get("kept") is not None)

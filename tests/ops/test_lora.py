@@ -507,7 +507,7 @@ class _StandInCtx:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("part", ["qkv", "mlp"])
+@pytest.mark.parametrize("part", ["qkv", "mlp", "qkv_fused"])
 def test_a_recompute_keeps_its_dequantised_weights_for_the_backward(part, device, monkeypatch):
     """``ctx.keep_bases`` (a recompute whose backward follows at once, ``lora_widened.KEEP``): the
     backward reads W from the forward's widened buffers instead of dequantising q/k/v (or gate/up)
@@ -518,6 +518,8 @@ def test_a_recompute_keeps_its_dequantised_weights_for_the_backward(part, device
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(widened_mod, "FUSED_QKV", part == "qkv_fused")  # kept: the stacked [W_q; W_k; W_v]
+    part = part.removesuffix("_fused")
     dt = torch.float32 if device == "cpu" else torch.bfloat16
     shapes = ((64, 64), (32, 64), (32, 64)) if part == "qkv" else ((128, 64), (128, 64), (64, 128))
     ps = [pair(o, i, "nf4", dt, r=r, seed=s, device=device)[0] for s, ((o, i), r) in enumerate(zip(shapes, (8, 5, 16)))]
