@@ -8,7 +8,8 @@ W, the zeros and ``s B`` straight into the wider buffer (one launch, ``nf4.dequa
 16-bit bases keep two matmuls (widening W would copy it every call; ``lora._forward``).
 
 A recompute's widened weights may be kept for its backward (``KEEP``): the backward then reads W from
-them instead of dequantising it again (``backward_base``).
+them instead of dequantising it again (``backward_bases``). Opt-in, q/k/v go further: one matmul against
+their weights stacked in one buffer (``FUSED_QKV``, ``_forward_fused``).
 """
 import os
 from typing import Optional
@@ -27,7 +28,7 @@ _ALIGN = 8  # row strides padded to 16 bytes of bf16, so cuBLAS keeps its fast k
 
 
 # SLOTHNB_KEEP_DEQUANTIZED: a recompute's widened weights kept for the backward that follows it, which
-# then reads W from them (``backward_base``) instead of dequantising it again: 3 launches a Llama layer for
+# then reads W from them (``backward_bases``) instead of dequantising it again: 3 launches a Llama layer for
 # q/k/v (+50 MB while the layer's backward runs, 8B shapes). With it on, every widened projection's
 # backward reads W in the forward's padded row layout, kept or dequantised afresh, so that both give the
 # same matmul and the same bits. "1" (default) everywhere, "cpu" only off CUDA, "0" nowhere.
