@@ -119,8 +119,9 @@ def carry_attention_state(out: torch.Tensor, lse: torch.Tensor, rest) -> None:
     if not carries_attention_state(out):
         return
     native = out if out.is_contiguous() else out.transpose(1, 2)
-    allowed = native.is_contiguous() and native.nbytes <= CARRY_MAX_BYTES and (not host_offload.worth_offloading(out) or (
-        host_offload.pinned_buffers_ready(native, 1) and host_offload.pinned_buffers_ready(lse, 1)))
+    allowed = native.is_contiguous() and native.nbytes <= CARRY_MAX_BYTES and (
+        not host_offload.worth_offloading(out)
+        or (host_offload.pinned_buffers_ready(native, 1) and host_offload.pinned_buffers_ready(lse, 1)))
     carry(lse, allowed, "sdpa_lse")
     carry(native, allowed, "sdpa_out")
     carry_object((rest, native is not out), "sdpa_rest")
