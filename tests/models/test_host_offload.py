@@ -1,9 +1,10 @@
-"""Pinned host copies of layer inputs (slothnb.models.host_offload): the budget, the round trip, the prefetch."""
+"""Pinned host copies of layer inputs (slothnb.models.host_offload): the budget, the round trip, the prefetch;
+and the pool of pinned buffers under them (slothnb.models.pinned_pool)."""
 import pytest
 import torch
 
 from slothnb.errors import ConfigError
-from slothnb.models import host_offload
+from slothnb.models import host_offload, pinned_pool
 
 
 @pytest.mark.gpu
@@ -48,14 +49,14 @@ def test_large_pinned_buffers_pin_their_own_size_not_a_power_of_two_on_gpu():
     stats = torch.cuda.host_memory_stats
     before = stats().get("allocated_bytes.all.current", 0)
     shape = (3 * 2**20 + 5, 2)  # 12 MiB + 20 bytes of bf16: torch's pinned allocator would take 16 MiB
-    buf = host_offload.pinned_empty(shape, torch.bfloat16)
+    buf = pinned_pool.pinned_empty(shape, torch.bfloat16)
     assert buf.is_pinned() and buf.shape == shape
     assert stats().get("allocated_bytes.all.current", 0) == before  # registered in place, not from the caching pool
     x = torch.randn(shape, device="cuda").to(torch.bfloat16)
     buf.copy_(x, non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(buf.cuda(), x)
-    small = host_offload.pinned_empty((1024,), torch.float32)  # small: the caching allocator, rounding harmless
+    small = pinned_pool.pinned_empty((1024,), torch.float32)  # small: the caching allocator, rounding harmless
     assert small.is_pinned()
 
 
@@ -80,7 +81,7 @@ def test_pinned_empty_falls_back_to_torch_when_registering_fails(monkeypatch):
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
     monkeypatch.setattr(torch.cuda, "check_error", check_error)
     monkeypatch.setattr(torch, "empty", empty)
-    host_offload.pinned_empty((3 * 2**20 + 5,), torch.float32)
+    pinned_pool.pinned_empty((3 * 2**20 + 5,), torch.float32)
     assert registered == [(3 * 2**20 + 5) * 4]  # it tried to pin the exact size in place ...
     assert pin_requests[-1] is True  # ... then asked torch's pinned allocator
 
@@ -191,8 +192,8 @@ def _fake_pinning(monkeypatch):
         made.append((tuple(shape), touch))
         return torch.empty(shape, dtype=dtype)
 
-    pool = host_offload._PinnedPool()
-    monkeypatch.setattr(host_offload, "pinned_empty", pinned_empty)
+    pool = pinned_pool.PinnedPool(host_offload.COUNTS)
+    monkeypatch.setattr(pinned_pool, "pinned_empty", pinned_empty)
     monkeypatch.setattr(host_offload, "_POOL", pool)
     return pool, made
 
@@ -216,8 +217,8 @@ def test_carried_values_never_wait_for_pinning_the_pool_grows_in_the_background(
 def test_background_pinning_requests_are_bounded(monkeypatch):
     pool, made = _fake_pinning(monkeypatch)
     gate = __import__("threading").Event()
-    real = host_offload.pinned_empty
-    monkeypatch.setattr(host_offload, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
+    real = pinned_pool.pinned_empty
+    monkeypatch.setattr(pinned_pool, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
     pool.max_pending = 5
     assert not pool.ready((4, 8), torch.float32, 2)  # one layer's G and U missing: two requests
     assert not pool.ready((4, 8), torch.float32, 2)  # the next layer's too: two more
@@ -234,8 +235,8 @@ def test_a_forward_asks_for_all_it_was_refused_at_once(monkeypatch):
     16 buffers at a time spread over five steps (the timed steps then paid for the pinning)."""
     pool, made = _fake_pinning(monkeypatch)
     gate = __import__("threading").Event()  # the pinning thread waits until the forward is over
-    real = host_offload.pinned_empty
-    monkeypatch.setattr(host_offload, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
+    real = pinned_pool.pinned_empty
+    monkeypatch.setattr(pinned_pool, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
     for _ in range(20):  # twenty layers' G and U refused in one forward
         assert not pool.ready((4, 8), torch.float32, 2)
     gate.set()
@@ -251,8 +252,8 @@ def test_buffers_still_being_pinned_are_not_asked_for_again(monkeypatch):
     layers: those refusals are covered by the buffers on their way; only new ones are asked for."""
     pool, made = _fake_pinning(monkeypatch)
     gate = __import__("threading").Event()
-    real = host_offload.pinned_empty
-    monkeypatch.setattr(host_offload, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
+    real = pinned_pool.pinned_empty
+    monkeypatch.setattr(pinned_pool, "pinned_empty", lambda *a, **k: gate.wait() and real(*a, **k))
     key = ((4, 8), torch.float32)
     assert not pool.ready(*key, 2) and not pool.ready(*key, 2)  # round 1: two layers refused, four pinning
     pool.give(torch.empty(2, 2))  # its backward gives a layer input's buffer back: the round ends
