@@ -1,12 +1,12 @@
 """Layer inputs held in pinned host memory between a checkpointed layer's forward and backward.
 
 The machinery under ``"slothnb"`` checkpointing (``slothnb.models.checkpointing``): a pool of pinned
-buffers (``slothnb.models.pinned_pool``, grown in the background for carried values), a host-memory budget (long sequences must not
-exhaust RAM), one side stream per device for the copies, and ``OffloadedTensor``, which copies a CUDA
-tensor out in forward and back (prefetched one layer ahead) in backward; the compute stream never
-waits for a copy, and the host waits only when it has queued more than ``LAYERS_AHEAD`` layers of
-copies ahead of the GPU (optionally up to ``MAX_LAYERS_AHEAD`` while the tensors held for them are few:
-``AHEAD_BYTES``).
+buffers (``slothnb.models.pinned_pool``, grown in the background for carried values), a host-memory
+budget (long sequences must not exhaust RAM), one side stream per device for the copies, and
+``OffloadedTensor``, which copies a CUDA tensor out in forward and back (prefetched one layer ahead) in
+backward; the compute stream never waits for a copy, and the host waits only when it has queued more
+than ``LAYERS_AHEAD`` layers of copies ahead of the GPU (optionally up to ``MAX_LAYERS_AHEAD`` while the
+tensors held for them are few: ``AHEAD_BYTES``).
 """
 from __future__ import annotations
 
