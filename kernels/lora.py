@@ -214,7 +214,7 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened
     dX = None
     if need_dx and fused:
         dX = dyb_t.t() @ _stacked([p[3] for p in parts])
-        dX.addmm_(dY_all, backward_stacked_base(X, [p[:5] for p in parts], kept), beta=common)
+        dX.addmm_(dY_all, backward_stacked_base(X, parts, kept), beta=common)
     elif need_dx:  # the adapter terms first, then each base matmul adds itself onto them (``_add_base``)
         dX = dyb_t.t() @ _stacked([p[3] for p in parts])
         bases = backward_bases(X, parts, kept) if widened else [None] * len(parts)

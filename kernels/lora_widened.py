@@ -76,6 +76,16 @@ def backward_bases(X, parts, kept=None):
     return out
 
 
+def _dequantize_widened(weight, quant_state, out, B, scale, zeros):
+    """W into ``out`` (the left columns of a widened row buffer), then in the same rows ``zeros`` zeros and
+    ``scale * B``: one launch; SLOTHNB_DEQUANT_TAIL=0: op by op (benchmarks)."""
+    tail = (B if B.stride(-1) == 1 else B.contiguous(), scale, zeros)
+    if DEQUANT_TAIL:
+        dequantize_nf4(weight, quant_state, out.dtype, out=out, tail=tail)
+    else:
+        _write_tail_torch(dequantize_nf4(weight, quant_state, out.dtype, out=out), tail)
+
+
 def _stacked_weights(X, parts, width, tails):
     """The projections' dequantised weights one above the other in one ``[sum out_j, width]`` buffer (rows
     padded to ``_ALIGN``). With ``tails`` each row block is ``[W_j | 0 .. s_j B_j .. 0]``: its adapter's
@@ -92,11 +102,7 @@ def _stacked_weights(X, parts, width, tails):
         if not tails:
             dequantize_nf4(weight, quant_state, X.dtype, out=block)
         else:
-            tail = (B if B.stride(-1) == 1 else B.contiguous(), scale, start - h)
-            if DEQUANT_TAIL:
-                dequantize_nf4(weight, quant_state, X.dtype, out=block, tail=tail)
-            else:
-                _write_tail_torch(dequantize_nf4(weight, quant_state, X.dtype, out=block), tail)
+            _dequantize_widened(weight, quant_state, block, B, scale, start - h)
             start += A.shape[0]
         row += B.shape[0]
     return W
@@ -164,11 +170,7 @@ def _forward_shared(X, parts, out_shapes, into=None, keep=None):
     for (weight, quant_state, scale, _A, B), xa, shape in zip(parts, xas, out_shapes):
         width = start + xa.shape[1]
         W = torch.empty(B.shape[0], _padded(width), dtype=X.dtype, device=X.device)[:, :width]
-        tail = (B if B.stride(-1) == 1 else B.contiguous(), scale, start - h)  # zeros facing the other xa's
-        if DEQUANT_TAIL:  # W, the zeros and s B in one launch; SLOTHNB_DEQUANT_TAIL=0: op by op (benchmarks)
-            dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h], tail=tail)
-        else:
-            _write_tail_torch(dequantize_nf4(weight, quant_state, X.dtype, out=W[:, :h]), tail)
+        _dequantize_widened(weight, quant_state, W[:, :h], B, scale, start - h)  # zeros facing the other xa's
         y = torch.empty(shape, dtype=X.dtype, device=X.device)
         torch.mm(Xa[:, :width], W.t(), out=y.view(-1, shape[-1]))
         if keep is not None:
