@@ -101,8 +101,10 @@ def kernel_tables(path):
 
 
 def step_lines(path):
-    """Each slothnb run's steps, warm-up included: ``step/host`` ms, then what the step pinned (background
-    + inline) and the allocator's cudaMallocs, where any: why a step was slow, at a glance."""
+    """Each slothnb run's steps, warm-up included: ``step/host`` ms, then the ms of that host time spent
+    waiting for copies (``w``, the engine's one wait on the GPU: the rest is the host's own work), what the
+    step pinned (background + inline) and the allocator's cudaMallocs, where any: why a step was slow, at
+    a glance (host = step and a large w: GPU- or link-paced; host = step and w ~0: host-paced)."""
     out = []
     for r in (json.loads(line) for line in open(path) if line.startswith("{")):
         if r.get("kind") != "bench" or r.get("system") != "slothnb" or "step_times_s" not in r:
@@ -112,7 +114,9 @@ def step_lines(path):
         cells = []
         for t, h, c, a in zip(r["step_times_s"], r["host_queued_s"], counts, allocs):
             pins = c.get("pinned_background", 0) + c.get("pinned_inline", 0)
-            cells.append(f"{t * 1e3:.0f}/{h * 1e3:.0f}" + (f" p{pins}" if pins else "") + (f" m{a[1]}" if a[1] else ""))
+            wait = c.get("pace_wait_us", 0) / 1e3
+            cells.append(f"{t * 1e3:.0f}/{h * 1e3:.0f}" + (f" w{wait:.0f}" if wait >= 0.5 else "")
+                         + (f" p{pins}" if pins else "") + (f" m{a[1]}" if a[1] else ""))
         out.append(f"{r['model']} {r['quant']} {r['seq']}x{r['batch']} ({r.get('tokens_per_s')} tok/s, warm-up "
                    f"{r.get('warmup', 3)}): " + " | ".join(cells))
     return "\n".join(out)
@@ -123,7 +127,7 @@ def main(folder, default_peak=None):
     if os.path.exists(res):
         tables, peak = step_tables(res, default_peak)
         print(f"Matmul ceiling (8192³ bf16, median): {peak} TFLOP/s\n{tables}")
-        print("\nSteps (ms step/host; p: buffers pinned, m: cudaMallocs):\n" + step_lines(res))
+        print("\nSteps (ms step/host; w: ms the host waited for copies, p: buffers pinned, m: cudaMallocs):\n" + step_lines(res))
     if os.path.exists(kern):
         print("\n" + kernel_tables(kern))
 

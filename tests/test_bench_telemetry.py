@@ -166,7 +166,8 @@ def test_paired_change_is_the_median_round_by_round_with_a_bootstrap_interval():
 
 
 def test_report_lists_each_step_with_what_it_pinned_and_allocated(tmp_path):
-    """The first timed steps of a run that was still pinning show it: step/host ms, p (pinned), m (cudaMalloc)."""
+    """The first timed steps of a run that was still pinning show it: step/host ms, w (ms the host waited for
+    copies, from 0.5 ms), p (pinned), m (cudaMalloc)."""
     import json
 
     import report
@@ -174,9 +175,10 @@ def test_report_lists_each_step_with_what_it_pinned_and_allocated(tmp_path):
     rec = {"kind": "bench", "system": "slothnb", "model": "8b", "quant": "nf4", "seq": 2048, "batch": 2,
            "warmup": 3, "tokens_per_s": 12500.0, "step_times_s": [2.31, 0.378, 0.3117],
            "host_queued_s": [2.31, 0.364, 0.2669],
-           "offload_counts_by_step": [{"pinned_background": 40, "pinned_inline": 16}, {"pinned_background": 2}, {}],
+           "offload_counts_by_step": [{"pinned_background": 40, "pinned_inline": 16}, {"pinned_background": 2, "pace_wait_us": 400},
+                                      {"pace_wait_us": 41_700}],
            "allocator_by_step": [[0, 245, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]}
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(rec) + "\n" + json.dumps({"kind": "bench", "system": "hf"}) + "\n")
     assert report.step_lines(str(path)) == ("8b nf4 2048x2 (12500.0 tok/s, warm-up 3): "
-                                            "2310/2310 p56 m245 | 378/364 p2 | 312/267 m1")
+                                            "2310/2310 p56 m245 | 378/364 p2 | 312/267 w42 m1")

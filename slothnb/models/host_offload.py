@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 import weakref
 
 import torch
@@ -22,7 +23,9 @@ from slothnb.models.pinned_pool import PinnedPool, pinned_empty  # noqa: F401  (
 
 
 # What the offloading did (read by benchmarks, per step): buffers pinned inline / in the background,
-# layer inputs offloaded, values carried, G/U pairs carried and recomputed (``checkpointing``).
+# layer inputs offloaded, values carried, G/U pairs carried and recomputed (``checkpointing``), and
+# ``pace_wait_us``: how long the host waited for copies (``_keep_pace``, the engine's one wait on the GPU),
+# so that a step's host time splits into the host's own work and time it spent waiting for the GPU.
 COUNTS: collections.Counter = collections.Counter()
 _POOL = PinnedPool(COUNTS)
 
@@ -315,7 +318,9 @@ def _keep_pace(copied: torch.cuda.Event, far_ahead: bool = True) -> None:
         _LAYER_COPIES.popleft()
     most = MAX_LAYERS_AHEAD if far_ahead and AHEAD_BYTES > 0 else LAYERS_AHEAD  # off: the two-layer rule alone
     while len(_LAYER_COPIES) > LAYERS_AHEAD and (len(_LAYER_COPIES) > most or in_flight_bytes() > AHEAD_BYTES):
-        _LAYER_COPIES.popleft().synchronize()
+        oldest, start = _LAYER_COPIES.popleft(), time.perf_counter()
+        oldest.synchronize()
+        COUNTS["pace_wait_us"] += round((time.perf_counter() - start) * 1e6)
     release_finished_copies()
 
 

@@ -283,6 +283,9 @@ def test_offload_carried_refuses_without_a_free_buffer_and_releases_the_budget(m
 def test_the_host_waits_for_copies_more_than_a_few_layers_old(monkeypatch):
     """The host queues a forward far ahead of the GPU; each tensor waiting for its copy stays allocated.
     Past LAYERS_AHEAD layer inputs in flight, the host waits for the oldest copy."""
+    import collections
+    import time
+
     waited = []
 
     class Event:
@@ -290,13 +293,15 @@ def test_the_host_waits_for_copies_more_than_a_few_layers_old(monkeypatch):
             self.i = i
 
         def synchronize(self):
+            time.sleep(0.02)  # the copy finishes 20 ms later
             waited.append(self.i)
 
         def query(self):
             return self.i in waited
 
-    monkeypatch.setattr(host_offload, "_LAYER_COPIES", __import__("collections").deque())
-    monkeypatch.setattr(host_offload, "_IN_FLIGHT", __import__("collections").deque())
+    monkeypatch.setattr(host_offload, "_LAYER_COPIES", collections.deque())
+    monkeypatch.setattr(host_offload, "_IN_FLIGHT", collections.deque())
+    monkeypatch.setattr(host_offload, "COUNTS", collections.Counter())
     monkeypatch.setattr(host_offload, "LAYERS_AHEAD", 3)
     monkeypatch.setattr(host_offload, "AHEAD_BYTES", 0)  # no further lead for small tensors
     for i in range(6):
@@ -304,6 +309,8 @@ def test_the_host_waits_for_copies_more_than_a_few_layers_old(monkeypatch):
         host_offload._keep_pace(host_offload._IN_FLIGHT[-1][0])
     assert waited == [0, 1, 2]  # layers 3, 4 and 5 may still be copying
     assert [e.i for e, _, _ in host_offload._IN_FLIGHT] == [3, 4, 5]  # the finished ones are dropped
+    # the three waits are counted for the benchmarks' per-step lines (host work = host time - waits)
+    assert 3 * 20_000 <= host_offload.COUNTS["pace_wait_us"] < 3 * 20_000 + 200_000
 
 
 def test_the_host_runs_further_ahead_while_the_tensors_held_for_copies_are_few(monkeypatch):
