@@ -1,0 +1,169 @@
+"""The LoRA MLP's gated backward with the adapters' thin products of dG, dU and h in the same pass.
+
+``lora.LoraMLPFunction.backward`` runs the gated backward (``lora_activations.gated_backward``: reads dh,
+g, u; writes h, dg, du over them), then five rank-r matmuls that each read one of those
+``[tokens, intermediate]`` tensors again: ``dB_g = dG^T xa_g``, ``dG B_g``, the same two for up, and
+``dA_d = (dY B_d)^T h``. At 8B shapes and 2 x 2,048 tokens each tensor is 117 MB, so those five passes are
+~0.6 GB of traffic a layer for a few MFLOP. Here one kernel computes them from the tiles it has just
+written, still in registers: the same h, dg, du (bits included), and the five products with fp32
+accumulation, as partial sums that a fixed-order reduction adds up (deterministic: no atomics).
+
+A program owns ``ROWS`` rows (in ``ROW_SUBS`` blocks of ``BM``) and one split of the columns. Products
+reduced over columns (``dG B_g``, ``dU B_u``) accumulate over the program's columns and leave one partial
+per split; products reduced over rows (``dG^T xa_g``, ``dU^T xa_u``, ``h^T dyb_d``) accumulate over the
+program's row blocks and leave one partial per row group. Ranks are padded to a power of two >= 16 (what
+``tl.dot`` takes) with zeros.
+
+Opt-in (``SLOTHNB_FUSED_MLP_THIN=1``): built and checked in Triton's interpreter in session 26, not yet
+timed on a GPU. By traffic it should save ~150 us a layer at 8B shapes (~5 ms a step).
+"""
+import os
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INTERPRET, cdiv, fast_launch, next_power_of_2, use_triton
+from .geglu import _gelu_and_grad
+from .lora_activations import ACTIVATIONS
+
+FUSED = os.environ.get("SLOTHNB_FUSED_MLP_THIN", "0") == "1"
+BM, ROW_SUBS, BN = 64, 4, 64  # a program: 256 rows, its split's columns 64 at a time
+TARGET_PROGRAMS = 128  # column splits are chosen so that rows x splits reaches about this many programs
+MAX_RANK = 128  # larger adapters keep the matmuls (the accumulators would not fit in registers)
+_16BIT = (torch.bfloat16, torch.float16)
+
+
+@fast_launch
+@triton.jit
+def _gated_lora_bwd(DH, G, U, XG, XU, DYB, BG, BU, PG, PU, PD, QG, QU,
+                    n_rows, n_cols, rank_g, rank_u, rank_d, xg_stride, xu_stride, dyb_stride, per_split,
+                    ACT: tl.constexpr, BM: tl.constexpr, ROW_SUBS: tl.constexpr, BN: tl.constexpr,
+                    RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, DOT_F32: tl.constexpr):
+    """h -> DH, dg -> G, du -> U (as ``_gated_backward_inplace``); PG[m] / PU[m] / PD[m] ``[n_cols, R]``: this row
+    group's dG^T xa_g, dU^T xa_u, h^T dyb; QG[s] / QU[s] ``[n_rows, R]``: this column split's dG B_g, dU B_u.
+    ``DOT_F32``: the products' operands widened to fp32 first (Triton's interpreter computes 16-bit ``tl.dot``
+    wrongly); the same values, so the same sums."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    col_start = pid_s * per_split
+    col_end = tl.minimum(col_start + per_split, n_cols)
+    rg, ru, rd = tl.arange(0, RG), tl.arange(0, RU), tl.arange(0, RD)
+    for sub in tl.static_range(ROW_SUBS):
+        rows = (pid_m * ROW_SUBS + sub) * BM + tl.arange(0, BM)
+        rmask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        xg = tl.load(XG + rows64[:, None] * xg_stride + rg[None, :], mask=rmask[:, None] & (rg[None, :] < rank_g),
+                     other=0.0)
+        xu = tl.load(XU + rows64[:, None] * xu_stride + ru[None, :], mask=rmask[:, None] & (ru[None, :] < rank_u),
+                     other=0.0)
+        dyb = tl.load(DYB + rows64[:, None] * dyb_stride + rd[None, :], mask=rmask[:, None] & (rd[None, :] < rank_d),
+                      other=0.0)
+        if DOT_F32:
+            xg, xu, dyb = xg.to(tl.float32), xu.to(tl.float32), dyb.to(tl.float32)
+        acc_g = tl.zeros([BM, RG], dtype=tl.float32)
+        acc_u = tl.zeros([BM, RU], dtype=tl.float32)
+        for c0 in range(col_start, col_end, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < col_end
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows64[:, None] * n_cols + cols[None, :]
+            dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+            if ACT == 0:
+                sig = tl.sigmoid(g)
+                act = g * sig
+                dact = sig * (1.0 + g * (1.0 - sig))
+            else:
+                act, dact = _gelu_and_grad(g, ACT == 2)
+            h = (act * u).to(DH.dtype.element_ty)
+            dg = (dh * u * dact).to(G.dtype.element_ty)
+            du = (dh * act).to(U.dtype.element_ty)
+            tl.store(DH + offs, h, mask=mask)
+            tl.store(G + offs, dg, mask=mask)
+            tl.store(U + offs, du, mask=mask)
+            if DOT_F32:
+                h, dg, du = h.to(tl.float32), dg.to(tl.float32), du.to(tl.float32)
+            cols64 = cols.to(tl.int64)
+            bg = tl.load(BG + cols64[:, None] * rank_g + rg[None, :], mask=cmask[:, None] & (rg[None, :] < rank_g),
+                         other=0.0)
+            bu = tl.load(BU + cols64[:, None] * rank_u + ru[None, :], mask=cmask[:, None] & (ru[None, :] < rank_u),
+                         other=0.0)
+            if DOT_F32:
+                bg, bu = bg.to(tl.float32), bu.to(tl.float32)
+            acc_g = tl.dot(dg, bg, acc_g)
+            acc_u = tl.dot(du, bu, acc_u)
+            # this row block's share of the row-reduced products, added to the row group's partial in place
+            part = (pid_m * n_cols + cols64)[:, None]
+            pg = tl.dot(tl.trans(dg), xg)
+            pu = tl.dot(tl.trans(du), xu)
+            pd = tl.dot(tl.trans(h), dyb)
+            if sub > 0:
+                pg += tl.load(PG + part * RG + rg[None, :], mask=cmask[:, None], other=0.0)
+                pu += tl.load(PU + part * RU + ru[None, :], mask=cmask[:, None], other=0.0)
+                pd += tl.load(PD + part * RD + rd[None, :], mask=cmask[:, None], other=0.0)
+            tl.store(PG + part * RG + rg[None, :], pg, mask=cmask[:, None])
+            tl.store(PU + part * RU + ru[None, :], pu, mask=cmask[:, None])
+            tl.store(PD + part * RD + rd[None, :], pd, mask=cmask[:, None])
+        q = (pid_s * n_rows + rows64)[:, None]
+        tl.store(QG + q * RG + rg[None, :], acc_g, mask=rmask[:, None])
+        tl.store(QU + q * RU + ru[None, :], acc_u, mask=rmask[:, None])
+
+
+def _rank_pad(r: int) -> int:
+    return max(16, next_power_of_2(r))
+
+
+def applies(g, u, xa_g, xa_u, dyb, B_g, B_u) -> bool:
+    """Whether ``gated_lora_backward`` takes these: ``FUSED`` on, the Triton path, 16-bit tensors of one dtype
+    and device, g/u contiguous ``[tokens, intermediate]``, rows of xa/dyb with unit column stride, B's
+    contiguous ``[intermediate, r]``, ranks at most ``MAX_RANK``."""
+    if not (FUSED and use_triton(g) and g.dtype in _16BIT and g.dim() == 2):
+        return False
+    tensors = (g, u, xa_g, xa_u, dyb, B_g, B_u)
+    if any(t.dtype != g.dtype or t.device != g.device for t in tensors):
+        return False
+    n, cols = g.shape
+    return (g.is_contiguous() and u.is_contiguous() and u.shape == g.shape
+            and all(t.dim() == 2 and t.shape[0] == n and t.stride(1) == 1 for t in (xa_g, xa_u, dyb))
+            and all(t.shape[0] == cols and t.is_contiguous() for t in (B_g, B_u))
+            and B_g.shape[1] == xa_g.shape[1] and B_u.shape[1] == xa_u.shape[1]
+            and max(xa_g.shape[1], xa_u.shape[1], dyb.shape[1]) <= MAX_RANK)
+
+
+def gated_lora_backward(activation: str, dh, g, u, xa_g, xa_u, dyb, B_g, B_u):
+    """(h, dg, du, thin) for ``h = act(g) * u``, as ``lora_activations.gated_backward`` (h over dh, dg over
+    g, du over u; g's and u's autograd versions bumped), and ``thin``, fp32 and unscaled:
+    ``dyb_g = dG B_g``, ``dyb_u = dU B_u`` ``[tokens, r]``; ``dB_g = dG^T xa_g``, ``dB_u = dU^T xa_u``
+    ``[intermediate, r]``; ``dA_d = dyb^T h`` ``[r_d, intermediate]``. The caller checked ``applies``."""
+    n, cols = g.shape
+    dh = dh.contiguous()
+    rg, ru, rd = xa_g.shape[1], xa_u.shape[1], dyb.shape[1]
+    RG, RU, RD = _rank_pad(rg), _rank_pad(ru), _rank_pad(rd)
+    groups = cdiv(n, BM * ROW_SUBS)
+    splits = max(1, min(cdiv(cols, BN), cdiv(TARGET_PROGRAMS, groups)))
+    per_split = cdiv(cdiv(cols, splits), BN) * BN
+    splits = cdiv(cols, per_split)
+    f32 = dict(dtype=torch.float32, device=g.device)
+    PG, PU, PD = (torch.empty(groups, cols, R, **f32) for R in (RG, RU, RD))
+    QG, QU = (torch.empty(splits, n, R, **f32) for R in (RG, RU))
+    if g.numel():
+        _gated_lora_bwd[(groups, splits)](
+            dh, g, u, xa_g, xa_u, dyb, B_g, B_u, PG, PU, PD, QG, QU,
+            n, cols, rg, ru, rd, xa_g.stride(0), xa_u.stride(0), dyb.stride(0), per_split,
+            ACT=ACTIVATIONS.index(activation), BM=BM, ROW_SUBS=ROW_SUBS, BN=BN, RG=RG, RU=RU, RD=RD, DOT_F32=INTERPRET, num_warps=4)
+    for t in (g, u):
+        torch.autograd.graph.increment_version(t)
+
+    def total(P, r):  # the partials summed in a fixed order; the rank's padding dropped
+        s = P.sum(0)
+        return s if s.shape[1] == r else s[:, :r].contiguous()
+
+    thin = SimpleNamespace(dyb_g=total(QG, rg), dyb_u=total(QU, ru), dB_g=total(PG, rg), dB_u=total(PU, ru),
+                           dA_d=total(PD, rd).t().contiguous())
+    return dh, g, u, thin
+
+
+__all__ = ["FUSED", "applies", "gated_lora_backward"]
