@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRET, cdiv, fast_launch, next_power_of_2, use_triton
-from .geglu import _gelu_and_grad
-from .lora_activations import ACTIVATIONS
+from .lora_activations import ACTIVATIONS, act_and_grad
 
 FUSED = os.environ.get("SLOTHNB_FUSED_MLP_THIN", "0") == "1"
 BM, ROW_SUBS, BN = 64, 4, 64  # a program: 256 rows, its split's columns 64 at a time
@@ -72,12 +71,7 @@ def _gated_lora_bwd(DH, G, U, XG, XU, DYB, BG, BU, PG, PU, PD, QG, QU,
             dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-            if ACT == 0:
-                sig = tl.sigmoid(g)
-                act = g * sig
-                dact = sig * (1.0 + g * (1.0 - sig))
-            else:
-                act, dact = _gelu_and_grad(g, ACT == 2)
+            act, dact = act_and_grad(g, ACT)
             h = (act * u).to(DH.dtype.element_ty)
             dg = (dh * u * dact).to(G.dtype.element_ty)
             du = (dh * act).to(U.dtype.element_ty)
