@@ -6,16 +6,19 @@ g, u; writes h, dg, du over them), then five rank-r matmuls that each read one o
 ``dA_d = (dY B_d)^T h``. At 8B shapes and 2 x 2,048 tokens each tensor is 117 MB, so those five passes are
 ~0.6 GB of traffic a layer for a few MFLOP. Here one kernel computes them from the tiles it has just
 written, still in registers: the same h, dg, du (bits included), and the five products with fp32
-accumulation, as partial sums that a fixed-order reduction adds up (deterministic: no atomics).
+accumulation, as partial sums that a fixed-order reduction adds up (deterministic: no atomics). Given
+``A_d``, it also adds the down adapter's share of dh, ``s_d (dY B_d) A_d``, to each tile itself: the MLP
+backward then has its base matmul write ``dY W_d`` alone, and no ``[tokens, intermediate]`` tensor is
+written for that share and read back (dh's bits then differ from the two-matmul form's by rounding).
 
-A program owns ``ROWS`` rows (in ``ROW_SUBS`` blocks of ``BM``) and one split of the columns. Products
+A program owns ``BM * ROW_SUBS`` rows (in ``ROW_SUBS`` blocks of ``BM``) and one split of the columns. Products
 reduced over columns (``dG B_g``, ``dU B_u``) accumulate over the program's columns and leave one partial
 per split; products reduced over rows (``dG^T xa_g``, ``dU^T xa_u``, ``h^T dyb_d``) accumulate over the
 program's row blocks and leave one partial per row group. Ranks are padded to a power of two >= 16 (what
 ``tl.dot`` takes) with zeros.
 
 Opt-in (``SLOTHNB_FUSED_MLP_THIN=1``): built and checked in Triton's interpreter in session 26, not yet
-timed on a GPU. By traffic it should save ~150 us a layer at 8B shapes (~5 ms a step).
+timed on a GPU. By traffic it should save ~150-200 us a layer at 8B shapes (~5-6 ms a step).
 """
 import os
 from types import SimpleNamespace
@@ -36,12 +39,13 @@ _16BIT = (torch.bfloat16, torch.float16)
 
 @fast_launch
 @triton.jit
-def _gated_lora_bwd(DH, G, U, XG, XU, DYB, BG, BU, PG, PU, PD, QG, QU,
-                    n_rows, n_cols, rank_g, rank_u, rank_d, xg_stride, xu_stride, dyb_stride, per_split,
+def _gated_lora_bwd(DH, G, U, XG, XU, DYB, BG, BU, AD, PG, PU, PD, QG, QU,
+                    n_rows, n_cols, rank_g, rank_u, rank_d, xg_stride, xu_stride, dyb_stride, per_split, ad_scale,
                     ACT: tl.constexpr, BM: tl.constexpr, ROW_SUBS: tl.constexpr, BN: tl.constexpr,
-                    RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, DOT_F32: tl.constexpr):
+                    RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, HAS_AD: tl.constexpr, DOT_F32: tl.constexpr):
     """h -> DH, dg -> G, du -> U (as ``_gated_backward_inplace``); PG[m] / PU[m] / PD[m] ``[n_cols, R]``: this row
     group's dG^T xa_g, dU^T xa_u, h^T dyb; QG[s] / QU[s] ``[n_rows, R]``: this column split's dG B_g, dU B_u.
+    ``HAS_AD``: DH holds only the base term ``dY W_d``, and ``ad_scale * dyb A_d`` is added to each tile in fp32.
     ``DOT_F32``: the products' operands widened to fp32 first (Triton's interpreter computes 16-bit ``tl.dot``
     wrongly); the same values, so the same sums."""
     pid_m = tl.program_id(0)
@@ -69,6 +73,12 @@ def _gated_lora_bwd(DH, G, U, XG, XU, DYB, BG, BU, PG, PU, PD, QG, QU,
             mask = rmask[:, None] & cmask[None, :]
             offs = rows64[:, None] * n_cols + cols[None, :]
             dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_AD:  # the down adapter's share of dh, from the [BM, r] dyb already in registers
+                ad = tl.load(AD + rd[:, None].to(tl.int64) * n_cols + cols[None, :],
+                             mask=(rd[:, None] < rank_d) & cmask[None, :], other=0.0)
+                if DOT_F32:
+                    ad = ad.to(tl.float32)
+                dh += ad_scale * tl.dot(dyb, ad)
             g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
             act, dact = act_and_grad(g, ACT)
@@ -110,13 +120,14 @@ def _rank_pad(r: int) -> int:
     return max(16, next_power_of_2(r))
 
 
-def applies(g, u, xa_g, xa_u, dyb, B_g, B_u) -> bool:
+def applies(g, u, xa_g, xa_u, dyb, B_g, B_u, A_d=None) -> bool:
     """Whether ``gated_lora_backward`` takes these: ``FUSED`` on, the Triton path, 16-bit tensors of one dtype
     and device, g/u contiguous ``[tokens, intermediate]``, rows of xa/dyb with unit column stride, B's
-    contiguous ``[intermediate, r]``, ranks at most ``MAX_RANK``."""
+    contiguous ``[intermediate, r]``, ``A_d`` (if given) contiguous ``[r_d, intermediate]``, ranks at most
+    ``MAX_RANK``."""
     if not (FUSED and use_triton(g) and g.dtype in _16BIT and g.dim() == 2):
         return False
-    tensors = (g, u, xa_g, xa_u, dyb, B_g, B_u)
+    tensors = (g, u, xa_g, xa_u, dyb, B_g, B_u) + (() if A_d is None else (A_d,))
     if any(t.dtype != g.dtype or t.device != g.device for t in tensors):
         return False
     n, cols = g.shape
@@ -124,12 +135,15 @@ def applies(g, u, xa_g, xa_u, dyb, B_g, B_u) -> bool:
             and all(t.dim() == 2 and t.shape[0] == n and t.stride(1) == 1 for t in (xa_g, xa_u, dyb))
             and all(t.shape[0] == cols and t.is_contiguous() for t in (B_g, B_u))
             and B_g.shape[1] == xa_g.shape[1] and B_u.shape[1] == xa_u.shape[1]
+            and (A_d is None or (A_d.is_contiguous() and tuple(A_d.shape) == (dyb.shape[1], cols)))
             and max(xa_g.shape[1], xa_u.shape[1], dyb.shape[1]) <= MAX_RANK)
 
 
-def gated_lora_backward(activation: str, dh, g, u, xa_g, xa_u, dyb, B_g, B_u):
+def gated_lora_backward(activation: str, dh, g, u, xa_g, xa_u, dyb, B_g, B_u, A_d=None, scale_d=1.0):
     """(h, dg, du, thin) for ``h = act(g) * u``, as ``lora_activations.gated_backward`` (h over dh, dg over
-    g, du over u; g's and u's autograd versions bumped), and ``thin``, fp32 and unscaled:
+    g, du over u; g's and u's autograd versions bumped), and ``thin``, fp32 and unscaled. With ``A_d``, dh
+    holds only ``dY W_d`` and the kernel adds ``scale_d * dyb A_d`` itself (no ``[tokens, intermediate]``
+    matmul output for it, and the base matmul need not read one). ``thin``:
     ``dyb_g = dG B_g``, ``dyb_u = dU B_u`` ``[tokens, r]``; ``dB_g = dG^T xa_g``, ``dB_u = dU^T xa_u``
     ``[intermediate, r]``; ``dA_d = dyb^T h`` ``[r_d, intermediate]``. The caller checked ``applies``."""
     n, cols = g.shape
@@ -145,9 +159,10 @@ def gated_lora_backward(activation: str, dh, g, u, xa_g, xa_u, dyb, B_g, B_u):
     QG, QU = (torch.empty(splits, n, R, **f32) for R in (RG, RU))
     if g.numel():
         _gated_lora_bwd[(groups, splits)](
-            dh, g, u, xa_g, xa_u, dyb, B_g, B_u, PG, PU, PD, QG, QU,
-            n, cols, rg, ru, rd, xa_g.stride(0), xa_u.stride(0), dyb.stride(0), per_split,
-            ACT=ACTIVATIONS.index(activation), BM=BM, ROW_SUBS=ROW_SUBS, BN=BN, RG=RG, RU=RU, RD=RD, DOT_F32=INTERPRET, num_warps=4)
+            dh, g, u, xa_g, xa_u, dyb, B_g, B_u, B_g if A_d is None else A_d, PG, PU, PD, QG, QU,
+            n, cols, rg, ru, rd, xa_g.stride(0), xa_u.stride(0), dyb.stride(0), per_split, float(scale_d),
+            ACT=ACTIVATIONS.index(activation), BM=BM, ROW_SUBS=ROW_SUBS, BN=BN, RG=RG, RU=RU, RD=RD,
+            HAS_AD=A_d is not None, DOT_F32=INTERPRET, num_warps=4)
     for t in (g, u):
         torch.autograd.graph.increment_version(t)
 

@@ -380,12 +380,15 @@ class LoraMLPFunction(torch.autograd.Function):
         dY = _rows(dy, dt)
         # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
         dyb = dY @ Bd
-        dH = dyb @ Ad  # the adapter term first; the base matmul adds onto it (``_add_base``)
-        _add_base(dH, dY, Wd, qd, sd, transpose=False)
-        thin = None  # opt-in: the thin products of dG, dU and H from the gated backward's own pass
-        if gated_lora_backward.applies(G, U, xa_g, xa_u, dyb, Bg, Bu):
-            H, dG, dU, thin = gated_lora_backward.gated_lora_backward(ctx.activation, dH, G, U, xa_g, xa_u, dyb, Bg, Bu)
+        thin = None  # opt-in: the adapter's share of dH and the thin products of dG, dU and H in the gated kernel
+        if gated_lora_backward.applies(G, U, xa_g, xa_u, dyb, Bg, Bu, Ad):
+            dH = torch.empty_like(G)
+            _add_base(dH, dY, Wd, qd, 0.0, transpose=False)  # dY W_d alone (beta 0: dH's memory is not read)
+            H, dG, dU, thin = gated_lora_backward.gated_lora_backward(ctx.activation, dH, G, U, xa_g, xa_u, dyb, Bg, Bu,
+                                                                      Ad, sd)
         else:
+            dH = dyb @ Ad  # the adapter term first; the base matmul adds onto it (``_add_base``)
+            _add_base(dH, dY, Wd, qd, sd, transpose=False)
             H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U
         if ha is None:  # a recompute that skipped the down projection: H A_d^T in the forward's row chunks
