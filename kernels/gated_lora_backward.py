@@ -11,13 +11,13 @@ accumulation, as partial sums that a fixed-order reduction adds up (deterministi
 backward then has its base matmul write ``dY W_d`` alone, and no ``[tokens, intermediate]`` tensor is
 written for that share and read back (dh's bits then differ from the two-matmul form's by rounding).
 
-A program owns a block of ``BM`` rows and one split of the columns, which it walks ``BN`` at a time.
-Products reduced over columns (``dG B_g``, ``dU B_u``) accumulate in registers over the split and leave
-one partial per split; products reduced over rows (``dG^T xa_g``, ``dU^T xa_u``, ``h^T dyb_d``) are whole
-for the block's rows in each tile and leave one partial per row block, each stored once. The splits are
-chosen so that blocks x splits makes ~``TARGET_PROGRAMS`` programs. At 8B shapes (2 x 2,048 tokens) the
-partials are ~50 MB against the ~0.6 GB of reads saved. Ranks are padded to a power of two >= 16 (what
-``tl.dot`` takes) with zeros.
+A program owns a group of ``ROW_BLOCKS * BM`` rows and one split of the columns. It walks the split ``BN``
+columns at a time and, for each, the group's row blocks: products reduced over rows (``dG^T xa_g``,
+``dU^T xa_u``, ``h^T dyb_d``) accumulate in registers over the group and leave one partial per group, stored
+once; products reduced over columns (``dG B_g``, ``dU B_u``) are added tile by tile into the program's own
+rows of one partial per split (a few KB, in cache). The splits are chosen so that groups x splits makes
+~``TARGET_PROGRAMS`` programs. At 8B shapes (2 x 2,048 tokens) the partials are ~50 MB against the ~0.6 GB
+of reads saved. Ranks are padded to a power of two >= 16 (what ``tl.dot`` takes) with zeros.
 
 Opt-in (``SLOTHNB_FUSED_MLP_THIN=1``): built and checked in Triton's interpreter in session 26, not yet
 timed on a GPU. By traffic it should save ~150-200 us a layer at 8B shapes (~5-6 ms a step).
@@ -33,9 +33,13 @@ from ._utils import INTERPRET, cdiv, fast_launch, next_power_of_2, use_triton
 from .lora_activations import ACTIVATIONS, act_and_grad
 
 FUSED = os.environ.get("SLOTHNB_FUSED_MLP_THIN", "0") == "1"
-# A program: BM rows, its split's columns BN at a time; NUM_WARPS for tiles of BM x BN (untuned: GPU pending).
-BM, BN, NUM_WARPS = 256, 32, 8
-TARGET_PROGRAMS = 128  # column splits are chosen so that rows x splits reaches about this many programs
+# A program: ROW_BLOCKS blocks of BM rows (a row group) and its split's columns, BN at a time. Not yet timed
+# on a GPU. Compiled for sm_90a on the development machine (Triton 3.9, its ptxas -v), this is one of the
+# few shapes without register spills: 255 registers, so one program of 8 warps per SM. 64 x 32 spilled
+# 168 bytes (8 warps) to 616 (4 warps), 256 x 32 ~2.6 KB. The five small dots' operand layouts take the
+# registers: the gated math alone takes 128 at 64 x 32 (the two-pass gated kernel: 61).
+BM, ROW_BLOCKS, BN, NUM_WARPS = 64, 4, 16, 8
+TARGET_PROGRAMS = 128  # column splits are chosen so that groups x splits reaches about this many programs
 MAX_RANK = 128  # larger adapters keep the matmuls (the accumulators would not fit in registers)
 _16BIT = (torch.bfloat16, torch.float16)
 
@@ -44,67 +48,74 @@ _16BIT = (torch.bfloat16, torch.float16)
 @triton.jit
 def _gated_lora_bwd(DH, G, U, XG, XU, DYB, BG, BU, AD, PG, PU, PD, QG, QU,
                     n_rows, n_cols, rank_g, rank_u, rank_d, xg_stride, xu_stride, dyb_stride, per_split, ad_scale,
-                    ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    ACT: tl.constexpr, BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, BN: tl.constexpr,
                     RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, HAS_AD: tl.constexpr, DOT_F32: tl.constexpr):
-    """h -> DH, dg -> G, du -> U (as ``_gated_backward_inplace``); PG[m] / PU[m] / PD[m] ``[n_cols, R]``: row block
-    m's dG^T xa_g, dU^T xa_u, h^T dyb; QG[s] / QU[s] ``[n_rows, R]``: column split s's dG B_g, dU B_u.
-    ``HAS_AD``: DH holds only the base term ``dY W_d``, and ``ad_scale * dyb A_d`` is added to each tile in fp32.
-    ``DOT_F32``: the products' operands widened to fp32 first (Triton's interpreter computes 16-bit ``tl.dot``
-    wrongly); the same values, so the same sums."""
+    """h -> DH, dg -> G, du -> U (as ``_gated_backward_inplace``); PG[m] / PU[m] / PD[m] ``[n_cols, R]``: row group
+    m's dG^T xa_g, dU^T xa_u, h^T dyb; QG[s] / QU[s] ``[n_rows, R]`` (zeroed by the caller): column split s's
+    dG B_g, dU B_u. ``HAS_AD``: DH holds only the base term ``dY W_d``, and ``ad_scale * dyb A_d`` is added to
+    each tile in fp32. ``DOT_F32``: the products' operands widened to fp32 first (Triton's interpreter
+    computes 16-bit ``tl.dot`` wrongly); the same values, so the same sums."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     col_start = pid_s * per_split
     col_end = tl.minimum(col_start + per_split, n_cols)
+    row_start = pid_m * (BM * ROW_BLOCKS)
     rg, ru, rd = tl.arange(0, RG), tl.arange(0, RU), tl.arange(0, RD)
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    # the block's rows of the adapters' inputs and of dY B_d, read once
-    xg = tl.load(XG + rows64[:, None] * xg_stride + rg[None, :], mask=rmask[:, None] & (rg[None, :] < rank_g), other=0.0)
-    xu = tl.load(XU + rows64[:, None] * xu_stride + ru[None, :], mask=rmask[:, None] & (ru[None, :] < rank_u), other=0.0)
-    dyb = tl.load(DYB + rows64[:, None] * dyb_stride + rd[None, :], mask=rmask[:, None] & (rd[None, :] < rank_d),
-                  other=0.0)
-    if DOT_F32:
-        xg, xu, dyb = xg.to(tl.float32), xu.to(tl.float32), dyb.to(tl.float32)
-    acc_g = tl.zeros([BM, RG], dtype=tl.float32)
-    acc_u = tl.zeros([BM, RU], dtype=tl.float32)
     for c0 in range(col_start, col_end, BN):
         cols = c0 + tl.arange(0, BN)
         cmask = cols < col_end
         cols64 = cols.to(tl.int64)
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows64[:, None] * n_cols + cols[None, :]
-        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_AD:  # the down adapter's share of dh, from the dyb rows already held
-            ad = tl.load(AD + rd[:, None].to(tl.int64) * n_cols + cols[None, :],
-                         mask=(rd[:, None] < rank_d) & cmask[None, :], other=0.0)
-            if DOT_F32:
-                ad = ad.to(tl.float32)
-            dh += ad_scale * tl.dot(dyb, ad)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        act, dact = act_and_grad(g, ACT)
-        h = (act * u).to(DH.dtype.element_ty)
-        dg = (dh * u * dact).to(G.dtype.element_ty)
-        du = (dh * act).to(U.dtype.element_ty)
-        tl.store(DH + offs, h, mask=mask)
-        tl.store(G + offs, dg, mask=mask)
-        tl.store(U + offs, du, mask=mask)
-        if DOT_F32:
-            h, dg, du = h.to(tl.float32), dg.to(tl.float32), du.to(tl.float32)
+        # this tile's columns of B_g, B_u and A_d: the same for every row block
         bg = tl.load(BG + cols64[:, None] * rank_g + rg[None, :], mask=cmask[:, None] & (rg[None, :] < rank_g), other=0.0)
         bu = tl.load(BU + cols64[:, None] * rank_u + ru[None, :], mask=cmask[:, None] & (ru[None, :] < rank_u), other=0.0)
+        ad = tl.load(AD + rd[:, None].to(tl.int64) * n_cols + cols[None, :],
+                     mask=HAS_AD & (rd[:, None] < rank_d) & cmask[None, :], other=0.0)
         if DOT_F32:
-            bg, bu = bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(dg, bg, acc_g)  # reduced over the split's columns here
-        acc_u = tl.dot(du, bu, acc_u)
-        part = (pid_m * n_cols + cols64)[:, None]  # reduced over the block's rows here: stored once
-        tl.store(PG + part * RG + rg[None, :], tl.dot(tl.trans(dg), xg), mask=cmask[:, None])
-        tl.store(PU + part * RU + ru[None, :], tl.dot(tl.trans(du), xu), mask=cmask[:, None])
-        tl.store(PD + part * RD + rd[None, :], tl.dot(tl.trans(h), dyb), mask=cmask[:, None])
-    q = (pid_s * n_rows + rows64)[:, None]
-    tl.store(QG + q * RG + rg[None, :], acc_g, mask=rmask[:, None])
-    tl.store(QU + q * RU + ru[None, :], acc_u, mask=rmask[:, None])
+            bg, bu, ad = bg.to(tl.float32), bu.to(tl.float32), ad.to(tl.float32)
+        pg = tl.zeros([BN, RG], dtype=tl.float32)  # reduced over the group's rows here, stored once
+        pu = tl.zeros([BN, RU], dtype=tl.float32)
+        pd = tl.zeros([BN, RD], dtype=tl.float32)
+        for r0 in range(row_start, row_start + BM * ROW_BLOCKS, BM):
+            rows = r0 + tl.arange(0, BM)
+            rmask = rows < n_rows
+            rows64 = rows.to(tl.int64)
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows64[:, None] * n_cols + cols[None, :]
+            dyb = tl.load(DYB + rows64[:, None] * dyb_stride + rd[None, :],
+                          mask=rmask[:, None] & (rd[None, :] < rank_d), other=0.0)
+            xg = tl.load(XG + rows64[:, None] * xg_stride + rg[None, :],
+                         mask=rmask[:, None] & (rg[None, :] < rank_g), other=0.0)
+            xu = tl.load(XU + rows64[:, None] * xu_stride + ru[None, :],
+                         mask=rmask[:, None] & (ru[None, :] < rank_u), other=0.0)
+            if DOT_F32:
+                dyb, xg, xu = dyb.to(tl.float32), xg.to(tl.float32), xu.to(tl.float32)
+            dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_AD:  # the down adapter's share of dh
+                dh += ad_scale * tl.dot(dyb, ad)
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+            act, dact = act_and_grad(g, ACT)
+            h = (act * u).to(DH.dtype.element_ty)
+            dg = (dh * u * dact).to(G.dtype.element_ty)
+            du = (dh * act).to(U.dtype.element_ty)
+            tl.store(DH + offs, h, mask=mask)
+            tl.store(G + offs, dg, mask=mask)
+            tl.store(U + offs, du, mask=mask)
+            if DOT_F32:
+                h, dg, du = h.to(tl.float32), dg.to(tl.float32), du.to(tl.float32)
+            pg = tl.dot(tl.trans(dg), xg, pg)
+            pu = tl.dot(tl.trans(du), xu, pu)
+            pd = tl.dot(tl.trans(h), dyb, pd)
+            # reduced over the split's columns: added tile by tile into this program's own rows of QG / QU
+            q = (pid_s * n_rows + rows64)[:, None]
+            qg = tl.load(QG + q * RG + rg[None, :], mask=rmask[:, None], other=0.0)
+            tl.store(QG + q * RG + rg[None, :], tl.dot(dg, bg, qg), mask=rmask[:, None])
+            qu = tl.load(QU + q * RU + ru[None, :], mask=rmask[:, None], other=0.0)
+            tl.store(QU + q * RU + ru[None, :], tl.dot(du, bu, qu), mask=rmask[:, None])
+        part = (pid_m * n_cols + cols64)[:, None]
+        tl.store(PG + part * RG + rg[None, :], pg, mask=cmask[:, None])
+        tl.store(PU + part * RU + ru[None, :], pu, mask=cmask[:, None])
+        tl.store(PD + part * RD + rd[None, :], pd, mask=cmask[:, None])
 
 
 def _rank_pad(r: int) -> int:
@@ -141,18 +152,18 @@ def gated_lora_backward(activation: str, dh, g, u, xa_g, xa_u, dyb, B_g, B_u, A_
     dh = dh.contiguous()
     rg, ru, rd = xa_g.shape[1], xa_u.shape[1], dyb.shape[1]
     RG, RU, RD = _rank_pad(rg), _rank_pad(ru), _rank_pad(rd)
-    groups = cdiv(n, BM)
+    groups = cdiv(n, BM * ROW_BLOCKS)
     splits = max(1, min(cdiv(cols, BN), cdiv(TARGET_PROGRAMS, groups)))
     per_split = cdiv(cdiv(cols, splits), BN) * BN
     splits = cdiv(cols, per_split)
     f32 = dict(dtype=torch.float32, device=g.device)
     PG, PU, PD = (torch.empty(groups, cols, R, **f32) for R in (RG, RU, RD))
-    QG, QU = (torch.empty(splits, n, R, **f32) for R in (RG, RU))
+    QG, QU = (torch.zeros(splits, n, R, **f32) for R in (RG, RU))  # added into tile by tile
     if g.numel():
         _gated_lora_bwd[(groups, splits)](
             dh, g, u, xa_g, xa_u, dyb, B_g, B_u, B_g if A_d is None else A_d, PG, PU, PD, QG, QU,
             n, cols, rg, ru, rd, xa_g.stride(0), xa_u.stride(0), dyb.stride(0), per_split, float(scale_d),
-            ACT=ACTIVATIONS.index(activation), BM=BM, BN=BN, RG=RG, RU=RU, RD=RD,
+            ACT=ACTIVATIONS.index(activation), BM=BM, ROW_BLOCKS=ROW_BLOCKS, BN=BN, RG=RG, RU=RU, RD=RD,
             HAS_AD=A_d is not None, DOT_F32=INTERPRET, num_warps=NUM_WARPS)
     for t in (g, u):
         torch.autograd.graph.increment_version(t)

@@ -2,7 +2,7 @@
 
 h, dg and du must be ``lora_activations.gated_backward``'s to the bit (the same elementwise math); the five
 products must be what a matmul of the stored 16-bit values gives with fp32 accumulation (only the order
-of the sums differs). Shapes are chosen so that row blocks, column splits, ranks and edges are all uneven.
+of the sums differs). Shapes are chosen so that row groups, column splits, ranks and edges are all uneven.
 """
 import pytest
 import torch
@@ -38,9 +38,9 @@ def close32(ours, ref, what):
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh"])
 @pytest.mark.parametrize("n,cols,ranks,dtype", [
-    (300, 200, (8, 12, 16), torch.bfloat16),  # 2 row blocks (the second mostly empty), 7 splits, padded ranks
-    (600, 130, (16, 16, 24), torch.float16),  # 3 row blocks, a 2-column last split, rank 24 padded to 32
-    (64, 64, (16, 16, 16), torch.bfloat16),  # one row block
+    (300, 200, (8, 12, 16), torch.bfloat16),  # 2 row groups (the second mostly empty), 13 splits, padded ranks
+    (600, 130, (16, 16, 24), torch.float16),  # 3 row groups, a 2-column last split, rank 24 padded to 32
+    (64, 64, (16, 16, 16), torch.bfloat16),  # one row group
 ])
 @pytest.mark.parametrize("with_ad", [False, True])
 def test_matches_the_gated_backward_and_the_matmuls(activation, n, cols, ranks, dtype, with_ad, device, monkeypatch):
