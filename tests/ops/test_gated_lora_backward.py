@@ -96,7 +96,8 @@ def test_what_it_takes(device, monkeypatch):
     assert glb.applies(*args())
     assert not glb.applies(*args(g=t["g"].float(), u=t["u"].float()))  # 16-bit only
     assert not glb.applies(*args(B_u=t["B_u"].float()))  # one dtype
-    assert not glb.applies(*args(g=t["g"].t()))  # g written in place: contiguous rows only
+    strided = torch.cat([t["g"], t["g"]], dim=1)[:, :64]  # the right shape, rows 128 apart
+    assert not glb.applies(*args(g=strided))  # g is written in place as contiguous rows
     assert not glb.applies(*args(B_g=t["B_g"].t().contiguous().t()))
     wide = torch.zeros(64, glb.MAX_RANK + 16, dtype=torch.bfloat16, device=device)
     assert not glb.applies(*args(dyb=wide))  # the accumulators would not fit in registers
