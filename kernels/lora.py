@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .adapter_casts import _cast, _stacked
-from . import gated_lora_backward, lora_widened
+from . import lora_widened
 from .lora_widened import (_adapter_in_gemm, _adapter_inputs, _forward_fused, _forward_shared, _widened_input,
                            backward_bases, backward_stacked_base, keeps)
 from .nf4 import dequantize_nf4
@@ -175,7 +175,7 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened=False, fused=False, thin=None):
+def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened=False, fused=False):
     """(dX, [(dA_j, dB_j)]) of LoRA projections sharing the input X (one projection, or q/k/v, or
     gate/up): ``parts`` = [(W, quant_state, scale, A, B)] with A, B in dY's dtype, ``dtypes`` = [(A dtype,
     B dtype)] of the parameters, in which their gradients come back.
@@ -187,7 +187,6 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened
     ``widened``: the forward ran them widened (``lora_widened``); ``kept``: its dequantised W of each
     projection (``lora_widened.KEEP``). ``fused``: it ran them as one matmul (``lora_widened.FUSED_QKV``):
     the dY_j are laid side by side and ``dX += [dY_1 ..] [W_1; ..]`` is one matmul (``kept``: the stacked W).
-    ``thin``: ([dY_j^T (x A_j^T)], [dY_j B_j]) in fp32, unscaled, already computed (``gated_lora_backward``).
     """
     n, dt = X.shape[0], X.dtype
     dY_all = None
@@ -203,13 +202,9 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened
     same_scale = all(sc == scales[0] for sc in scales)
     dyb_t = torch.empty(sum(ranks), n, dtype=dt, device=X.device)  # rows: (dY_j B_j)^T, scaled unless same_scale
     dBs, start = [], 0
-    for j, ((weight, quant_state, scale, _A, B), dY, xa, r, (_, tb)) in enumerate(zip(parts, dYs, xas, ranks, dtypes)):
-        if thin is None:
-            dBs.append(_scaled(_mm_as(dY.t(), xa, tb), scale))
-            torch.mm(B.t(), dY.t(), out=dyb_t[start:start + r])
-        else:
-            dBs.append(_scaled(thin[0][j].to(tb), scale))
-            dyb_t[start:start + r].copy_(thin[1][j].t())
+    for (weight, quant_state, scale, _A, B), dY, xa, r, (_, tb) in zip(parts, dYs, xas, ranks, dtypes):
+        dBs.append(_scaled(_mm_as(dY.t(), xa, tb), scale))
+        torch.mm(B.t(), dY.t(), out=dyb_t[start:start + r])
         if not same_scale:
             _scaled(dyb_t[start:start + r], scale)
         start += r
@@ -380,22 +375,15 @@ class LoraMLPFunction(torch.autograd.Function):
         dY = _rows(dy, dt)
         # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
         dyb = dY @ Bd
-        thin = None  # opt-in: the adapter's share of dH and the thin products of dG, dU and H in the gated kernel
-        if gated_lora_backward.applies(G, U, xa_g, xa_u, dyb, Bg, Bu, Ad):
-            dH = torch.empty_like(G)
-            _add_base(dH, dY, Wd, qd, 0.0, transpose=False)  # dY W_d alone (beta 0: dH's memory is not read)
-            H, dG, dU, thin = gated_lora_backward.gated_lora_backward(ctx.activation, dH, G, U, xa_g, xa_u, dyb, Bg, Bu,
-                                                                      Ad, sd)
-        else:
-            dH = dyb @ Ad  # the adapter term first; the base matmul adds onto it (``_add_base``)
-            _add_base(dH, dY, Wd, qd, sd, transpose=False)
-            H, dG, dU = gated_backward(ctx.activation, dH, G, U)
+        dH = dyb @ Ad  # the adapter term first; the base matmul adds onto it (``_add_base``)
+        _add_base(dH, dY, Wd, qd, sd, transpose=False)
+        H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U
         if ha is None:  # a recompute that skipped the down projection: H A_d^T in the forward's row chunks
             ha = _h_times_adapter(lambda a, b, H=H: H[a:b], H.shape[0], H.shape[1], Ad, H)
         dB_d = _scaled(_mm_as(dY.t(), ha, td[1]), sd)
         del dY, ha
-        dA_d = _scaled(_mm_as(dyb.t(), H, td[0]) if thin is None else thin.dA_d.to(td[0]), sd)
+        dA_d = _scaled(_mm_as(dyb.t(), H, td[0]), sd)
         del H, dyb
         need_dx = ctx.needs_input_grad[0]
         dYs = [dG, dU]
@@ -403,7 +391,7 @@ class LoraMLPFunction(torch.autograd.Function):
         kept, ctx.kept = ctx.kept, None
         dX, ((dA_g, dB_g), (dA_u, dB_u)) = _backward(
             dYs, X, [xa_g, xa_u], [(Wg, qg, sg, Ag, Bg), (Wu, qu, su, Au, Bu)], [tg, tu], need_dx=need_dx, kept=kept,
-            widened=True, thin=None if thin is None else ([thin.dB_g, thin.dB_u], [thin.dyb_g, thin.dyb_u]))
+            widened=True)
         dx = dX.view(ctx.x_meta[0]).to(ctx.x_meta[1]) if need_dx else None
         return (dx, None, None, None, None, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d)
 

@@ -7,7 +7,7 @@ import torch
 from checkpoint_checks import checkpointed_lora_model as _lora_model
 from checkpoint_checks import spy as _spy
 from slothnb.kernels import lora as lora_kernels
-from slothnb.kernels import gated_lora_backward, lora_widened
+from slothnb.kernels import lora_widened
 from slothnb.models import carrying, checkpointing, host_offload
 from slothnb.models.arch import llama_layer, sdpa_direct
 from slothnb.models.patching import unpatch_model
@@ -280,16 +280,13 @@ def _qlora_model(tmp_path, device, **config):
     return model
 
 
-@pytest.mark.parametrize("opt_in", ["none", "fused_qkv", "fused_mlp_thin"])
-def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, flash_forwards, opt_in):
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, flash_forwards, fused_qkv):
     """NF4 bases through bitsandbytes' CPU quantisation and the interpreted kernels: the widened q/k/v
     (also as one matmul, ``FUSED_QKV``) and gate/up matmuls, the norm writing their input, the recompute's
-    dequantised weights kept for the backward, the attention state carried, h = x + o in the norm, and
-    opt-in the MLP backward's thin products in its gated kernel (``gated_lora_backward``); bit for bit
-    the autograd path's."""
-    monkeypatch.setattr(lora_widened, "FUSED_QKV", opt_in == "fused_qkv")
-    monkeypatch.setattr(gated_lora_backward, "FUSED", opt_in == "fused_mlp_thin")
-    thin = _recording(monkeypatch, gated_lora_backward, "gated_lora_backward", lambda a, kw: True)
+    dequantised weights kept for the backward, the attention state carried, h = x + o in the norm; bit for
+    bit the autograd path's."""
+    monkeypatch.setattr(lora_widened, "FUSED_QKV", fused_qkv)
     monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
     assert lora_widened.KEEP_GATE_UP  # on by default: the count of kept weights below includes gate/up
     kept = _recording(monkeypatch, lora_kernels, "_backward", lambda a, kw: kw.get("kept") is not None)
@@ -299,20 +296,16 @@ def test_written_out_qlora_on_cpu_matches_autograd(tmp_path, monkeypatch, runs, 
     assert written == 2 and flash_forwards == ["forward"] * 2
     # written out, each recompute kept q/k/v and (with G, U not carried in one layer of two) gate/up
     assert kept.count(True) == 2 + 1
-    assert len(thin) == (6 if opt_in == "fused_mlp_thin" else 0)  # each MLP backward, written out and not
     _same(ref, got)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_mlp_thin", [False, True])
-def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatch, runs, fused_mlp_thin):
-    """NF4 bases (the widened q/k/v and gate/up matmuls), bf16 autocast, a padded batch; opt-in, the MLP
-    backward's thin products in its gated kernel."""
+def test_written_out_backward_on_gpu_qlora_matches_autograd(tmp_path, monkeypatch, runs):
+    """NF4 bases (the widened q/k/v and gate/up matmuls), bf16 autocast, a padded batch."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("bitsandbytes")
     monkeypatch.setattr(lora_widened, "KEEP_GATE_UP", True)
-    monkeypatch.setattr(gated_lora_backward, "FUSED", fused_mlp_thin)
     model = _qlora_model(tmp_path, 0, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
                          num_key_value_heads=2, num_hidden_layers=3, vocab_size=512)
     for padded in (True, False):  # a padding mask keeps SDPA; none: its fused kernels called directly

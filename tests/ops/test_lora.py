@@ -564,20 +564,3 @@ def test_a_recompute_keeps_its_dequantised_weights_for_the_backward(part, device
         else:
             LoraMLPFunction.forward(ctx, x, "swiglu", True, (None, None), bundles, *tensors)
     assert ctx.kept is None
-
-
-@pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh"])
-@pytest.mark.parametrize("base,ab_dtype", [("16bit", None), ("nf4", None), ("nf4", torch.float32)])
-def test_lora_mlp_with_the_thin_products_in_the_gated_kernel(activation, base, ab_dtype, monkeypatch):
-    """Opt-in (``gated_lora_backward.FUSED``): the MLP backward takes dG B_g, dU B_u, dG^T xa_g, dU^T xa_u and
-    (dY B_d)^T h from its gated kernel instead of five matmuls; output and gradients still match float64,
-    fp32 adapters (cast for the pass) included."""
-    import slothnb.kernels.gated_lora_backward as glb
-
-    monkeypatch.setattr(glb, "FUSED", True)
-    calls, real = [], glb.gated_lora_backward
-    monkeypatch.setattr(glb, "gated_lora_backward", lambda *a: calls.append(a[0]) or real(*a))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ab_dtype is not None):
-        y, ref, leaves, ref_leaves = mlp_case(base, torch.bfloat16, activation, ab_dtype=ab_dtype)
-    compare([y], [ref], leaves, ref_leaves, torch.bfloat16)
-    assert calls == [activation]
