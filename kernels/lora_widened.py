@@ -45,10 +45,11 @@ KEEP_GATE_UP = os.environ.get("SLOTHNB_KEEP_GATE_UP", "1") != "0"
 # fewer in each forward and recompute, two accumulations into dX fewer in the backward, and GEMMs of
 # N = 6,144 and K = 6,144 instead of k's and v's 1,024 at 8B shapes. q, k and v come back as tensors over
 # the one output's memory (not views of it, so RoPE may still rotate q and k in place under autograd).
-# Off by default: on an H100 (session 25, 8B QLoRA at 2 x 2,048 tokens, a host-slow machine) it measured
-# -0.1% [-0.7, +3.7] round by round against the three matmuls, i.e. nothing either way yet; the GPU suite
-# passes with it on. SLOTHNB_FUSED_QKV=1 turns it on (benchmarks: ``--ab-switch ...lora_widened.FUSED_QKV=1``).
-FUSED_QKV = os.environ.get("SLOTHNB_FUSED_QKV", "0") == "1"
+# On by default since session 27: on an H100, round by round against the three matmuls (same process,
+# alternating steps), 8B QLoRA +0.7% [+0.3, +1.6], Qwen2.5-7B +1.5% [+0.5, +2.6], Gemma-2-9B +1.3% [+0.3, +1.9]
+# (session 25, a host-slow machine: -0.1% [-0.7, +3.7]); peaks equal or a few MB lower. SLOTHNB_FUSED_QKV=0
+# turns it off (benchmarks: ``--ab-switch ...lora_widened.FUSED_QKV=0``).
+FUSED_QKV = os.environ.get("SLOTHNB_FUSED_QKV", "1") != "0"
 
 
 def keeps(X) -> bool:
