@@ -18,7 +18,9 @@
 #                                 shape), "--timeline" (where the compute stream waits), "--copies"
 #   base:COMMIT:MODEL:QUANT:SEQ[:BATCH]  the same step with an older commit's code (bench/ab_base.sh), for
 #                                 same-machine A/B runs alternating with slothnb:...; -> $OUT/results-base.jsonl
-#   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh
+#   PEER:MODEL:QUANT:SEQ:BATCH    a peer (hf | liger | unsloth) through peers/run_anchors.sh; env DEADLINE (560 s):
+#                                 run_anchors.sh starts a case only with 60 s (a larger model 150 s) of it left,
+#                                 counted from that peer step's own start: 150 or less skips the 7-9B peers
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
 #   targets                       the performance issue's cases, plain: info, the four checkpoints and one
 #                                 slothnb: step per case (not 400K: that one needs a call of its own)
