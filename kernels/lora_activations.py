@@ -21,18 +21,6 @@ ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 BLOCK = 1024
 
 
-@triton.jit
-def act_and_grad(g, ACT: tl.constexpr):
-    """(act(g), act'(g)) in fp32; ACT 0: silu, 1: gelu (erf), 2: gelu (tanh)."""
-    if ACT == 0:
-        sig = tl.sigmoid(g)
-        act = g * sig
-        dact = sig * (1.0 + g * (1.0 - sig))
-    else:
-        act, dact = _gelu_and_grad(g, ACT == 2)
-    return act, dact
-
-
 @fast_launch
 @triton.jit
 def _gated_backward_inplace(DH, G, U, n_cols, ACT: tl.constexpr, BLOCK: tl.constexpr):
@@ -43,7 +31,12 @@ def _gated_backward_inplace(DH, G, U, n_cols, ACT: tl.constexpr, BLOCK: tl.const
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    act, dact = act_and_grad(g, ACT)
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        act = g * sig
+        dact = sig * (1.0 + g * (1.0 - sig))
+    else:
+        act, dact = _gelu_and_grad(g, ACT == 2)
     tl.store(DH + offs, (act * u).to(DH.dtype.element_ty), mask=mask)
     tl.store(G + offs, (dh * u * dact).to(G.dtype.element_ty), mask=mask)
     tl.store(U + offs, (dh * act).to(U.dtype.element_ty), mask=mask)
