@@ -131,6 +131,61 @@ class _GcPauses:
         return [[round(r[0], 2), *r[1:]] for r in self.steps]
 
 
+class _HostUsage:
+    """What the host did in each step besides queueing: the process's CPU ms (all threads: autograd runs
+    the backward on its own), the main thread's, page faults, and context switches (involuntary ones are
+    the kernel taking the CPU away), from ``getrusage``; and the ms between the checkpointed layers'
+    starts (``checkpointing.HOST_MARKS``). Why: on some machines a step's host time jumps 100+ ms with no
+    GC pause and no wait on the GPU (session 28); this says whether the host lost the CPU, faulted pages or
+    ran slower everywhere, and where in the step."""
+
+    _FIELDS = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nvcsw", "ru_nivcsw")
+
+    def __init__(self):
+        from slothnb.models import checkpointing
+
+        self.checkpointing, self.steps = checkpointing, []
+        checkpointing.HOST_MARKS = []
+
+    @staticmethod
+    def _usage(who):
+        import resource
+
+        return resource.getrusage(who)
+
+    def begin_step(self):
+        import resource
+
+        self.checkpointing.HOST_MARKS.clear()
+        self._start = (time.perf_counter_ns(), self._usage(resource.RUSAGE_SELF),
+                       self._usage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)))
+
+    def end_step(self):
+        """Call when the host has queued the step (before the synchronisation)."""
+        import resource
+
+        end = time.perf_counter_ns()
+        t0, proc0, thread0 = self._start
+        proc, thread = self._usage(resource.RUSAGE_SELF), self._usage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+        row = {"cpu_ms": round((proc.ru_utime + proc.ru_stime - proc0.ru_utime - proc0.ru_stime) * 1e3, 1),
+               "main_cpu_ms": round((thread.ru_utime + thread.ru_stime - thread0.ru_utime - thread0.ru_stime) * 1e3, 1),
+               "sys_ms": round((proc.ru_stime - proc0.ru_stime) * 1e3, 1),
+               "minflt": proc.ru_minflt - proc0.ru_minflt, "majflt": proc.ru_majflt - proc0.ru_majflt,
+               "nvcsw": proc.ru_nvcsw - proc0.ru_nvcsw, "nivcsw": proc.ru_nivcsw - proc0.ru_nivcsw}
+        marks = list(self.checkpointing.HOST_MARKS)
+        fwd = [t for kind, t in marks if kind == "f"]
+        bwd = [t for kind, t in marks if kind == "b"]
+        ms = lambda a, b: round((b - a) / 1e6, 2)  # noqa: E731
+        if fwd and bwd:  # lead: before the first layer; mid: last layer's forward, head, loss, its backward
+            row.update(lead=ms(t0, fwd[0]), fwd=[ms(a, b) for a, b in zip(fwd, fwd[1:])], mid=ms(fwd[-1], bwd[0]),
+                       bwd=[ms(a, b) for a, b in zip(bwd, bwd[1:])], tail=ms(bwd[-1], end))
+        self.steps.append(row)
+
+    def close(self):
+        self.checkpointing.HOST_MARKS = None
+        return self.steps
+
+
 def profiling_setup(args, grad_ckpt="slothnb"):
     """(model, AdamW, one random batch on the GPU) for the profiling scripts (profile_step, layer_host):
     the benchmark's model and LoRA set-up, from ``args.model_root``, ``model``, ``quant``, ``seq``, ``batch``."""
@@ -268,6 +323,7 @@ def run(args, rec):
         rec["gc_frozen"] = gc.get_freeze_count()
     probe_before = host_probe()
     gc_pauses = _GcPauses()
+    host_usage = _HostUsage()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stats0 = torch.cuda.memory_stats()
@@ -293,8 +349,10 @@ def run(args, rec):
         telemetry.begin()
         t = time.perf_counter()
         gc_pauses.begin_step()
+        host_usage.begin_step()
         loss = train_step(model, opt, x)
         queued.append(time.perf_counter() - t)  # the host's share: ~ the step time when host-bound
+        host_usage.end_step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         gpu_by_step.append(telemetry.end())  # clocks, power, throttling: why a GPU-paced step was slow
@@ -338,6 +396,7 @@ def run(args, rec):
     print("GPU", json.dumps({**rec["gpu_summary"], **rec["link"]}), flush=True)
     rec["host_probe"] = {"before": probe_before, "after": host_probe()}
     rec["gc_pauses_by_step"] = gc_pauses.close()
+    rec["host_usage_by_step"] = host_usage.close()
     # CUDA graphs' temporaries live in their own pool, outside peak_alloc: counted here (SLOTHNB_CUDA_GRAPHS=1)
     rec["graph_pool_gib"] = round(graph_capture.pool_bytes() / GiB, 3)
     if rec["graph_pool_gib"]:  # the most live during a replay, temporaries included: held to the target too

@@ -122,12 +122,44 @@ def step_lines(path):
     return "\n".join(out)
 
 
+def _worst(intervals):
+    """``median/max@index`` of a step's per-layer host intervals (ms), or ``-``."""
+    if not intervals:
+        return "-"
+    top = max(range(len(intervals)), key=intervals.__getitem__)
+    return f"{statistics.median(intervals):.1f}/{intervals[top]:.0f}@{top}"
+
+
+def host_lines(path):
+    """Each slothnb run's host by step (``lora_step._HostUsage``): host ms, then the process's CPU ms (all
+    threads), the main thread's, system ms, involuntary context switches (``ic``) and page faults (``pf``),
+    the checkpointed layers' host intervals in the forward and backward (median/max@layer, ms) and the ms
+    before the first layer, between the last forward and first backward (head and loss) and after the last
+    backward (optimizer): a host-paced step that ran long says here whether it lost the CPU (host over CPU,
+    ``ic`` up), faulted, or ran slower everywhere."""
+    out = []
+    for r in (json.loads(line) for line in open(path) if line.startswith("{")):
+        rows = r.get("host_usage_by_step")
+        if r.get("kind") != "bench" or r.get("system") != "slothnb" or not rows:
+            continue
+        out.append(f"{r['model']} {r['quant']} {r['seq']}x{r['batch']}: step/host | cpu main sys | ic pf | "
+                   "fwd bwd (median/max@layer) | lead mid tail")
+        for i, (t, h, u) in enumerate(zip(r["step_times_s"], r["host_queued_s"], rows)):
+            out.append(f"  {i:2d} {t * 1e3:.0f}/{h * 1e3:.0f} | {u['cpu_ms']:.0f} {u['main_cpu_ms']:.0f} {u['sys_ms']:.0f}"
+                       f" | {u['nivcsw']} {u['minflt'] + u['majflt']} | {_worst(u.get('fwd'))} {_worst(u.get('bwd'))}"
+                       f" | {u.get('lead', '-')} {u.get('mid', '-')} {u.get('tail', '-')}")
+    return "\n".join(out)
+
+
 def main(folder, default_peak=None):
     res, kern = os.path.join(folder, "results.jsonl"), os.path.join(folder, "kernels.json")
     if os.path.exists(res):
         tables, peak = step_tables(res, default_peak)
         print(f"Matmul ceiling (8192³ bf16, median): {peak} TFLOP/s\n{tables}")
         print("\nSteps (ms step/host; w: ms the host waited for copies, p: buffers pinned, m: cudaMallocs):\n" + step_lines(res))
+        hosts = host_lines(res)
+        if hosts:
+            print("\nHost by step:\n" + hosts)
     if os.path.exists(kern):
         print("\n" + kernel_tables(kern))
 

@@ -220,3 +220,45 @@ def test_run_gpu_expands_targets_to_every_case_of_the_issue():
     assert cases == ["slothnb:8b:nf4:2048:2", "slothnb:8b:nf4:4096:2", "slothnb:8b:none:2048:2",
                      "slothnb:1b:none:2048:2", "slothnb:qwen7b:nf4:2048:2", "slothnb:gemma9b:nf4:2048:2"]
     assert {"model:1b", "model:qwen7b", "model:gemma9b"} <= set(out)
+
+
+def test_host_usage_places_each_step_on_its_checkpointed_layers():
+    """``lora_step._HostUsage``: per step the process's CPU and context switches, and the host ms between
+    the checkpointed layers' forward and backward starts (one interval fewer than layers, each way)."""
+    import lora_step
+    from slothnb.models import checkpointing
+    from slothnb.models.checkpointing import offloaded_checkpoint
+
+    layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+    usage = lora_step._HostUsage()
+    try:
+        for _ in range(2):
+            usage.begin_step()
+            x = torch.randn(2, 8, requires_grad=True)
+            for layer in layers:
+                x = offloaded_checkpoint(layer, x)
+            x.sum().backward()
+            usage.end_step()
+    finally:
+        rows = usage.close()
+    assert checkpointing.HOST_MARKS is None
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row["fwd"]) == 2 and len(row["bwd"]) == 2
+        assert all(v >= 0 for v in row["fwd"] + row["bwd"] + [row["lead"], row["mid"], row["tail"]])
+        assert row["cpu_ms"] >= 0 and row["nivcsw"] >= 0 and row["minflt"] >= 0
+
+
+def test_report_prints_the_host_by_step_with_its_slowest_layer(tmp_path):
+    import json
+
+    import report
+
+    rec = {"kind": "bench", "system": "slothnb", "model": "8b", "quant": "none", "seq": 2048, "batch": 2,
+           "step_times_s": [0.395], "host_queued_s": [0.392],
+           "host_usage_by_step": [{"cpu_ms": 251.0, "main_cpu_ms": 120.4, "sys_ms": 9.0, "minflt": 12, "majflt": 0,
+                                   "nvcsw": 40, "nivcsw": 85, "lead": 1.2, "fwd": [2.0, 2.2, 40.0], "mid": 9.5,
+                                   "bwd": [4.0, 4.5, 4.1], "tail": 12.0}]}
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    assert report.host_lines(str(path)).splitlines()[1] == "   0 395/392 | 251 120 9 | 85 12 | 2.2/40@2 4.1/4@1 | 1.2 9.5 12.0"

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import threading
+import time
 
 import torch
 from torch import nn
@@ -29,6 +30,11 @@ from slothnb.models.carrying import _Carried, _carry_scope
 from slothnb.kernels._utils import RecomputeState
 
 CHECKPOINTING_MODES = (False, True, "slothnb")
+
+# Benchmarks only: a list to which each checkpointed call appends ("f" | "b", time.perf_counter_ns()) as its
+# forward and its backward start, so a slow step's host time can be placed on a layer (bench/lora_step.py
+# ``--host-marks``). None (the default) records nothing.
+HOST_MARKS: list | None = None
 _ALIASES = {"unsloth": "slothnb", "offload": "slothnb"}
 
 
@@ -99,6 +105,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call: _Call, anchor, *tensors):
+        if HOST_MARKS is not None:
+            HOST_MARKS.append(("f", time.perf_counter_ns()))
         ctx.call = call
         ctx.state = RecomputeState(tensors, call.preserve_rng)
         graphed = call.graphs is not None and call.graphs.forward_graphed(tensors)
@@ -130,6 +138,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
+        if HOST_MARKS is not None:
+            HOST_MARKS.append(("b", time.perf_counter_ns()))
         grads = OffloadedCheckpoint._backward(ctx, *grad_outs)
         if ctx.call.pacer is not None:
             ctx.call.pacer.step_end()
