@@ -131,21 +131,61 @@ class _GcPauses:
         return [[round(r[0], 2), *r[1:]] for r in self.steps]
 
 
+class _Marks(list):
+    """``checkpointing.HOST_MARKS`` for a CUDA run: each mark the engine appends, ``(kind, host ns)``, is
+    kept with a CUDA event recorded at that point of the stream (events reused step to step)."""
+
+    def __init__(self, cuda: bool):
+        super().__init__()
+        self.cuda, self.pool = cuda, []
+
+    def append(self, item):
+        event = None
+        if self.cuda:
+            import torch
+
+            if len(self.pool) <= len(self):
+                self.pool.append(torch.cuda.Event(enable_timing=True))
+            event = self.pool[len(self)]
+            event.record()
+        super().append((*item, event))
+
+
+def gpu_by_layer(marks, t0_ns, elapsed_ms):
+    """The GPU side of a step's marks: per kind ("f", "b") the ms between consecutive layer starts on the
+    GPU (``gpu_fwd``, ``gpu_bwd``) and how far the GPU was behind the host as each layer was queued
+    (``behind_fwd``, ``behind_bwd``: GPU ms from the step's start to reaching the mark, less the host's).
+    Near 0 the GPU was waiting for the host there; ``elapsed_ms(event)`` gives the GPU's ms since the
+    step's start event."""
+    out = {}
+    for kind, name in (("f", "fwd"), ("b", "bwd")):
+        rows = [(t, elapsed_ms(e)) for k, t, e in marks if k == kind and e is not None]
+        if not rows:
+            continue
+        gpu = [g for _, g in rows]
+        out[f"gpu_{name}"] = [round(b - a, 2) for a, b in zip(gpu, gpu[1:])]
+        out[f"behind_{name}"] = [round(g - (t - t0_ns) / 1e6, 2) for t, g in rows]
+    return out
+
+
 class _HostUsage:
     """What the host did in each step besides queueing: the process's CPU ms (all threads: autograd runs
     the backward on its own), the main thread's, page faults, and context switches (involuntary ones are
-    the kernel taking the CPU away), from ``getrusage``; and the ms between the checkpointed layers'
-    starts (``checkpointing.HOST_MARKS``). Why: on some machines a step's host time jumps 100+ ms with no
-    GC pause and no wait on the GPU (session 28); this says whether the host lost the CPU, faulted pages or
-    ran slower everywhere, and where in the step."""
+    the kernel taking the CPU away), from ``getrusage``; the ms between the checkpointed layers' starts
+    on the host (``checkpointing.HOST_MARKS``) and, on CUDA, on the GPU, with how far the GPU was behind
+    the host at each. Why: on some machines a step's host time jumps 100+ ms with no GC pause and no wait
+    on the GPU (session 28); this says whether the host lost the CPU, faulted pages or ran slower
+    everywhere, where in the step, and where the GPU waited for it."""
 
-    _FIELDS = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nvcsw", "ru_nivcsw")
-
-    def __init__(self):
+    def __init__(self, cuda: bool = False):
         from slothnb.models import checkpointing
 
-        self.checkpointing, self.steps = checkpointing, []
-        checkpointing.HOST_MARKS = []
+        self.checkpointing, self.steps, self.cuda = checkpointing, [], cuda
+        checkpointing.HOST_MARKS = _Marks(cuda)
+        if cuda:
+            import torch
+
+            self._start_event = torch.cuda.Event(enable_timing=True)
 
     @staticmethod
     def _usage(who):
@@ -154,9 +194,12 @@ class _HostUsage:
         return resource.getrusage(who)
 
     def begin_step(self):
+        """Call with the GPU idle (after a synchronisation): its start event is then the host's start too."""
         import resource
 
         self.checkpointing.HOST_MARKS.clear()
+        if self.cuda:
+            self._start_event.record()
         self._start = (time.perf_counter_ns(), self._usage(resource.RUSAGE_SELF),
                        self._usage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)))
 
@@ -172,14 +215,19 @@ class _HostUsage:
                "sys_ms": round((proc.ru_stime - proc0.ru_stime) * 1e3, 1),
                "minflt": proc.ru_minflt - proc0.ru_minflt, "majflt": proc.ru_majflt - proc0.ru_majflt,
                "nvcsw": proc.ru_nvcsw - proc0.ru_nvcsw, "nivcsw": proc.ru_nivcsw - proc0.ru_nivcsw}
-        marks = list(self.checkpointing.HOST_MARKS)
-        fwd = [t for kind, t in marks if kind == "f"]
-        bwd = [t for kind, t in marks if kind == "b"]
+        fwd = [t for kind, t, _ in self.checkpointing.HOST_MARKS if kind == "f"]
+        bwd = [t for kind, t, _ in self.checkpointing.HOST_MARKS if kind == "b"]
         ms = lambda a, b: round((b - a) / 1e6, 2)  # noqa: E731
-        if fwd and bwd:  # lead: before the first layer; mid: last layer's forward, head, loss, its backward
-            row.update(lead=ms(t0, fwd[0]), fwd=[ms(a, b) for a, b in zip(fwd, fwd[1:])], mid=ms(fwd[-1], bwd[0]),
-                       bwd=[ms(a, b) for a, b in zip(bwd, bwd[1:])], tail=ms(bwd[-1], end))
+        if fwd and bwd:  # before the first layer; mid: the last layer's forward, head, loss, its backward; after
+            row.update(before=ms(t0, fwd[0]), fwd=[ms(a, b) for a, b in zip(fwd, fwd[1:])], mid=ms(fwd[-1], bwd[0]),
+                       bwd=[ms(a, b) for a, b in zip(bwd, bwd[1:])], after=ms(bwd[-1], end))
         self.steps.append(row)
+
+    def gpu_step(self):
+        """Call after the step's synchronisation: the GPU side of its marks (``gpu_by_layer``)."""
+        if self.cuda and self.steps:
+            start = self._start_event
+            self.steps[-1].update(gpu_by_layer(self.checkpointing.HOST_MARKS, self._start[0], start.elapsed_time))
 
     def close(self):
         self.checkpointing.HOST_MARKS = None
@@ -323,7 +371,7 @@ def run(args, rec):
         rec["gc_frozen"] = gc.get_freeze_count()
     probe_before = host_probe()
     gc_pauses = _GcPauses()
-    host_usage = _HostUsage()
+    host_usage = _HostUsage(cuda=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stats0 = torch.cuda.memory_stats()
@@ -355,6 +403,7 @@ def run(args, rec):
         host_usage.end_step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        host_usage.gpu_step()
         gpu_by_step.append(telemetry.end())  # clocks, power, throttling: why a GPU-paced step was slow
         losses.append(round(float(loss.detach().float()), 4))
         # per-step peaks (the first steps also create the optimizer state), the maximum is the run's peak

@@ -133,21 +133,27 @@ def _worst(intervals):
 def host_lines(path):
     """Each slothnb run's host by step (``lora_step._HostUsage``): host ms, then the process's CPU ms (all
     threads), the main thread's, system ms, involuntary context switches (``ic``) and page faults (``pf``),
-    the checkpointed layers' host intervals in the forward and backward (median/max@layer, ms) and the ms
-    before the first layer, between the last forward and first backward (head and loss) and after the last
-    backward (optimizer): a host-paced step that ran long says here whether it lost the CPU (host over CPU,
-    ``ic`` up), faulted, or ran slower everywhere."""
+    the checkpointed layers' host intervals in the forward and backward (median/max@layer, ms), the ms
+    before the first layer, between the last forward and first backward (head and loss) and after the
+    last backward (optimizer); where recorded, the same intervals on the GPU (medians) and the least the
+    GPU was behind the host as a layer was queued, forward and backward (ms; ~0: the GPU waited for the
+    host there). A slow step says here whether the host lost the CPU (host over CPU, ``ic`` up), faulted,
+    ran slower everywhere, and whether the GPU waited for it."""
     out = []
     for r in (json.loads(line) for line in open(path) if line.startswith("{")):
         rows = r.get("host_usage_by_step")
         if r.get("kind") != "bench" or r.get("system") != "slothnb" or not rows:
             continue
         out.append(f"{r['model']} {r['quant']} {r['seq']}x{r['batch']}: step/host | cpu main sys | ic pf | "
-                   "fwd bwd (median/max@layer) | lead mid tail")
+                   "fwd bwd (median/max@layer) | before mid after | gpu fwd bwd | behind fwd bwd (least)")
         for i, (t, h, u) in enumerate(zip(r["step_times_s"], r["host_queued_s"], rows)):
-            out.append(f"  {i:2d} {t * 1e3:.0f}/{h * 1e3:.0f} | {u['cpu_ms']:.0f} {u['main_cpu_ms']:.0f} {u['sys_ms']:.0f}"
-                       f" | {u['nivcsw']} {u['minflt'] + u['majflt']} | {_worst(u.get('fwd'))} {_worst(u.get('bwd'))}"
-                       f" | {u.get('lead', '-')} {u.get('mid', '-')} {u.get('tail', '-')}")
+            line = (f"  {i:2d} {t * 1e3:.0f}/{h * 1e3:.0f} | {u['cpu_ms']:.0f} {u['main_cpu_ms']:.0f} {u['sys_ms']:.0f}"
+                    f" | {u['nivcsw']} {u['minflt'] + u['majflt']} | {_worst(u.get('fwd'))} {_worst(u.get('bwd'))}"
+                    f" | {u.get('before', u.get('lead', '-'))} {u.get('mid', '-')} {u.get('after', u.get('tail', '-'))}")
+            if u.get("gpu_fwd") and u.get("gpu_bwd"):
+                line += (f" | {statistics.median(u['gpu_fwd']):.1f} {statistics.median(u['gpu_bwd']):.1f}"
+                         f" | {min(u['behind_fwd']):.1f} {min(u['behind_bwd']):.1f}")
+            out.append(line)
     return "\n".join(out)
 
 

@@ -245,8 +245,23 @@ def test_host_usage_places_each_step_on_its_checkpointed_layers():
     assert len(rows) == 2
     for row in rows:
         assert len(row["fwd"]) == 2 and len(row["bwd"]) == 2
-        assert all(v >= 0 for v in row["fwd"] + row["bwd"] + [row["lead"], row["mid"], row["tail"]])
+        assert all(v >= 0 for v in row["fwd"] + row["bwd"] + [row["before"], row["mid"], row["after"]])
         assert row["cpu_ms"] >= 0 and row["nivcsw"] >= 0 and row["minflt"] >= 0
+        assert "gpu_fwd" not in row  # no CUDA events off CUDA
+
+
+def test_gpu_by_layer_gives_the_gpu_intervals_and_how_far_it_was_behind():
+    """Host marks at 1, 2, 3 ms (forward) and 10, 14 ms (backward) after the step's start; the GPU reached
+    them at 1.5, 5, 8.5 and 20, 25: its intervals, and how far it was behind the host at each."""
+    import lora_step
+
+    gpu_at = {"f0": 1.5, "f1": 5.0, "f2": 8.5, "b0": 20.0, "b1": 25.0}
+    t0 = 7_000_000
+    marks = [("f", t0 + 1_000_000, "f0"), ("f", t0 + 2_000_000, "f1"), ("f", t0 + 3_000_000, "f2"),
+             ("b", t0 + 10_000_000, "b0"), ("b", t0 + 14_000_000, "b1")]
+    got = lora_step.gpu_by_layer(marks, t0, gpu_at.__getitem__)
+    assert got == {"gpu_fwd": [3.5, 3.5], "behind_fwd": [0.5, 3.0, 5.5], "gpu_bwd": [5.0], "behind_bwd": [10.0, 11.0]}
+    assert lora_step.gpu_by_layer([("f", t0, None)], t0, gpu_at.__getitem__) == {}
 
 
 def test_report_prints_the_host_by_step_with_its_slowest_layer(tmp_path):
@@ -257,8 +272,11 @@ def test_report_prints_the_host_by_step_with_its_slowest_layer(tmp_path):
     rec = {"kind": "bench", "system": "slothnb", "model": "8b", "quant": "none", "seq": 2048, "batch": 2,
            "step_times_s": [0.395], "host_queued_s": [0.392],
            "host_usage_by_step": [{"cpu_ms": 251.0, "main_cpu_ms": 120.4, "sys_ms": 9.0, "minflt": 12, "majflt": 0,
-                                   "nvcsw": 40, "nivcsw": 85, "lead": 1.2, "fwd": [2.0, 2.2, 40.0], "mid": 9.5,
-                                   "bwd": [4.0, 4.5, 4.1], "tail": 12.0}]}
+                                   "nvcsw": 40, "nivcsw": 85, "before": 1.2, "fwd": [2.0, 2.2, 40.0], "mid": 9.5,
+                                   "bwd": [4.0, 4.5, 4.1], "after": 12.0, "gpu_fwd": [3.5, 3.6, 3.7],
+                                   "behind_fwd": [0.4, 2.0, 0.1, 1.0], "gpu_bwd": [5.4, 5.5, 5.3],
+                                   "behind_bwd": [30.0, 20.0, 12.5, 9.0]}]}
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(rec) + "\n")
-    assert report.host_lines(str(path)).splitlines()[1] == "   0 395/392 | 251 120 9 | 85 12 | 2.2/40@2 4.1/4@1 | 1.2 9.5 12.0"
+    assert report.host_lines(str(path)).splitlines()[1] == (
+        "   0 395/392 | 251 120 9 | 85 12 | 2.2/40@2 4.1/4@1 | 1.2 9.5 12.0 | 3.6 5.4 | 0.1 9.0")
