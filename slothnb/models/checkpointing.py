@@ -31,11 +31,12 @@ from slothnb.kernels._utils import RecomputeState
 
 CHECKPOINTING_MODES = (False, True, "slothnb")
 
-# Benchmarks only: a list to which each checkpointed call appends ("f" | "b", time.perf_counter_ns()) as its
-# forward and its backward start, so a slow step's host time can be placed on a layer (bench/lora_step.py
-# ``--host-marks``). None (the default) records nothing.
-HOST_MARKS: list | None = None
 _ALIASES = {"unsloth": "slothnb", "offload": "slothnb"}
+
+# Benchmarks only: a list (anything with ``append``) to which each checkpointed call appends ("f" | "b",
+# time.perf_counter_ns()) as its forward and its backward start, so a slow step's host time can be placed
+# on a layer (bench/lora_step.py, "Host by step"). None, the default, records nothing.
+HOST_MARKS: list | None = None
 
 
 def normalize_mode(mode):
