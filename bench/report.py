@@ -131,7 +131,7 @@ def _worst(intervals):
 
 
 def host_lines(path):
-    """Each slothnb run's host by step (``lora_step._HostUsage``): host ms, then the process's CPU ms (all
+    """Each slothnb run's host by step (``host_usage.HostUsage``): host ms, then the process's CPU ms (all
     threads), the main thread's, system ms, involuntary context switches (``ic``) and page faults (``pf``),
     the checkpointed layers' host intervals in the forward and backward (median/max@layer, ms), the ms
     before the first layer, between the last forward and first backward (head and loss) and after the

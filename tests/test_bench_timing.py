@@ -82,10 +82,10 @@ def test_memset_sites_count_the_memsets_each_op_launched_by_site():
                     ("aten::mm @ backward of MmBackward0", 2, 0.002)]
 
 
-def test_lora_step_host_probe_measures_this_host():
-    import lora_step
+def test_host_probe_measures_this_host():
+    import host_usage
 
-    probe = lora_step.host_probe(repeats=1)
+    probe = host_usage.host_probe(repeats=1)
     assert probe["python_ns_per_iter"] > 0 and probe["cpu_op_us"] > 0
     assert (probe["cuda_launch_us"] is None) == (not torch.cuda.is_available())
 
@@ -93,9 +93,9 @@ def test_lora_step_host_probe_measures_this_host():
 def test_gc_pauses_are_counted_per_step_and_by_generation():
     import gc
 
-    import lora_step
+    import host_usage
 
-    pauses = lora_step._GcPauses()
+    pauses = host_usage.GcPauses()
     pauses.begin_step()
     gc.collect(0)
     pauses.begin_step()
@@ -223,14 +223,14 @@ def test_run_gpu_expands_targets_to_every_case_of_the_issue():
 
 
 def test_host_usage_places_each_step_on_its_checkpointed_layers():
-    """``lora_step._HostUsage``: per step the process's CPU and context switches, and the host ms between
+    """``host_usage.HostUsage``: per step the process's CPU and context switches, and the host ms between
     the checkpointed layers' forward and backward starts (one interval fewer than layers, each way)."""
-    import lora_step
+    import host_usage
     from slothnb.models import checkpointing
     from slothnb.models.checkpointing import offloaded_checkpoint
 
     layers = [torch.nn.Linear(8, 8) for _ in range(3)]
-    usage = lora_step._HostUsage()
+    usage = host_usage.HostUsage()
     try:
         for _ in range(2):
             usage.begin_step()
@@ -253,15 +253,15 @@ def test_host_usage_places_each_step_on_its_checkpointed_layers():
 def test_gpu_by_layer_gives_the_gpu_intervals_and_how_far_it_was_behind():
     """Host marks at 1, 2, 3 ms (forward) and 10, 14 ms (backward) after the step's start; the GPU reached
     them at 1.5, 5, 8.5 and 20, 25: its intervals, and how far it was behind the host at each."""
-    import lora_step
+    import host_usage
 
     gpu_at = {"f0": 1.5, "f1": 5.0, "f2": 8.5, "b0": 20.0, "b1": 25.0}
     t0 = 7_000_000
     marks = [("f", t0 + 1_000_000, "f0"), ("f", t0 + 2_000_000, "f1"), ("f", t0 + 3_000_000, "f2"),
              ("b", t0 + 10_000_000, "b0"), ("b", t0 + 14_000_000, "b1")]
-    got = lora_step.gpu_by_layer(marks, t0, gpu_at.__getitem__)
+    got = host_usage.gpu_by_layer(marks, t0, gpu_at.__getitem__)
     assert got == {"gpu_fwd": [3.5, 3.5], "behind_fwd": [0.5, 3.0, 5.5], "gpu_bwd": [5.0], "behind_bwd": [10.0, 11.0]}
-    assert lora_step.gpu_by_layer([("f", t0, None)], t0, gpu_at.__getitem__) == {}
+    assert host_usage.gpu_by_layer([("f", t0, None)], t0, gpu_at.__getitem__) == {}
 
 
 def test_report_prints_the_host_by_step_with_its_slowest_layer(tmp_path):
