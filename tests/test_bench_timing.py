@@ -280,3 +280,18 @@ def test_report_prints_the_host_by_step_with_its_slowest_layer(tmp_path):
     path.write_text(json.dumps(rec) + "\n")
     assert report.host_lines(str(path)).splitlines()[1] == (
         "   0 395/392 | 251 120 9 | 85 12 | 2.2/40@2 4.1/4@1 | 1.2 9.5 12.0 | 3.6 5.4 | 0.1 9.0")
+
+
+def test_layer_ops_counts_each_pass_of_the_written_out_layer():
+    """``bench/layer_ops.py``: per checkpointed layer, the aten ops and Triton launches of its forward,
+    recompute and backward, without the ops Triton's interpreter issues (thousands a kernel)."""
+    import layer_ops
+
+    got = layer_ops.census("none", layers=3)
+    assert got["layers"] == 2
+    for name in layer_ops.PASSES:
+        row = got[name]
+        assert 20 < row["ops"] < 250 and row["launches"] >= 3, (name, row["ops"], row["launches"])
+        assert sum(row["by_op"].values()) == pytest.approx(row["ops"], abs=0.05)
+    assert got["forward"]["by_op"]["aten.addmm_.default"] == 7  # each projection's base matmul adds itself
+    assert got["recompute"]["ops"] < got["forward"]["ops"]  # it reuses the forward's casts and skips the down projection
