@@ -24,12 +24,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 PASSES = ("forward", "recompute", "backward")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _model(quant, layers, folder):
     import torch
 
+    from lora_step import TARGETS
     from slothnb import FastLanguageModel
     from slothnb.models.patching import patch_model
     from tiny_models import nf4_llama, save_tiny_model
