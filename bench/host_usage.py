@@ -5,7 +5,13 @@ Why: the same code on H100s of one kind ran a step at the pace of the GPU on one
 another, and a host's pace varies minute to minute (docs/perf-notes.md, sections 12, 21, 27). These say
 which, and where in the step. ``bench/lora_step.py`` records them per step; ``bench/report.py`` prints them.
 """
+import gc
+import resource
 import time
+
+import torch
+
+_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)  # the calling thread's own usage (Linux)
 
 
 def host_probe(repeats: int = 3) -> dict:
@@ -16,7 +22,6 @@ def host_probe(repeats: int = 3) -> dict:
     at 26-48K tok/s on H100 machines whose processes each held a different steady pace. Recorded before
     and after the timed steps, so a slow run can be told from a slow host.
     """
-    import torch
 
     def best(fn, n):
         times = []
@@ -50,8 +55,6 @@ class GcPauses:
     generation 0, 1, 2]. A host-bound step pays them in full."""
 
     def __init__(self):
-        import gc
-
         self.steps, self._t = [], None
         gc.callbacks.append(self._callback)
 
@@ -67,8 +70,6 @@ class GcPauses:
         self.steps.append([0.0, 0, 0, 0])
 
     def close(self):
-        import gc
-
         gc.callbacks.remove(self._callback)
         return [[round(r[0], 2), *r[1:]] for r in self.steps]
 
@@ -83,9 +84,7 @@ class _Marks(list):
 
     def append(self, item):
         event = None
-        if self.cuda:
-            import torch
-
+        if self.cuda and not torch.cuda.is_current_stream_capturing():  # (a mark inside a capture: host time only)
             if len(self.pool) <= len(self):
                 self.pool.append(torch.cuda.Event(enable_timing=True))
             event = self.pool[len(self)]
@@ -125,33 +124,20 @@ class HostUsage:
         self.checkpointing, self.steps, self.cuda = checkpointing, [], cuda
         checkpointing.HOST_MARKS = _Marks(cuda)
         if cuda:
-            import torch
-
             self._start_event = torch.cuda.Event(enable_timing=True)
-
-    @staticmethod
-    def _usage(who):
-        import resource
-
-        return resource.getrusage(who)
 
     def begin_step(self):
         """Call with the GPU idle (after a synchronisation): its start event is then the host's start too."""
-        import resource
-
         self.checkpointing.HOST_MARKS.clear()
         if self.cuda:
             self._start_event.record()
-        self._start = (time.perf_counter_ns(), self._usage(resource.RUSAGE_SELF),
-                       self._usage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)))
+        self._start = (time.perf_counter_ns(), resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(_THREAD))
 
     def end_step(self):
         """Call when the host has queued the step (before the synchronisation)."""
-        import resource
-
         end = time.perf_counter_ns()
         t0, proc0, thread0 = self._start
-        proc, thread = self._usage(resource.RUSAGE_SELF), self._usage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+        proc, thread = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(_THREAD)
         row = {"cpu_ms": round((proc.ru_utime + proc.ru_stime - proc0.ru_utime - proc0.ru_stime) * 1e3, 1),
                "main_cpu_ms": round((thread.ru_utime + thread.ru_stime - thread0.ru_utime - thread0.ru_stime) * 1e3, 1),
                "sys_ms": round((proc.ru_stime - proc0.ru_stime) * 1e3, 1),
