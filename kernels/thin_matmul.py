@@ -55,10 +55,16 @@ def _thin_mm_kernel(A, B, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+PROGRAMS = 128  # a thin-N product takes row blocks of 64 down to 16 until it has about this many programs
+
+
 def _tiles(M, N, K):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a product whose N or K is thin."""
-    if N <= THIN:  # x Aᵀ, dY B, dYᵀ xa: all N columns a program, the long K walked
-        return 64, max(16, next_power_of_2(N)), 64, 4
+    if N <= THIN:  # x Aᵀ, dY B, dYᵀ xa: all N columns a program, the long K walked; enough programs to fill the SMs
+        block_m = 64
+        while block_m > 16 and cdiv(M, block_m) < PROGRAMS:
+            block_m //= 2
+        return block_m, max(16, next_power_of_2(N)), 64, 4
     return 128, 128, max(16, next_power_of_2(K)), 8  # (x Aᵀ) Bᵀ, [dY B] A: one dot a tile
 
 

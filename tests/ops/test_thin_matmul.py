@@ -110,3 +110,14 @@ def test_the_lora_ops_through_it_match_float64(thin_products, base):
     y, ref, leaves, ref_leaves = mlp_case(base, dtype, "swiglu")
     compare([y], [ref], leaves, ref_leaves, dtype)
     assert len(thin_products) - qkv_products >= 8
+
+
+@pytest.mark.parametrize("programs,block_m", [(1, 64), (4, 32), (128, 16)])
+def test_row_blocks_shrink_until_the_programs_fill_the_gpu(on, monkeypatch, programs, block_m):
+    """A thin-N product takes 64-row blocks, or 32 or 16 where that leaves too few programs: each gives
+    the same product."""
+    monkeypatch.setattr(thin_matmul, "PROGRAMS", programs)
+    a, b = _operands(150, 80, 24)
+    assert thin_matmul._tiles(150, 24, 80)[0] == block_m
+    torch.testing.assert_close(thin_matmul.mm(a, b).float(), (a.double() @ b.double()).to(torch.bfloat16).float(),
+                               rtol=8e-3, atol=1e-2)
