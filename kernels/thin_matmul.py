@@ -70,13 +70,13 @@ def _tiles(M, N, K):
 
 def applies(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> bool:
     """Whether ``mm`` runs ``a @ b`` in its kernel (switched on, 2-D 16-bit operands of one dtype on a
-    Triton device, a thin N or K), else it is ``torch.mm``'s."""
+    Triton device, a thin N or K, nothing for autograd to record), else it is ``torch.mm``'s."""
     if not switched_on(THIN_MM, a) or not use_triton(a):
         return False
     if a.dim() != 2 or b.dim() != 2 or a.dtype not in _16BIT or b.dtype != a.dtype or b.device != a.device:
         return False
-    if (out_dtype or a.dtype) not in _OUT:
-        return False
+    if (out_dtype or a.dtype) not in _OUT or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return False  # (the kernel records no autograd graph: the Functions call it with grad off)
     return min(b.shape[1], a.shape[1]) <= THIN and a.shape[0] > 0 and b.shape[1] > 0
 
 
@@ -100,7 +100,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, out_dt
         raise ValueError(f"thin_matmul.mm: out is {tuple(out.shape)} on {out.device}, the product {(M, N)} on {a.device}")
     if K == 0:
         return out.zero_()
-    key = (M, N, K, a.stride(), b.stride(), out.stride(), a.dtype, dtype, a.device,
+    key = (M, N, K, a.stride(), b.stride(), out.stride(), a.dtype, dtype, a.device, PROGRAMS,
            a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)
     bound = _BOUND.get(key)
     if bound is not None and bound(a, b, out):

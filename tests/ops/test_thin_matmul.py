@@ -57,6 +57,11 @@ def test_what_it_does_not_take_goes_to_torch(monkeypatch):
     assert not thin_matmul.applies(wide_a, wide_b)
     assert torch.equal(thin_matmul.mm(wide_a, wide_b), torch.mm(wide_a, wide_b))
     assert not thin_matmul.applies(a.float(), b.float())
+    leaf = a.clone().requires_grad_()
+    assert not thin_matmul.applies(leaf, b)  # autograd must record this one: torch's
+    assert thin_matmul.mm(leaf, b).grad_fn is not None
+    with torch.no_grad():
+        assert thin_matmul.applies(leaf, b)
     assert torch.equal(thin_matmul.mm(wide_a, wide_b, out_dtype=torch.float32), torch.mm(wide_a, wide_b).float())
 
 
