@@ -216,7 +216,7 @@ def _widened_input(X, As, into=None):
     else:
         Xa = torch.empty(n, width, dtype=X.dtype, device=X.device)
         Xa[:, :h].copy_(X)
-    mm(X, _stacked(As).t(), out=Xa[:, h:h + sum(ranks)])  # written in place (cuBLAS takes the row stride)
+    mm(X, _stacked(As).t(), out=Xa[:, h:h + sum(ranks)])  # written in place (either matmul takes the row stride)
     xas, start = [], h
     for r in ranks:
         xas.append(Xa[:, start:start + r])

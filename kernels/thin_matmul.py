@@ -88,7 +88,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, out_dt
         return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
     dtype = out.dtype if out is not None else (out_dtype or a.dtype)
     if not applies(a, b, dtype):
-        if dtype == a.dtype or out is None and out_dtype is None:
+        if dtype == a.dtype:  # (with neither out nor out_dtype given, it is)
             return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
         product = torch.mm(a, b).to(dtype)
         return product if out is None else out.copy_(product)

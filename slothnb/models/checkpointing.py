@@ -30,7 +30,6 @@ from slothnb.models.carrying import _Carried, _carry_scope
 from slothnb.kernels._utils import RecomputeState
 
 CHECKPOINTING_MODES = (False, True, "slothnb")
-
 _ALIASES = {"unsloth": "slothnb", "offload": "slothnb"}
 
 # Benchmarks only: a list (anything with ``append``) to which each checkpointed call appends ("f" | "b",
