@@ -157,6 +157,14 @@ _GATE_UP_SEEN = itertools.count()  # MLP forwards offered G and U
 _GATE_UP_LAST = [-(1 << 30)]  # the offer whose G and U were last carried
 
 
+def pass_gate_up_turn(x: torch.Tensor) -> None:
+    """A checkpointed layer of input ``x`` whose forward carries nothing (a replayed graph,
+    ``layer_graphs.BACKWARD``) still counts as an MLP offered G and U, so that the eager layers around
+    it keep their turns: one layer in ``CARRY_MLP_EVERY`` by position, as the backward's prefetch expects."""
+    if CARRY_MLP and _worth_carrying(x):
+        next(_GATE_UP_SEEN)
+
+
 # What tells a layer that the link has room for its G and U. "backlog" (default): the copies the GPU has
 # produced and the link not yet moved hold at most GATE_UP_BACKLOG_PAIRS layers' G and U
 # (``host_offload.link_backlog_bytes``).

@@ -112,6 +112,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         graphed = call.graphs is not None and call.graphs.forward_graphed(tensors)
         # a graphed forward carries nothing: a graph would bake the pinned buffers' host addresses in
         ctx.carried = [] if carrying.any_switched_on() and not graphed else None
+        if graphed and tensors:
+            carrying.pass_gate_up_turn(tensors[0])
         with torch.no_grad(), _carry_scope("record", ctx.carried):
             if graphed:
                 out = call.graphs.forward(call.run, tensors)

@@ -65,6 +65,15 @@ SHARE = float(os.environ.get("SLOTHNB_GRAPH_SHARE", "1"))
 # 12,183 against 12,845 eager, 0.5 GiB heavier (the static copies of the carried values, and the
 # recompute waiting for all of them before it starts).
 FORWARD = os.environ.get("SLOTHNB_GRAPH_FORWARD", "1")
+# Which graphed layers replay their recompute + backward as a graph too (SLOTHNB_GRAPH_BACKWARD): "1"
+# (default) all; "0" none: a graphed layer replays its forward alone, and its recompute + backward run
+# eagerly, recomputing what the forward did not carry (its attention output projection; G and U only where
+# the layer would not have carried them anyway, since it passes its turn to carry them to the next layer:
+# ``carrying.pass_gate_up_turn``). Why: on the H100 machines the 8B steps' forward is where the host sets
+# the pace (session 29: the GPU ran 1-3 ms behind the host there, 10-85 ms behind it in the backward), and a
+# forward graph costs the GPU only a recomputed projection (~0.2 ms at 8B, 2 x 2,048 tokens) and two
+# copies of the hidden states, where a graphed backward recomputes G and U as well (~1.4 ms).
+BACKWARD = os.environ.get("SLOTHNB_GRAPH_BACKWARD", "1")
 # A backward graph records the layer's written-out backward (``arch.llama_layer``) where it applies, else
 # a recompute under autograd; SLOTHNB_GRAPH_WRITTEN=0 records the latter always (benchmarks).
 WRITTEN = os.environ.get("SLOTHNB_GRAPH_WRITTEN", "1") != "0"
@@ -202,7 +211,7 @@ class LayerGraphs:
         ``needs_grad`` is False), or None when it cannot run as a graph (the caller then runs its eager
         backward, ``carried`` untouched). ``carried`` (``carrying._Carried``): what the forward handed
         over; its tensors are restored and fed to the graph through static buffers."""
-        if not self.usable(inputs) or any(g is None for g in grad_outs):
+        if str(BACKWARD) == "0" or not self.usable(inputs) or any(g is None for g in grad_outs):
             return None
         if carried is not None and not carried.graphable():
             return None

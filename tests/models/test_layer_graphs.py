@@ -106,6 +106,42 @@ def test_a_share_of_the_layers_graphed_and_the_rest_eager_train_exactly_like_eag
     assert replaying == []
 
 
+def test_forward_graphs_alone_train_exactly_like_eager_and_the_eager_layers_keep_their_turns_to_carry(
+        replaying, monkeypatch):
+    """BACKWARD "0" with a share of 0.5: layers 1 and 3 replay their forwards only, and their recompute +
+    backward run eagerly, recomputing what a graph cannot carry. Layers 0 and 2 run eagerly and carry G and U
+    both: each graphed layer passes its turn (``carrying.pass_gate_up_turn``), so the carrying layers stay
+    one in CARRY_MLP_EVERY by position. Without that, layer 2 would have been the next offer after layer 0's."""
+    import itertools
+
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)  # the tiny layers carry as an 8B layer does
+    monkeypatch.setattr(carrying, "CARRY_MLP_EVERY", 2)
+    ref_losses, ref_grads = _train(_model(graphs=False, layers=4), accumulate=2)
+    kept, real_carry = [], carrying.carry
+
+    def carry(t, allowed=True, tag=""):
+        if tag == "gate":
+            kept.append(allowed)
+        return real_carry(t, allowed, tag)
+
+    monkeypatch.setattr(carrying, "carry", carry)
+    monkeypatch.setattr(carrying, "_GATE_UP_SEEN", itertools.count())
+    monkeypatch.setattr(carrying, "_GATE_UP_LAST", [-100])
+    monkeypatch.setattr(layer_graphs, "SHARE", 0.5)
+    monkeypatch.setattr(layer_graphs, "BACKWARD", "0")
+    losses, grads = _train(_model(graphs=True, layers=4), accumulate=2)
+    # layers 1 and 3: a forward graph each, captured on their second call and replayed on every later one
+    assert replaying.count("capture") == 2 and replaying.count("replay") == 2 * (3 * 2 - 1)
+    assert losses == ref_losses
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+    assert kept == [True] * (2 * 3 * 2)  # the eager layers' forwards: 2 a pass, 6 passes, every one carried
+    kept.clear()
+    monkeypatch.setattr(carrying, "pass_gate_up_turn", lambda x: None)  # (the counter-check: turns not passed)
+    _train(_model(graphs=True, layers=4), steps=1)
+    assert True in kept and False in kept
+
+
 @pytest.mark.parametrize("attention_state", ["0", "cpu"])
 def test_a_carrying_layer_runs_its_forward_eagerly_and_feeds_its_carried_values_to_its_backward_graph(
         replaying, monkeypatch, attention_state):
@@ -273,6 +309,30 @@ def test_carrying_layers_feed_their_backward_graphs_through_host_memory_on_gpu(m
     fed = [key[-2] for layer in model.get_base_model().model.layers
            for key, v in layer._slothnb_graphs._bwd.items() if isinstance(v, tuple)]
     assert fed and any(dict(tags).get("gate") for tags in fed)  # a backward graph fed the carried G and U
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=2e-3)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_forward_graphs_alone_beside_carrying_eager_layers_train_like_eager_on_gpu(monkeypatch):
+    """8B-style layers on the GPU, half of them graphed forward-only (BACKWARD "0"): those replay their
+    forwards and recompute eagerly; the others run eagerly and carry G and U through pinned host memory."""
+    from slothnb.models import host_offload
+
+    monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
+    monkeypatch.setattr(carrying, "GATE_UP_BACKLOG_PAIRS", 1e9)  # the link's pace may not refuse any here
+    ref_losses, ref_grads = _train(_cuda_model(False), steps=5, seq=256, lr=1e-3, device="cuda")
+    monkeypatch.setattr(layer_graphs, "SHARE", 0.5)
+    monkeypatch.setattr(layer_graphs, "BACKWARD", "0")
+    host_offload.COUNTS.clear()
+    model = _cuda_model(True)
+    losses, grads = _train(model, steps=5, seq=256, lr=1e-3, device="cuda")
+    assert host_offload.COUNTS["gate_up_carried"] > 0
+    layers = model.get_base_model().model.layers
+    graphed = [any(isinstance(v, tuple) for v in layer._slothnb_graphs._fwd.values()) for layer in layers]
+    assert graphed == [False, True, False, True]
+    assert not any(isinstance(v, tuple) for layer in layers for v in layer._slothnb_graphs._bwd.values())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=2e-3)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
