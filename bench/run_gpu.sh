@@ -11,7 +11,6 @@
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
 #   kernels                       bench/kernels_ops.py (all ops) -> $OUT/kernels.json
 #   attention                     bench/kernels_attention.py --sweep (Gemma-2 soft-capped attention) -> $OUT/kernels_attention.json
-#   thinmm                        bench/kernels_thin_mm.py (the LoRA ops' rank-r products, thin kernel vs torch.mm) -> $OUT/kernels_thin_mm.json
 #   slothnb:MODEL:QUANT:SEQ:BATCH[:CKPT] bench/lora_step.py (CKPT: slothnb | true | false), one process per case;
 #                                 env LORA_STEP_ARGS (e.g. "--rank 32 --alpha 32 --warmup 0 --steps 1"), CASE_TIMEOUT (300 s)
 #   profile:MODEL:QUANT:SEQ:BATCH[:CKPT]  bench/profile_step.py (top GPU kernels, live memory at the peak) -> $OUT/profile-*.txt;
@@ -65,8 +64,6 @@ for step in "$@"; do
       timeout -k 5 "${TESTS_TIMEOUT:-240}" python3 -m pytest -v -rfE --durations=25 -m "${PYTEST_MARK:-gpu}" -p no:cacheprovider --continue-on-collection-errors --ignore=tests/notebook tests $extra 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed|[0-9.]+s (call|setup)" | head -70 ;;
     kernels)
       timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels_ops.py 2>&1 | tee "$OUT/kernels.md" | tail -60 ;;
-    thinmm)
-      timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels_thin_mm.py 2>&1 | tee "$OUT/kernels_thin_mm.md" | tail -30 ;;
     attention)
       timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels_attention.py --sweep 2>&1 | tee "$OUT/kernels_attention.md" | tail -30 ;;
     slothnb:*)

@@ -36,8 +36,6 @@ from . import lora_widened
 from .lora_widened import (_adapter_in_gemm, _adapter_inputs, _forward_fused, _forward_shared, _widened_input,
                            backward_bases, backward_stacked_base, keeps)
 from .nf4 import dequantize_nf4
-from . import thin_matmul
-from .thin_matmul import mm
 from ..errors import ConfigError
 from .lora_activations import ACTIVATIONS, gated_backward, gated_forward
 
@@ -106,11 +104,11 @@ def _forward(X, weight, quant_state, A, B, scale, out_shape=None, xa=None):
     allocated in that shape and filled through a 2-D view, so the caller gets a tensor that is not a
     view (RoPE may then rotate it in place under autograd).
     """
-    xa = mm(X, A.t()) if xa is None else xa
+    xa = X @ A.t() if xa is None else xa
     y = torch.empty(out_shape if out_shape is not None else (X.shape[0], B.shape[0]), dtype=X.dtype,
                     device=X.device)
     y2 = y.view(-1, y.shape[-1])
-    mm(xa, B.t(), out=y2)
+    torch.mm(xa, B.t(), out=y2)
     _add_base(y2, X, weight, quant_state, scale)
     return xa, y
 
@@ -140,12 +138,12 @@ def _h_times_adapter(h_rows, n, width, A, like):
     """``h_rows(start, end) @ A^T`` over row chunks of ``h`` (``[n, width]``, ``like``'s dtype and device)."""
     chunks = -(-n * width * like.element_size() // H_CHUNK_BYTES)
     if chunks <= 1:
-        return mm(h_rows(0, n), A.t())
+        return h_rows(0, n) @ A.t()
     step = -(-n // chunks)
     out = torch.empty(n, A.shape[0], dtype=like.dtype, device=like.device)
     for start in range(0, n, step):
         end = min(n, start + step)
-        mm(h_rows(start, end), A.t(), out=out[start:end])
+        torch.mm(h_rows(start, end), A.t(), out=out[start:end])
     return out
 
 
@@ -168,24 +166,13 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """
     global _MM_OUT_DTYPE
     if a.dtype == dtype:
-        return mm(a, b)
-    if thin_matmul.THIN_MM != "0" and thin_matmul.applies(a, b, dtype):  # the fp32 accumulator itself
-        return thin_matmul.mm(a, b, out_dtype=dtype)
+        return a @ b
     if _MM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
         try:
             return torch.mm(a, b, out_dtype=dtype)
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE = False
     return (a @ b).to(dtype)
-
-
-def _dy_b_rows(dY, B, rows):
-    """``rows = (dY B)^T``, written in place (``[r, tokens]`` rows of a larger buffer): as ``dY B`` into
-    the transposed view where the thin kernel takes it (``thin_matmul``), else as ``B^T dY^T``."""
-    if thin_matmul.THIN_MM != "0" and thin_matmul.applies(dY, B):
-        thin_matmul.mm(dY, B, out=rows.t())
-    else:
-        torch.mm(B.t(), dY.t(), out=rows)
 
 
 def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened=False, fused=False):
@@ -217,7 +204,7 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened
     dBs, start = [], 0
     for (weight, quant_state, scale, _A, B), dY, xa, r, (_, tb) in zip(parts, dYs, xas, ranks, dtypes):
         dBs.append(_scaled(_mm_as(dY.t(), xa, tb), scale))
-        _dy_b_rows(dY, B, dyb_t[start:start + r])
+        torch.mm(B.t(), dY.t(), out=dyb_t[start:start + r])
         if not same_scale:
             _scaled(dyb_t[start:start + r], scale)
         start += r
@@ -226,10 +213,10 @@ def _backward(dYs: list, X, xas, parts, dtypes, need_dx=True, kept=None, widened
     dA = _scaled(_mm_as(dyb_t, X, a_dtype), common)
     dX = None
     if need_dx and fused:
-        dX = mm(dyb_t.t(), _stacked([p[3] for p in parts]))
+        dX = dyb_t.t() @ _stacked([p[3] for p in parts])
         dX.addmm_(dY_all, backward_stacked_base(X, parts, kept), beta=common)
     elif need_dx:  # the adapter terms first, then each base matmul adds itself onto them (``_add_base``)
-        dX = mm(dyb_t.t(), _stacked([p[3] for p in parts]))
+        dX = dyb_t.t() @ _stacked([p[3] for p in parts])
         bases = backward_bases(X, parts, kept) if widened else [None] * len(parts)
         for j, (weight, quant_state, *_rest) in enumerate(parts):
             _add_base(dX, dYs[j], weight, quant_state, common if j == 0 else 1.0, transpose=False, W=bases[j])
@@ -272,7 +259,7 @@ class LoraLinearFunction(torch.autograd.Function):
         X = _rows(x, dt)
         ((weight, quant_state, scale, Ac, Bc, dtypes),) = _prepared(dt, bundles, (A, B))
         if given[0] is not None:  # the output's values are known: only x A^T, which backward needs
-            xa, y = mm(X, Ac.t()), given[0]
+            xa, y = X @ Ac.t(), given[0]
         else:
             xa, y = _forward(X, weight, quant_state, Ac, Bc, scale, out_shape=(*x.shape[:-1], Bc.shape[0]))
         ctx.save_for_backward(X, xa, Ac, Bc)
@@ -387,8 +374,8 @@ class LoraMLPFunction(torch.autograd.Function):
         dt = X.dtype
         dY = _rows(dy, dt)
         # down: dH = dY Wd + sd (dY Bd) Ad, then (h, dG, dU) with h in dH's buffer, dG/dU over G/U
-        dyb = mm(dY, Bd)
-        dH = mm(dyb, Ad)  # the adapter term first; the base matmul adds onto it (``_add_base``)
+        dyb = dY @ Bd
+        dH = dyb @ Ad  # the adapter term first; the base matmul adds onto it (``_add_base``)
         _add_base(dH, dY, Wd, qd, sd, transpose=False)
         H, dG, dU = gated_backward(ctx.activation, dH, G, U)
         del dH, G, U

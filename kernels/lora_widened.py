@@ -19,7 +19,6 @@ import torch
 from ._utils import switched_on
 from .adapter_casts import _stacked
 from .nf4 import _write_tail_torch, dequantize_nf4
-from .thin_matmul import mm
 
 # SLOTHNB_ADAPTER_IN_GEMM=0 turns the widened form off (benchmarks).
 ADAPTER_IN_GEMM = os.environ.get("SLOTHNB_ADAPTER_IN_GEMM", "1") != "0"
@@ -185,7 +184,7 @@ def _forward_shared(X, parts, out_shapes, into=None, keep=None):
 
 def _adapter_inputs(X, As):
     """The ``x A_j^T`` of adapters sharing X, from one matmul (column views of ``x [A_1; ..]^T``)."""
-    xa, out, start = mm(X, _stacked(As).t()), [], 0
+    xa, out, start = X @ _stacked(As).t(), [], 0
     for A in As:
         out.append(xa[:, start:start + A.shape[0]])
         start += A.shape[0]
@@ -216,7 +215,7 @@ def _widened_input(X, As, into=None):
     else:
         Xa = torch.empty(n, width, dtype=X.dtype, device=X.device)
         Xa[:, :h].copy_(X)
-    mm(X, _stacked(As).t(), out=Xa[:, h:h + sum(ranks)])  # written in place (either matmul takes the row stride)
+    torch.mm(X, _stacked(As).t(), out=Xa[:, h:h + sum(ranks)])  # written in place (cuBLAS takes the row stride)
     xas, start = [], h
     for r in ranks:
         xas.append(Xa[:, start:start + r])

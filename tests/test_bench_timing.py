@@ -296,15 +296,3 @@ def test_layer_ops_counts_each_pass_of_the_written_out_layer():
     assert got["forward"]["by_op"]["aten.addmm_.default"] == 7  # each projection's base matmul adds itself
     assert got["recompute"]["ops"] < got["forward"]["ops"]  # it reuses the forward's casts and skips the down projection
 
-
-def test_kernels_thin_mm_smoke_on_cpu():
-    """``bench/kernels_thin_mm.py`` at tiny sizes: every product both ways, the thin one taken by the
-    kernel (the interpreter), both within bf16 rounding of an fp32 product."""
-    import kernels_thin_mm
-
-    rows = kernels_thin_mm.bench_all("cpu", tokens=32, hidden=64, inter=96, kv=32, r=4)
-    assert len(rows) == 2 * len(kernels_thin_mm.shapes())
-    for row in rows:
-        assert "error" not in row, row
-        assert row["gpu_ms"] is None and row["host_us"] > 0 and row["max_rel_err"] < 0.01
-        assert row["thin_applies"]
