@@ -371,7 +371,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
     if mode != "slothnb":
         cuda_graphs = False
     hf._slothnb_cuda_graphs = cuda_graphs
-    adaptive = cuda_graphs == layer_graphs.ADAPTIVE
+    adaptive, forward_only = cuda_graphs == layer_graphs.ADAPTIVE, cuda_graphs == layer_graphs.FORWARD_ONLY
     # one ModelGraphs per model: the layers' graphs share its pool and buffers (kept on re-application)
     shared = next((layer._slothnb_graphs.shared for layer in all_layers if getattr(layer, "_slothnb_graphs", None)),
                   None) or (graph_capture.ModelGraphs() if cuda_graphs else None)
@@ -379,6 +379,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         first = min(chosen, default=0)
         keep = shared.pacer if shared.pacer is not None and shared.pacer.first == first else None
         shared.pacer = (keep or graph_pacing.SharePacer(first=first)) if adaptive else None
+        shared.share, shared.forward_only = (layer_graphs.FORWARD_SHARE, True) if forward_only else (None, False)
     for i, layer in enumerate(all_layers):
         layer.gradient_checkpointing = i in chosen
         if mode == "slothnb":
@@ -387,7 +388,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
             layer.__dict__.pop("_slothnb_graphs", None)
         elif getattr(layer, "_slothnb_graphs", None) is None:
             layer._slothnb_graphs = layer_graphs.LayerGraphs(layer, shared, index=i)
-    if default_policy and cuda_graphs is True and GRAPH_LAST_LAYER:
+    if default_policy and (cuda_graphs is True or forward_only) and GRAPH_LAST_LAYER:
         chosen = set(range(len(all_layers)))
         for layer in all_layers:
             layer.gradient_checkpointing = True

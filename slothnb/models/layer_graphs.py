@@ -29,8 +29,9 @@ parameters are updated in place by the optimizer, so the graph reads their curre
 Cost: the shared pool holds about one layer's recompute + backward temporaries for the whole run,
 memory that the code outside the graphs (loss, optimizer) cannot reuse; ``graph_capture.pool_bytes()`` says how
 much. On by default for CUDA models of 0.2-3B parameters (``default_for``), off otherwise;
-``SLOTHNB_CUDA_GRAPHS=0|1|adaptive`` or ``get_peft_model(..., cuda_graphs=...)`` decide instead
-("adaptive": as many layers as the host needs, ``graph_pacing``).
+``SLOTHNB_CUDA_GRAPHS=0|1|adaptive|forward`` or ``get_peft_model(..., cuda_graphs=...)`` decide instead
+("adaptive": as many layers as the host needs, ``graph_pacing``; "forward": every second layer replays its
+forward alone, for 7-9B models on hosts that fall behind the forward).
 """
 from __future__ import annotations
 
@@ -95,23 +96,31 @@ AUTO_MIN_PARAMS, AUTO_MAX_PARAMS = 200_000_000, 3_000_000_000
 # on H100s (session 21, Llama-3.1-8B QLoRA, 2 x 2,048 tokens) it ran 11,887-11,956 tok/s against
 # 12,065-12,930 eager in the next process on the same machine (three pairs, two machines).
 ADAPTIVE = "adaptive"
+# "forward" (opt-in): every second layer (FORWARD_SHARE) replays its forward alone, and every recompute +
+# backward runs eagerly (``BACKWARD`` "0" for that model). On 7-9B models the forward is where a slow host
+# costs: on an H100 whose host slowed mid-run it held the Llama-3.1-8B bf16 step at ~307 ms while eager steps
+# of the same process took 327, and cost 0-2% where the host kept up (session 29, docs/perf-notes.md section
+# 28). Not a default until the other large-model cases (4,096 and 400K tokens, Qwen2.5-7B, Gemma-2-9B) have
+# run with it.
+FORWARD_ONLY = "forward"
+FORWARD_SHARE = 0.5
 
 
 def choice(value):
-    """A ``cuda_graphs`` setting as True, False or ``ADAPTIVE`` (None stays None: not chosen)."""
+    """A ``cuda_graphs`` setting as True, False, ``ADAPTIVE`` or ``FORWARD_ONLY`` (None stays None: not chosen)."""
     if value is None or isinstance(value, bool):
         return value
     text = str(value).lower()
-    if text == ADAPTIVE:
-        return ADAPTIVE
+    if text in (ADAPTIVE, FORWARD_ONLY):
+        return text
     if text in ("1", "true", "on", "yes", "0", "false", "off", "no"):
         return text in ("1", "true", "on", "yes")
-    raise ConfigError(f"cuda_graphs={value!r} (or {ENV}): pass True, False or 'adaptive'.")
+    raise ConfigError(f"cuda_graphs={value!r} (or {ENV}): pass True, False, 'adaptive' or 'forward'.")
 
 
 def default_for(model: nn.Module):
     """Graphs or not when neither the caller nor the model chose: ``SLOTHNB_CUDA_GRAPHS`` if set
-    (0, 1 or "adaptive"), else on for a CUDA model of ``AUTO_MIN_PARAMS`` to ``AUTO_MAX_PARAMS`` parameters."""
+    (0, 1, "adaptive" or "forward"), else on for a CUDA model of ``AUTO_MIN_PARAMS`` to ``AUTO_MAX_PARAMS`` parameters."""
     if os.environ.get(ENV) is not None:
         return choice(os.environ[ENV])
     first = next(model.parameters(), None)
@@ -143,10 +152,12 @@ class LayerGraphs:
 
     # ------------------------------------------------------------------------------------- eligibility
     def active(self) -> bool:
-        """Whether this call replays graphs (``ACTIVE``, and the model's pacer's share, else ``SHARE``);
-        otherwise the layer runs eagerly."""
-        pacer = self.shared.pacer
-        return ACTIVE and in_share(self.index, pacer.share if pacer is not None else SHARE)
+        """Whether this call replays graphs (``ACTIVE``, and the model's pacer's share, else the model's own
+        share, else ``SHARE``); otherwise the layer runs eagerly."""
+        pacer, share = self.shared.pacer, self.shared.share
+        if pacer is not None:
+            share = pacer.share
+        return ACTIVE and in_share(self.index, share if share is not None else SHARE)
 
     def forward_graphed(self, tensors) -> bool:
         """Whether this forward replays a graph (``FORWARD``); when not it runs eagerly and may carry."""
@@ -211,7 +222,7 @@ class LayerGraphs:
         ``needs_grad`` is False), or None when it cannot run as a graph (the caller then runs its eager
         backward, ``carried`` untouched). ``carried`` (``carrying._Carried``): what the forward handed
         over; its tensors are restored and fed to the graph through static buffers."""
-        if str(BACKWARD) == "0" or not self.usable(inputs) or any(g is None for g in grad_outs):
+        if self.shared.forward_only or str(BACKWARD) == "0" or not self.usable(inputs) or any(g is None for g in grad_outs):
             return None
         if carried is not None and not carried.graphable():
             return None

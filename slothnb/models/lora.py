@@ -200,10 +200,11 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     ``offload_head`` ("auto" | True | False): keep a frozen output head in pinned host memory while
     training, on the GPU only from each forward's start to its loss (see ``slothnb.models.head_offload``;
     "auto": with CUDA graphs; default from SLOTHNB_OFFLOAD_HEAD: 0 off, 1 on, else "auto");
-    ``cuda_graphs`` (True | False | "adaptive"; default ``SLOTHNB_CUDA_GRAPHS`` if set, else True for CUDA
-    models of 0.2-3B parameters): with "slothnb" checkpointing, replay each checkpointed layer as CUDA
+    ``cuda_graphs`` (True | False | "adaptive" | "forward"; default ``SLOTHNB_CUDA_GRAPHS`` if set, else True
+    for CUDA models of 0.2-3B parameters): with "slothnb" checkpointing, replay each checkpointed layer as CUDA
     graphs (for host-bound small models; see ``slothnb.models.layer_graphs``), or as many of them as the
-    host needs, found while training ("adaptive", ``slothnb.models.graph_pacing``).
+    host needs, found while training ("adaptive", ``slothnb.models.graph_pacing``), or every second layer's
+    forward alone ("forward": 7-9B models on hosts that fall behind their forward).
     Other ``kw`` go to peft's ``LoraConfig`` (e.g. ``use_dora``, ``layers_to_transform``).
     """
     import peft

@@ -52,7 +52,7 @@ class FinetuneConfig:
     use_rslora: bool = False  # scale adapters by alpha/sqrt(r) instead of alpha/r
     target_modules: list[str] | None = None  # None: every attention and MLP projection
     use_gradient_checkpointing: bool | str = "slothnb"
-    cuda_graphs: bool | str | None = None  # CUDA graphs of the checkpointed layers (True, False, "adaptive"); None: layer_graphs.default_for
+    cuda_graphs: bool | str | None = None  # CUDA graphs of the checkpointed layers (True, False, "adaptive", "forward"); None: layer_graphs.default_for
     train_on_responses_only: bool = False  # chat data: train on assistant replies only
     eval_fraction: float = 0.0  # share of the dataset held out for evaluation (0 = none)
     resume_from_checkpoint: str | bool | None = None

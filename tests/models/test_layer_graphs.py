@@ -142,6 +142,29 @@ def test_forward_graphs_alone_train_exactly_like_eager_and_the_eager_layers_keep
     assert True in kept and False in kept
 
 
+def test_cuda_graphs_forward_replays_every_second_layers_forward_alone(replaying):
+    """``cuda_graphs="forward"`` sets that up per model (no module switches): layers 1 and 3 of 4 replay
+    their forwards, no backward is captured, the last layer is checkpointed too, and training is eager's."""
+    assert layer_graphs.choice("Forward") == layer_graphs.FORWARD_ONLY
+    with pytest.raises(ConfigError, match="'forward'"):
+        layer_graphs.choice("backward")
+    ref_losses, ref_grads = _train(_model(graphs=False, layers=4), accumulate=2)
+    model = _model(graphs="forward", layers=4)
+    layers = model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    losses, grads = _train(model, accumulate=2)
+    assert replaying.count("capture") == 2 and replaying.count("replay") == 2 * (3 * 2 - 1)
+    assert [bool(layer._slothnb_graphs._fwd) and any(isinstance(v, tuple) for v in layer._slothnb_graphs._fwd.values())
+            for layer in layers] == [False, True, False, True]
+    assert not any(isinstance(v, tuple) for layer in layers for v in layer._slothnb_graphs._bwd.values())
+    assert losses == ref_losses
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+    apply_gradient_checkpointing(model, "slothnb", cuda_graphs=True)  # re-applied: every layer, both passes
+    shared = layers[0]._slothnb_graphs.shared
+    assert shared.share is None and not shared.forward_only
+
+
 @pytest.mark.parametrize("attention_state", ["0", "cpu"])
 def test_a_carrying_layer_runs_its_forward_eagerly_and_feeds_its_carried_values_to_its_backward_graph(
         replaying, monkeypatch, attention_state):
