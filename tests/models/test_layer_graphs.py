@@ -338,18 +338,21 @@ def test_carrying_layers_feed_their_backward_graphs_through_host_memory_on_gpu(m
 
 
 @pytest.mark.gpu
-def test_forward_graphs_alone_beside_carrying_eager_layers_train_like_eager_on_gpu(monkeypatch):
-    """8B-style layers on the GPU, half of them graphed forward-only (BACKWARD "0"): those replay their
-    forwards and recompute eagerly; the others run eagerly and carry G and U through pinned host memory."""
+@pytest.mark.parametrize("how", ["switches", "forward"])
+def test_forward_graphs_alone_beside_carrying_eager_layers_train_like_eager_on_gpu(monkeypatch, how):
+    """8B-style layers on the GPU, half of them graphed forward-only (BACKWARD "0" and SHARE 0.5, or
+    ``cuda_graphs="forward"``): those replay their forwards and recompute eagerly; the others run eagerly and
+    carry G and U through pinned host memory."""
     from slothnb.models import host_offload
 
     monkeypatch.setattr(carrying, "CARRY_MIN_BYTES", 0)
     monkeypatch.setattr(carrying, "GATE_UP_BACKLOG_PAIRS", 1e9)  # the link's pace may not refuse any here
     ref_losses, ref_grads = _train(_cuda_model(False), steps=5, seq=256, lr=1e-3, device="cuda")
-    monkeypatch.setattr(layer_graphs, "SHARE", 0.5)
-    monkeypatch.setattr(layer_graphs, "BACKWARD", "0")
+    if how == "switches":
+        monkeypatch.setattr(layer_graphs, "SHARE", 0.5)
+        monkeypatch.setattr(layer_graphs, "BACKWARD", "0")
     host_offload.COUNTS.clear()
-    model = _cuda_model(True)
+    model = _cuda_model(True if how == "switches" else "forward")
     losses, grads = _train(model, steps=5, seq=256, lr=1e-3, device="cuda")
     assert host_offload.COUNTS["gate_up_carried"] > 0
     layers = model.get_base_model().model.layers
