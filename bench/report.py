@@ -68,6 +68,30 @@ def ab_table(r):
         change = paired_change(timed, len(slots) - 1, slot) if slot else None
         against = "" if change is None else f"{change[0]:+.1f}% [{change[1]:+.1f}, {change[2]:+.1f}]"
         out.append(f"| {v['switch']} | {v['steps']} | {v['tok_s']:,.0f} | {v['host_ms']:.1f} | {peak:.3f} | {against} |")
+    return out + halves_lines(r)
+
+
+def halves_lines(r):
+    """An ``--ab-switch`` run's rounds read in two halves: per slot, the median step (ms) and the median host
+    ms a checkpointed layer's forward took (where recorded), in the first and the last half of the rounds.
+    Why: a host's pace can drift by 15% within one process (session 29), and a lever for slow hosts shows
+    where the host slowed, not in the run's median."""
+    slots = r.get("ab_variants") or []
+    warmup, n = r.get("warmup", 0), len(slots)
+    times = (r.get("step_times_s") or [])[warmup:]
+    hosts = (r.get("host_usage_by_step") or [])[warmup:]
+    rounds = len(times) // n if n else 0
+    if n < 2 or rounds < 4:
+        return []
+    out = ["", "By halves of the rounds (median step ms / the forward's host ms a layer):", ""]
+    for label, (a, b) in (("first", (0, rounds // 2)), ("last", (rounds // 2, rounds))):
+        cells = []
+        for slot, v in enumerate(slots):
+            idx = [k * n + slot for k in range(a, b)]
+            step = statistics.median(times[i] for i in idx) * 1e3
+            fwd = [statistics.median(hosts[i]["fwd"]) for i in idx if i < len(hosts) and hosts[i].get("fwd")]
+            cells.append(f"{v['switch']} {step:.0f}" + (f" / {statistics.median(fwd):.2f}" if fwd else ""))
+        out.append(f"- {label} {b - a} rounds: " + "; ".join(cells))
     return out
 
 
@@ -135,9 +159,10 @@ def host_lines(path):
     threads), the main thread's, system ms, involuntary context switches (``ic``) and page faults (``pf``),
     the checkpointed layers' host intervals in the forward and backward (median/max@layer, ms), the ms
     before the first layer, between the last forward and first backward (head and loss) and after the
-    last backward (optimizer); where recorded, the same intervals on the GPU (medians) and the least the
-    GPU was behind the host as a layer was queued, forward and backward (ms; ~0: the GPU waited for the
-    host there). A slow step says here whether the host lost the CPU (host over CPU, ``ic`` up), faulted,
+    last backward (optimizer); where recorded, the same intervals on the GPU (medians) and how far the GPU
+    was behind the host as a layer was queued: the median over the forward's layers (a few ms: the GPU has
+    that little queued, and a slower host lengthens the step), the least over the backward's (~0: the GPU
+    waited for the host there). A slow step says here whether the host lost the CPU (host over CPU, ``ic`` up), faulted,
     ran slower everywhere, and whether the GPU waited for it."""
     out = []
     for r in (json.loads(line) for line in open(path) if line.startswith("{")):
@@ -145,14 +170,14 @@ def host_lines(path):
         if r.get("kind") != "bench" or r.get("system") != "slothnb" or not rows:
             continue
         out.append(f"{r['model']} {r['quant']} {r['seq']}x{r['batch']}: step/host | cpu main sys | ic pf | "
-                   "fwd bwd (median/max@layer) | before mid after | gpu fwd bwd | behind fwd bwd (least)")
+                   "fwd bwd (median/max@layer) | before mid after | gpu fwd bwd | behind fwd (median) bwd (least)")
         for i, (t, h, u) in enumerate(zip(r["step_times_s"], r["host_queued_s"], rows)):
             line = (f"  {i:2d} {t * 1e3:.0f}/{h * 1e3:.0f} | {u['cpu_ms']:.0f} {u['main_cpu_ms']:.0f} {u['sys_ms']:.0f}"
                     f" | {u['nivcsw']} {u['minflt'] + u['majflt']} | {_worst(u.get('fwd'))} {_worst(u.get('bwd'))}"
                     f" | {u.get('before', u.get('lead', '-'))} {u.get('mid', '-')} {u.get('after', u.get('tail', '-'))}")
             if u.get("gpu_fwd") and u.get("gpu_bwd"):
                 line += (f" | {statistics.median(u['gpu_fwd']):.1f} {statistics.median(u['gpu_bwd']):.1f}"
-                         f" | {min(u['behind_fwd']):.1f} {min(u['behind_bwd']):.1f}")
+                         f" | {statistics.median(u['behind_fwd']):.1f} {min(u['behind_bwd']):.1f}")
             out.append(line)
     return "\n".join(out)
 

@@ -279,7 +279,24 @@ def test_report_prints_the_host_by_step_with_its_slowest_layer(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(rec) + "\n")
     assert report.host_lines(str(path)).splitlines()[1] == (
-        "   0 395/392 | 251 120 9 | 85 12 | 2.2/40@2 4.1/4@1 | 1.2 9.5 12.0 | 3.6 5.4 | 0.1 9.0")
+        "   0 395/392 | 251 120 9 | 85 12 | 2.2/40@2 4.1/4@1 | 1.2 9.5 12.0 | 3.6 5.4 | 0.7 9.0")
+
+
+def test_report_reads_an_ab_run_by_halves_of_its_rounds():
+    """Two slots over 8 rounds: the defaults hold 300 ms while the variant slows from 305 to 327 ms, with the
+    host's forward from 3.4 to 4.0 ms a layer: the halves say so where the run's median cannot."""
+    import report
+
+    times, hosts = [], []
+    for k in range(8):
+        slow = k >= 4
+        times += [0.300, 0.327 if slow else 0.305]
+        hosts += [{"fwd": [1.0, 6.0]}, {"fwd": [4.0 if slow else 3.4] * 3}]
+    rec = {"warmup": 2, "step_times_s": [1.0, 1.0] + times, "host_usage_by_step": [{}, {}] + hosts,
+           "ab_variants": [{"switch": "defaults"}, {"switch": "ACTIVE=0"}]}
+    assert report.halves_lines(rec)[-2:] == ["- first 4 rounds: defaults 300 / 3.50; ACTIVE=0 305 / 3.40",
+                                            "- last 4 rounds: defaults 300 / 3.50; ACTIVE=0 327 / 4.00"]
+    assert report.halves_lines(dict(rec, step_times_s=rec["step_times_s"][:8])) == []  # 3 rounds: too few
 
 
 def test_layer_ops_counts_each_pass_of_the_written_out_layer():
