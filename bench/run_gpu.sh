@@ -24,14 +24,22 @@
 #   maxseq:SYSTEM:MODEL:QUANT:L1,L2,...[:LIMIT]   longest trainable sequence (peers' harness)
 #   targets                       the performance issue's cases, plain: info, the four checkpoints and one
 #                                 slothnb: step per case (not 400K: that one needs a call of its own)
+#   graphs:MODEL:QUANT:SEQ:BATCH  the slothnb step with forward-only graphs (SLOTHNB_CUDA_GRAPHS=forward), the
+#                                 graphs switched off every other step (--ab-switch ...layer_graphs.ACTIVE=0),
+#                                 read round by round and by halves; env GRAPHS_STEP_ARGS ("--warmup 8 --steps 40")
+#   forward-graphs                graphs: for each 7-9B target case (their checkpoints must exist: model:...)
 # RUN_GPU_DRY=1 prints the steps (with targets expanded) and exits.
 # Results: $OUT/results.jsonl (peers' format), summarised at the end.
 set -uo pipefail
 TARGETS="info model:8b model:1b model:qwen7b model:gemma9b slothnb:8b:nf4:2048:2 slothnb:8b:nf4:4096:2 \
 slothnb:8b:none:2048:2 slothnb:1b:none:2048:2 slothnb:qwen7b:nf4:2048:2 slothnb:gemma9b:nf4:2048:2"
+FORWARD_GRAPHS="graphs:8b:none:2048:2 graphs:8b:nf4:2048:2 graphs:8b:nf4:4096:2 graphs:qwen7b:nf4:2048:2 \
+graphs:gemma9b:nf4:2048:2"
 steps=()
 for step in "$@"; do
-  if [ "$step" = targets ]; then read -r -a more <<<"$TARGETS"; steps+=("${more[@]}"); else steps+=("$step"); fi
+  if [ "$step" = targets ]; then read -r -a more <<<"$TARGETS"; steps+=("${more[@]}")
+  elif [ "$step" = forward-graphs ]; then read -r -a more <<<"$FORWARD_GRAPHS"; steps+=("${more[@]}")
+  else steps+=("$step"); fi
 done
 set -- "${steps[@]}"
 if [ "${RUN_GPU_DRY:-0}" = 1 ]; then printf '%s\n' "$@"; exit 0; fi
@@ -71,6 +79,12 @@ for step in "$@"; do
       timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" \
         --batch "$batch" --grad-ckpt "${gc:-slothnb}" ${LORA_STEP_ARGS:-} \
         ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" | cut -c1-400 ;;
+    graphs:*)
+      IFS=: read -r _ model quant seq batch <<<"$step"
+      SLOTHNB_CUDA_GRAPHS=forward timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" \
+        --quant "$quant" --seq "$seq" --batch "$batch" ${GRAPHS_STEP_ARGS:---warmup 8 --steps 40} \
+        --ab-switch "slothnb.models.layer_graphs.ACTIVE=0" ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" \
+        | grep -E "^AB|Error" | cut -c1-300 ;;
     base:*)
       IFS=: read -r _ commit model quant seq batch <<<"$step"
       bash bench/ab_base.sh "$commit" "$model" "$quant" "$seq" "${batch:-2}" ;;

@@ -220,6 +220,10 @@ def test_run_gpu_expands_targets_to_every_case_of_the_issue():
     assert cases == ["slothnb:8b:nf4:2048:2", "slothnb:8b:nf4:4096:2", "slothnb:8b:none:2048:2",
                      "slothnb:1b:none:2048:2", "slothnb:qwen7b:nf4:2048:2", "slothnb:gemma9b:nf4:2048:2"]
     assert {"model:1b", "model:qwen7b", "model:gemma9b"} <= set(out)
+    graphs = subprocess.run(["bash", str(script), "forward-graphs"], capture_output=True, text=True, check=True,
+                            env={**os.environ, "RUN_GPU_DRY": "1"}).stdout.split()
+    assert graphs == ["graphs:8b:none:2048:2", "graphs:8b:nf4:2048:2", "graphs:8b:nf4:4096:2",
+                      "graphs:qwen7b:nf4:2048:2", "graphs:gemma9b:nf4:2048:2"]
 
 
 def test_host_usage_places_each_step_on_its_checkpointed_layers():
