@@ -7,6 +7,17 @@ from __future__ import annotations
 
 import argparse
 
+def _cuda_graphs_mode(text: str):
+    """``--cuda-graphs MODE``: "forward" or "adaptive" as given, on/off words as True/False (the engine's
+    ``layer_graphs.choice`` reads the same words; kept here so that ``--help`` needs no torch)."""
+    word = text.lower()
+    if word in ("forward", "adaptive"):
+        return word
+    if word in ("1", "true", "on", "yes", "0", "false", "off", "no"):
+        return word in ("1", "true", "on", "yes")
+    raise argparse.ArgumentTypeError(f"{text!r}: use forward, adaptive, on or off (or --no-cuda-graphs)")
+
+
 EXAMPLES = """\
 examples:
   slothnb finetune --raw-text plays/*.txt --max-steps 60 --output outputs/plays
@@ -93,10 +104,13 @@ def _add_finetune_parser(sub, run):
     lo.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r")
     lo.add_argument("--gradient-checkpointing", choices=("slothnb", "true", "false"), default="slothnb",
                     help="slothnb = offloaded checkpointing (least memory), true = plain, false = none (default: slothnb)")
-    lo.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, help=(
+    lo.add_argument("--cuda-graphs", nargs="?", const=True, default=None, type=_cuda_graphs_mode, metavar="MODE", help=(
         "replay each checkpointed layer as CUDA graphs (with --gradient-checkpointing slothnb): much faster "
         "for small, host-bound models, at the cost of a graph memory pool (default: on for 0.2-3B-parameter "
-        "models on a GPU)"))
+        "models on a GPU). MODE 'forward': every second layer replays its forward alone, for 7-9B models on "
+        "hosts that fall behind the forward; 'adaptive': as many layers as the host needs (experimental)"))
+    lo.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                    help="never replay layers as CUDA graphs")
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: 60, or --epochs when given)")
     t.add_argument("--epochs", type=float, metavar="E", help="train this many passes over the data instead of --max-steps")

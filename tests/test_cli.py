@@ -291,3 +291,7 @@ def test_cuda_graphs_flag_reaches_the_recipe_and_the_model(monkeypatch):
     monkeypatch.setattr("slothnb.models.lora.get_peft_model", lambda model, **kw: seen.update(kw) or model)
     recipe._add_lora(object(), config)
     assert seen["cuda_graphs"] is True
+    forward = _finetune_config(build_parser().parse_args(["finetune", "--cuda-graphs", "Forward", "--dataset", "x.jsonl"]))
+    assert forward.cuda_graphs == "forward"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--dataset", "x.jsonl", "--cuda-graphs", "backward"])
