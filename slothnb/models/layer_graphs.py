@@ -104,6 +104,11 @@ ADAPTIVE = "adaptive"
 # run with it.
 FORWARD_ONLY = "forward"
 FORWARD_SHARE = 0.5
+# "forward" graphs a layer's forward only while its input is at most this many bytes (Llama-3.1-8B at 4,096
+# tokens a step: 32 MiB). A layer's forward costs the host the same ~3.3 ms at any length, the GPU time in
+# proportion to the tokens: at twice these tokens the GPU's forward takes twice the host's, and a graph would
+# only add its pool (one layer's forward temporaries, which grow with the tokens: GBs at long context).
+FORWARD_MAX_BYTES = 32 << 20
 
 
 def choice(value):
@@ -160,7 +165,10 @@ class LayerGraphs:
         return ACTIVE and in_share(self.index, share if share is not None else SHARE)
 
     def forward_graphed(self, tensors) -> bool:
-        """Whether this forward replays a graph (``FORWARD``); when not it runs eagerly and may carry."""
+        """Whether this forward replays a graph (``FORWARD``; "forward" graphs: inputs of at most
+        ``FORWARD_MAX_BYTES``); when not it runs eagerly and may carry."""
+        if self.shared.forward_only and tensors and tensors[0].numel() * tensors[0].element_size() > FORWARD_MAX_BYTES:
+            return False
         mode = str(FORWARD)  # (a benchmark's switch may set it as a number)
         if mode in ("0", "1"):
             return mode == "1"

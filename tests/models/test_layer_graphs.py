@@ -165,6 +165,18 @@ def test_cuda_graphs_forward_replays_every_second_layers_forward_alone(replaying
     assert shared.share is None and not shared.forward_only
 
 
+def test_cuda_graphs_forward_leaves_long_inputs_eager(replaying, monkeypatch):
+    """Above ``FORWARD_MAX_BYTES`` of layer input (long sequences, where the GPU's forward outlasts the host's)
+    "forward" captures nothing: every layer runs and carries as without graphs."""
+    monkeypatch.setattr(layer_graphs, "FORWARD_MAX_BYTES", 2 * 8 * 64 * 4 - 1)  # a byte under this batch's input
+    ref_losses, _ = _train(_model(graphs=False, layers=4), steps=2)
+    losses, _ = _train(_model(graphs="forward", layers=4), steps=2)
+    assert replaying == [] and losses == ref_losses
+    monkeypatch.setattr(layer_graphs, "FORWARD_MAX_BYTES", 2 * 8 * 64 * 4)  # exactly it: graphed
+    _train(_model(graphs="forward", layers=4), steps=2)
+    assert replaying.count("capture") == 2
+
+
 @pytest.mark.parametrize("attention_state", ["0", "cpu"])
 def test_a_carrying_layer_runs_its_forward_eagerly_and_feeds_its_carried_values_to_its_backward_graph(
         replaying, monkeypatch, attention_state):
