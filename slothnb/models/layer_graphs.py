@@ -167,7 +167,7 @@ class LayerGraphs:
     def forward_graphed(self, tensors) -> bool:
         """Whether this forward replays a graph (``FORWARD``; "forward" graphs: inputs of at most
         ``FORWARD_MAX_BYTES``); when not it runs eagerly and may carry."""
-        if self.shared.forward_only and tensors and tensors[0].numel() * tensors[0].element_size() > FORWARD_MAX_BYTES:
+        if self.shared.forward_only and tensors and tensors[0].nbytes > FORWARD_MAX_BYTES:
             return False
         mode = str(FORWARD)  # (a benchmark's switch may set it as a number)
         if mode in ("0", "1"):
