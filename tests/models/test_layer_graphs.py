@@ -160,9 +160,18 @@ def test_cuda_graphs_forward_replays_every_second_layers_forward_alone(replaying
     assert losses == ref_losses
     for name, g in ref_grads.items():
         assert torch.equal(grads[name], g), name
+    apply_gradient_checkpointing(model, False)  # for_inference, then for_training: the model's choice holds
+    apply_gradient_checkpointing(model, "slothnb")
+    assert layers[0]._slothnb_graphs.shared.forward_only and layers[0]._slothnb_graphs.shared.share == 0.5
     apply_gradient_checkpointing(model, "slothnb", cuda_graphs=True)  # re-applied: every layer, both passes
     shared = layers[0]._slothnb_graphs.shared
     assert shared.share is None and not shared.forward_only
+
+
+def test_cuda_graphs_forward_from_the_environment(monkeypatch):
+    monkeypatch.setenv(layer_graphs.ENV, "forward")  # what bench/run_gpu.sh's graphs:CASE sets
+    layers = _model(graphs=None).get_base_model().model.layers
+    assert all(layer._slothnb_graphs.shared.forward_only for layer in layers)
 
 
 def test_cuda_graphs_forward_leaves_long_inputs_eager(replaying, monkeypatch):
