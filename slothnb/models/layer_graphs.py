@@ -71,7 +71,7 @@ FORWARD = os.environ.get("SLOTHNB_GRAPH_FORWARD", "1")
 # eagerly, recomputing what the forward did not carry (its attention output projection; G and U only where
 # the layer would not have carried them anyway, since it passes its turn to carry them to the next layer:
 # ``carrying.pass_gate_up_turn``). Why: on the H100 machines the 8B steps' forward is where the host sets
-# the pace (session 29: the GPU ran 1-3 ms behind the host there, 10-85 ms behind it in the backward), and a
+# the pace (session 29: the GPU ran 0-4 ms behind the host there, 8-85 ms behind it in the backward), and a
 # forward graph costs the GPU only a recomputed projection (~0.2 ms at 8B, 2 x 2,048 tokens) and two
 # copies of the hidden states, where a graphed backward recomputes G and U as well (~1.4 ms).
 BACKWARD = os.environ.get("SLOTHNB_GRAPH_BACKWARD", "1")
