@@ -64,6 +64,13 @@ try:
         if r.get('kind')=='device_info': v=r['matmul']['tflops_median']
 except Exception: pass
 print(v)")
+lora_case() {  # lora_case KIND:MODEL:QUANT:SEQ:BATCH[:CKPT] [lora_step.py args...]: one bench/lora_step.py process
+  local _ model quant seq batch gc
+  IFS=: read -r _ model quant seq batch gc <<<"$1"
+  shift
+  timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" \
+    --batch "$batch" --grad-ckpt "${gc:-slothnb}" "$@" ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl"
+}
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case "$step" in
@@ -75,16 +82,10 @@ for step in "$@"; do
     attention)
       timeout -k 5 "${KERNELS_TIMEOUT:-200}" python3 bench/kernels_attention.py --sweep 2>&1 | tee "$OUT/kernels_attention.md" | tail -30 ;;
     slothnb:*)
-      IFS=: read -r _ model quant seq batch gc <<<"$step"
-      timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" --quant "$quant" --seq "$seq" \
-        --batch "$batch" --grad-ckpt "${gc:-slothnb}" ${LORA_STEP_ARGS:-} \
-        ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" | cut -c1-400 ;;
+      lora_case "$step" ${LORA_STEP_ARGS:-} | cut -c1-400 ;;
     graphs:*)
-      IFS=: read -r _ model quant seq batch <<<"$step"
-      SLOTHNB_CUDA_GRAPHS=forward timeout -k 10 "${CASE_TIMEOUT:-300}" python3 bench/lora_step.py --model "$model" \
-        --quant "$quant" --seq "$seq" --batch "$batch" ${GRAPHS_STEP_ARGS:---warmup 8 --steps 40} \
-        --ab-switch "slothnb.models.layer_graphs.ACTIVE=0" ${PEAK:+--peak-tflops $PEAK} --out "$OUT/results.jsonl" \
-        | grep -E "^AB|Error" | cut -c1-300 ;;
+      SLOTHNB_CUDA_GRAPHS=forward lora_case "$step" ${GRAPHS_STEP_ARGS:---warmup 8 --steps 40} \
+        --ab-switch "slothnb.models.layer_graphs.ACTIVE=0" | grep -E "^AB|Error" | cut -c1-300 ;;
     base:*)
       IFS=: read -r _ commit model quant seq batch <<<"$step"
       bash bench/ab_base.sh "$commit" "$model" "$quant" "$seq" "${batch:-2}" ;;
