@@ -28,10 +28,10 @@ parameters are updated in place by the optimizer, so the graph reads their curre
 
 Cost: the shared pool holds about one layer's recompute + backward temporaries for the whole run,
 memory that the code outside the graphs (loss, optimizer) cannot reuse; ``graph_capture.pool_bytes()`` says how
-much. On by default for CUDA models of 0.2-3B parameters (``default_for``), off otherwise;
+much. By default (``default_for``) CUDA models of 0.2-3B parameters graph whole layers, larger ones
+every second layer's forward alone ("forward"), smaller ones and other devices none;
 ``SLOTHNB_CUDA_GRAPHS=0|1|adaptive|forward`` or ``get_peft_model(..., cuda_graphs=...)`` decide instead
-("adaptive": as many layers as the host needs, ``graph_pacing``; "forward": every second layer replays its
-forward alone, for 7-9B models on hosts that fall behind the forward).
+("adaptive": as many layers as the host needs, ``graph_pacing``).
 """
 from __future__ import annotations
 
@@ -96,12 +96,12 @@ AUTO_MIN_PARAMS, AUTO_MAX_PARAMS = 200_000_000, 3_000_000_000
 # on H100s (session 21, Llama-3.1-8B QLoRA, 2 x 2,048 tokens) it ran 11,887-11,956 tok/s against
 # 12,065-12,930 eager in the next process on the same machine (three pairs, two machines).
 ADAPTIVE = "adaptive"
-# "forward" (opt-in): every second layer (FORWARD_SHARE) replays its forward alone, and every recompute +
-# backward runs eagerly (``BACKWARD`` "0" for that model). On 7-9B models the forward is where a slow host
-# costs: on an H100 whose host slowed mid-run it held the Llama-3.1-8B bf16 step at ~307 ms while eager steps
-# of the same process took 327, and cost 0-2% where the host kept up (session 29, docs/perf-notes.md section
-# 28). Not a default until the other large-model cases (4,096 and 400K tokens, Qwen2.5-7B, Gemma-2-9B) have
-# run with it.
+# "forward" (the default above AUTO_MAX_PARAMS): every second layer (FORWARD_SHARE) replays its forward alone,
+# and every recompute + backward runs eagerly (``BACKWARD`` "0" for that model). On 7-9B models the forward is
+# where a slow host costs: on an H100 whose host slowed mid-run it held the Llama-3.1-8B bf16 step at ~307 ms
+# while eager steps of the same process took 327 (session 29), and against eager steps of the same processes
+# it gained +1.1% (8B bf16), +0.5% (8B QLoRA), +3.1% (Qwen2.5-7B QLoRA) and +9.9% (Gemma-2-9B QLoRA) at
+# 2 x 2,048 tokens (session 30; docs/perf-notes.md sections 28-29).
 FORWARD_ONLY = "forward"
 FORWARD_SHARE = 0.5
 # "forward" graphs a layer's forward only while its input is at most this many bytes (Llama-3.1-8B at 4,096
@@ -125,14 +125,21 @@ def choice(value):
 
 def default_for(model: nn.Module):
     """Graphs or not when neither the caller nor the model chose: ``SLOTHNB_CUDA_GRAPHS`` if set
-    (0, 1, "adaptive" or "forward"), else on for a CUDA model of ``AUTO_MIN_PARAMS`` to ``AUTO_MAX_PARAMS`` parameters."""
+    (0, 1, "adaptive" or "forward"), else ``by_size`` for a CUDA model, off on other devices."""
     if os.environ.get(ENV) is not None:
         return choice(os.environ[ENV])
     first = next(model.parameters(), None)
     if first is None or not first.is_cuda:
         return False
-    n = sum(p.numel() for p in model.parameters())
-    return AUTO_MIN_PARAMS <= n <= AUTO_MAX_PARAMS
+    return by_size(sum(p.numel() for p in model.parameters()))
+
+
+def by_size(n_params: int):
+    """The default for a CUDA model of ``n_params`` parameters: off below ``AUTO_MIN_PARAMS``, whole layers
+    (True) up to ``AUTO_MAX_PARAMS``, the forward alone (``FORWARD_ONLY``) above."""
+    if n_params < AUTO_MIN_PARAMS:
+        return False
+    return True if n_params <= AUTO_MAX_PARAMS else FORWARD_ONLY
 
 
 def _signature(tensors, needs_grad=None) -> tuple:

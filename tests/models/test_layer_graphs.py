@@ -276,12 +276,21 @@ def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters(monkeypatch):
         model = model.cuda()
         assert layer_graphs.default_for(model) is True
         monkeypatch.setattr(layer_graphs, "AUTO_MAX_PARAMS", 10)
-        assert layer_graphs.default_for(model) is False  # past the host-bound sizes ("adaptive": opt-in)
+        assert layer_graphs.default_for(model) == layer_graphs.FORWARD_ONLY  # past the host-bound sizes
     monkeypatch.setenv(layer_graphs.ENV, "adaptive")
     assert layer_graphs.default_for(model) == layer_graphs.ADAPTIVE
     monkeypatch.setenv(layer_graphs.ENV, "sometimes")
     with pytest.raises(ConfigError, match="'adaptive'"):
         layer_graphs.default_for(model)
+
+
+def test_the_default_by_size_graphs_whole_layers_of_small_models_and_the_forward_of_large_ones():
+    small, large = layer_graphs.AUTO_MIN_PARAMS, layer_graphs.AUTO_MAX_PARAMS
+    assert layer_graphs.by_size(135_000_000) is False  # SmolLM2-135M: tiny, nothing to gain
+    assert layer_graphs.by_size(small) is True and layer_graphs.by_size(1_236_000_000) is True  # Llama-3.2-1B
+    assert layer_graphs.by_size(large) is True
+    assert layer_graphs.by_size(large + 1) == layer_graphs.FORWARD_ONLY
+    assert layer_graphs.by_size(8_030_000_000) == layer_graphs.FORWARD_ONLY  # Llama-3.1-8B
 
 
 def test_dropout_keeps_a_layer_eager(replaying):
