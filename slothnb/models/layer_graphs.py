@@ -99,9 +99,9 @@ ADAPTIVE = "adaptive"
 # "forward" (the default above AUTO_MAX_PARAMS): every second layer (FORWARD_SHARE) replays its forward alone,
 # and every recompute + backward runs eagerly (``BACKWARD`` "0" for that model). On 7-9B models the forward is
 # where a slow host costs: on an H100 whose host slowed mid-run it held the Llama-3.1-8B bf16 step at ~307 ms
-# while eager steps of the same process took 327 (session 29), and against eager steps of the same processes
-# it gained +1.1% (8B bf16), +0.5% (8B QLoRA), +3.1% (Qwen2.5-7B QLoRA) and +9.9% (Gemma-2-9B QLoRA) at
-# 2 x 2,048 tokens (session 30; docs/perf-notes.md sections 28-29).
+# while eager steps of the same process took 327 (session 29), and against eager steps of the same processes,
+# round by round, it gained +1.5% (8B bf16), +0.6% (8B QLoRA), +3.2% (Qwen2.5-7B QLoRA) and +8.9% (Gemma-2-9B
+# QLoRA) at 2 x 2,048 tokens (session 30; docs/perf-notes.md sections 28-29).
 FORWARD_ONLY = "forward"
 FORWARD_SHARE = 0.5
 # "forward" graphs a layer's forward only while its input is at most this many bytes (Llama-3.1-8B at 4,096
