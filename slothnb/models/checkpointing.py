@@ -379,7 +379,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode, layers: list[int] | Non
         first = min(chosen, default=0)
         keep = shared.pacer if shared.pacer is not None and shared.pacer.first == first else None
         shared.pacer = (keep or graph_pacing.SharePacer(first=first)) if adaptive else None
-        shared.share, shared.forward_only = (layer_graphs.FORWARD_SHARE, True) if forward_only else (None, False)
+        shared.forward_only = forward_only
     for i, layer in enumerate(all_layers):
         layer.gradient_checkpointing = i in chosen
         if mode == "slothnb":

@@ -26,7 +26,6 @@ class ModelGraphs:
         self.pools: dict = {}  # device index -> graph pool handle
         self.banks: dict = {}  # (role, shapes) -> StaticInputs
         self.pacer = pacer  # graph_pacing.SharePacer: how many layers replay graphs ("adaptive"), else None
-        self.share = None  # the share of layers that replay graphs when set ("forward"), else layer_graphs.SHARE
         self.forward_only = False  # "forward": the layers replay their forwards alone, every backward is eager
         _LIVE.add(self)
 

@@ -164,12 +164,14 @@ class LayerGraphs:
 
     # ------------------------------------------------------------------------------------- eligibility
     def active(self) -> bool:
-        """Whether this call replays graphs (``ACTIVE``, and the model's pacer's share, else the model's own
-        share, else ``SHARE``); otherwise the layer runs eagerly."""
-        pacer, share = self.shared.pacer, self.shared.share
-        if pacer is not None:
-            share = pacer.share
-        return ACTIVE and in_share(self.index, share if share is not None else SHARE)
+        """Whether this call replays graphs (``ACTIVE``, and the model's pacer's share, else ``FORWARD_SHARE``
+        for a "forward" model, else ``SHARE``); otherwise the layer runs eagerly. Read at each call, so a
+        benchmark can switch them between steps."""
+        if self.shared.pacer is not None:
+            share = self.shared.pacer.share
+        else:
+            share = FORWARD_SHARE if self.shared.forward_only else SHARE
+        return ACTIVE and in_share(self.index, share)
 
     def forward_graphed(self, tensors) -> bool:
         """Whether this forward replays a graph (``FORWARD``; "forward" graphs: inputs of at most

@@ -162,10 +162,14 @@ def test_cuda_graphs_forward_replays_every_second_layers_forward_alone(replaying
         assert torch.equal(grads[name], g), name
     apply_gradient_checkpointing(model, False)  # for_inference, then for_training: the model's choice holds
     apply_gradient_checkpointing(model, "slothnb")
-    assert layers[0]._slothnb_graphs.shared.forward_only and layers[0]._slothnb_graphs.shared.share == 0.5
+    assert layers[0]._slothnb_graphs.shared.forward_only
+    assert [layer._slothnb_graphs.active() for layer in layers] == [False, True, False, True]
+    with pytest.MonkeyPatch.context() as mp:  # read at each call: a benchmark switches it between steps
+        mp.setattr(layer_graphs, "FORWARD_SHARE", 1.0)
+        assert all(layer._slothnb_graphs.active() for layer in layers)
     apply_gradient_checkpointing(model, "slothnb", cuda_graphs=True)  # re-applied: every layer, both passes
-    shared = layers[0]._slothnb_graphs.shared
-    assert shared.share is None and not shared.forward_only
+    assert not layers[0]._slothnb_graphs.shared.forward_only
+    assert all(layer._slothnb_graphs.active() for layer in layers)
 
 
 def test_cuda_graphs_forward_from_the_environment(monkeypatch):
