@@ -107,18 +107,23 @@ def _number(text):
 
 
 def _switches(spec):
-    """[(module, attribute, value)] from "pkg.mod.ATTR=value,..." (ints, floats, None, else strings)."""
+    """[(module, attribute, value)] from "pkg.mod.ATTR=value,..." (ints, floats, None, True/False, else
+    strings). A boolean setting takes 0/1 or True/False only: any other string would be truthy and
+    leave the switch a silent no-op (session 31's first CARRY_MLP=False run)."""
     import importlib
 
     out = []
     for item in filter(None, (spec or "").split(",")):
         target, value = item.split("=")
         module, attr = target.rsplit(".", 1)
-        value = None if value == "None" else _number(value)
+        value = {"None": None, "True": True, "False": False}.get(value, value)
+        value = _number(value) if isinstance(value, str) else value
         mod = importlib.import_module(module)
         current = getattr(mod, attr)
         if isinstance(current, bool) and isinstance(value, int):
             value = bool(value)
+        elif isinstance(current, bool):
+            raise ValueError(f"--ab-switch {target}: a boolean setting takes 0/1 or True/False, not {value!r}")
         out.append((mod, attr, value))
     return out
 

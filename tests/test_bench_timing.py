@@ -147,6 +147,10 @@ def test_lora_step_ab_switch_parses_settings_and_splits_the_steps():
     assert lora_step._switches("slothnb.models.carrying.GATE_UP_BACKLOG_PAIRS=1.5,"
                                "slothnb.models.carrying.GATE_UP_SLOTS=fixed") == [
         (carrying, "GATE_UP_BACKLOG_PAIRS", 1.5), (carrying, "GATE_UP_SLOTS", "fixed")]
+    assert lora_step._switches("slothnb.models.carrying.CARRY_MLP=False") == [(carrying, "CARRY_MLP", False)]
+    assert lora_step._switches("slothnb.models.carrying.CARRY_MLP=True") == [(carrying, "CARRY_MLP", True)]
+    with pytest.raises(ValueError, match="boolean setting"):
+        lora_step._switches("slothnb.models.carrying.CARRY_MLP=off")
     with pytest.raises(AttributeError):
         lora_step._switches("slothnb.kernels.lora.NO_SUCH_SETTING=1")
     # even timed steps ran the defaults, odd ones the switch
