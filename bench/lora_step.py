@@ -116,8 +116,7 @@ def _switches(spec):
     for item in filter(None, (spec or "").split(",")):
         target, value = item.split("=")
         module, attr = target.rsplit(".", 1)
-        value = {"None": None, "True": True, "False": False}.get(value, value)
-        value = _number(value) if isinstance(value, str) else value
+        value = {"None": None, "True": True, "False": False}.get(value, _number(value))
         mod = importlib.import_module(module)
         current = getattr(mod, attr)
         if isinstance(current, bool) and isinstance(value, int):
