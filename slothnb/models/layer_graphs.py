@@ -35,6 +35,7 @@ every second layer's forward alone ("forward"), smaller ones and other devices n
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -131,7 +132,17 @@ def default_for(model: nn.Module):
     first = next(model.parameters(), None)
     if first is None or not first.is_cuda:
         return False
-    return by_size(sum(p.numel() for p in model.parameters()))
+    return by_size(parameter_count(model))
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The parameters ``model`` stands for: a 4-bit weight stores two to a byte, so its ``quant_state``
+    gives its real shape (an 8B QLoRA model would otherwise count as ~4.5B, and a 3-6B one as under 3B)."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total
 
 
 def by_size(n_params: int):

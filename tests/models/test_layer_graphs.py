@@ -5,9 +5,12 @@ plumbing a real graph depends on: the layer reads its inputs only from the stati
 and gradients come back through them, parameter gradients accumulate, and training gives the same
 numbers as the eager path. The GPU tests capture real graphs.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
 
 from slothnb.errors import ConfigError, HardwareError
 from slothnb.models import carrying, graph_capture, layer_graphs
@@ -297,6 +300,15 @@ def test_the_default_by_size_graphs_whole_layers_of_small_models_and_the_forward
     assert layer_graphs.by_size(8_030_000_000) == layer_graphs.FORWARD_ONLY  # Llama-3.1-8B
 
 
+def test_the_default_counts_a_4bit_weight_by_its_real_shape():
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 8, bias=False))
+    assert layer_graphs.parameter_count(model) == 64 * 32 + 32 * 8
+    packed = nn.Parameter(torch.zeros(32 * 8 // 2, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = SimpleNamespace(shape=torch.Size([8, 32]))  # bitsandbytes' Params4bit: two to a byte
+    model[1].weight = packed
+    assert layer_graphs.parameter_count(model) == 64 * 32 + 32 * 8
+
+
 def test_dropout_keeps_a_layer_eager(replaying):
     _train(_model(graphs=True, dropout=0.1), steps=2)
     assert replaying == []  # a graph would replay one dropout mask forever
@@ -514,7 +526,7 @@ def test_the_defaults_of_a_small_model_graph_it_and_offload_its_head_on_gpu(monk
                            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
         model = model.to("cuda", torch.bfloat16)
         patch_model(model)
-        size = sum(p.numel() for p in model.parameters())  # what default_for counts (the head leaves them later)
+        size = layer_graphs.parameter_count(model)  # what default_for counts (the head leaves them later)
         return slothnb_peft(model, r=8, lora_alpha=16, init_lora_weights=False, random_state=0, **kw).train(), size
 
     ref, _ = build(cuda_graphs=False, offload_head=False)
