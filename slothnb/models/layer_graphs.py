@@ -137,7 +137,7 @@ def default_for(model: nn.Module):
 
 def parameter_count(model: nn.Module) -> int:
     """The parameters ``model`` stands for: a 4-bit weight stores two to a byte, so its ``quant_state``
-    gives its real shape (an 8B QLoRA model would otherwise count as ~4.5B, and a 3-6B one as under 3B)."""
+    gives its real shape (an 8B QLoRA model would otherwise count as ~4.8B, and a 3-6B one as under 3B)."""
     total = 0
     for p in model.parameters():
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
