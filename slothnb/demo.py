@@ -137,6 +137,7 @@ def run(args) -> int:
     from slothnb.data import fetch_shakespeare, shakespeare_files
     from slothnb.fast_language_model import FastLanguageModel
     from slothnb.memory import record_stage
+    from slothnb.models.loader import parameter_count
     from slothnb.training import FinetuneConfig, finetune, raw_text_dataset
     from slothnb.training.guards import check_output_dir
 
@@ -166,7 +167,7 @@ def run(args) -> int:
     train_files, heldout_file = files[:-1], files[-1]
 
     model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=max(seq_len, 256))
-    print(f"model: SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+    print(f"model: SmolLM2-135M-Instruct ({parameter_count(model) / 1e6:.0f}M parameters, "
           f"{next(model.parameters()).dtype}), slothnb kernels "
           f"{('on' if on_gpu else 'patched (exact PyTorch paths on CPU)') if model._slothnb_patched else 'off'}",
           flush=True)

@@ -35,7 +35,6 @@ every second layer's forward alone ("forward"), smaller ones and other devices n
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -45,6 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import ConfigError, HardwareError
 from slothnb.models import carrying
+from slothnb.models.loader import parameter_count
 from slothnb.models.graph_capture import Graph, ModelGraphs, StaticInputs, capture_context, shapes
 
 ENV = "SLOTHNB_CUDA_GRAPHS"
@@ -133,16 +133,6 @@ def default_for(model: nn.Module):
     if first is None or not first.is_cuda:
         return False
     return by_size(parameter_count(model))
-
-
-def parameter_count(model: nn.Module) -> int:
-    """The parameters ``model`` stands for: a 4-bit weight stores two to a byte, so its ``quant_state``
-    gives its real shape (an 8B QLoRA model would otherwise count as ~4.8B, and a 3-6B one as under 3B)."""
-    total = 0
-    for p in model.parameters():
-        shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        total += math.prod(shape) if shape is not None else p.numel()
-    return total
 
 
 def by_size(n_params: int):

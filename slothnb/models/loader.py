@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -202,3 +203,13 @@ def load_model_and_tokenizer(model_name, max_seq_length: int = 2048, dtype=None,
         _fix_tokenizer(tokenizer, model)
     model._slothnb_tokenizer = tokenizer  # lets for_inference/for_training flip the padding side
     return model, tokenizer
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """The parameters ``model`` stands for. A 4-bit weight stores two values to a byte, so its
+    ``quant_state`` gives its real shape; ``numel()`` alone counts an 8B QLoRA model as ~4.8B."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total

@@ -18,6 +18,7 @@ import yaml
 from transformers import TrainerCallback
 
 from slothnb.errors import ConfigError, TrainingStopped
+from slothnb.models.loader import parameter_count
 from slothnb.notebook.frontend import choose_renderer
 from slothnb.notebook.panel import LivePanel, PanelState, memory_rows_now
 
@@ -49,7 +50,7 @@ def _emit(text: str, html_text: str | None = None, renderer: str | None = None) 
 # ---- load ---------------------------------------------------------------------------------------
 
 def describe_model(model) -> str:
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(model)  # a 4-bit weight by its real shape, not its packed bytes
     p = next(model.parameters())
     patched = getattr(model, "_slothnb_patched", False)
     return (f"{type(model).__name__}: {params / 1e6:.1f}M parameters, {str(p.dtype).replace('torch.', '')} "

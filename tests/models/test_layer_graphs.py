@@ -5,7 +5,6 @@ plumbing a real graph depends on: the layer reads its inputs only from the stati
 and gradients come back through them, parameter gradients accumulate, and training gives the same
 numbers as the eager path. The GPU tests capture real graphs.
 """
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -298,15 +297,6 @@ def test_the_default_by_size_graphs_whole_layers_of_small_models_and_the_forward
     assert layer_graphs.by_size(large) is True
     assert layer_graphs.by_size(large + 1) == layer_graphs.FORWARD_ONLY
     assert layer_graphs.by_size(8_030_000_000) == layer_graphs.FORWARD_ONLY  # Llama-3.1-8B
-
-
-def test_the_default_counts_a_4bit_weight_by_its_real_shape():
-    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 8, bias=False))
-    assert layer_graphs.parameter_count(model) == 64 * 32 + 32 * 8
-    packed = nn.Parameter(torch.zeros(32 * 8 // 2, 1, dtype=torch.uint8), requires_grad=False)
-    packed.quant_state = SimpleNamespace(shape=torch.Size([8, 32]))  # bitsandbytes' Params4bit: two to a byte
-    model[1].weight = packed
-    assert layer_graphs.parameter_count(model) == 64 * 32 + 32 * 8
 
 
 def test_dropout_keeps_a_layer_eager(replaying):

@@ -1,5 +1,6 @@
 """Loader: sources, refusals, dtype choice, 4-bit guards, RoPE scaling, name map (tiny models, CPU)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -159,3 +160,15 @@ def test_4bit_request_prefers_the_prequantised_twin(monkeypatch, tmp_path):
     with pytest.raises(ModelNotFoundError):
         resolve_source("unsloth/mistral-7b-v0.3-bnb-4bit", load_in_4bit=False)
     assert asked == ["mistralai/Mistral-7B-v0.3"]
+
+
+def test_parameter_count_takes_a_4bit_weight_by_its_real_shape():
+    """The graphs' default and the load summaries count with it: packed NF4 bytes would halve an 8B model."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 8, bias=False))
+    assert loader.parameter_count(model) == 64 * 32 + 32 * 8
+    packed = torch.nn.Parameter(torch.zeros(32 * 8 // 2, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = SimpleNamespace(shape=torch.Size([8, 32]))  # bitsandbytes' Params4bit: two to a byte
+    model[1].weight = packed
+    assert sum(p.numel() for p in model.parameters()) == 64 * 32 + 32 * 8 // 2
+    assert loader.parameter_count(model) == 64 * 32 + 32 * 8
+

@@ -79,6 +79,16 @@ def test_load_model_fills_namespace_and_records_load(shell, folder, capsys):
     assert f"Loaded {folder}" in out and "LlamaForCausalLM" in out and "memory after load" in out
 
 
+def test_load_summary_counts_a_4bit_weight_by_its_real_shape():
+    import torch
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000, bias=False), torch.nn.Linear(1000, 1000, bias=False))
+    assert "2.0M parameters, float32 on cpu" in api.describe_model(model)
+    packed = torch.nn.Parameter(torch.zeros(500_000, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = types.SimpleNamespace(shape=torch.Size([1000, 1000]))  # bitsandbytes' Params4bit
+    model[1].weight = packed
+    assert "2.0M parameters" in api.describe_model(model)  # not 1.5M: two 4-bit values a byte
+
+
 @pytest.mark.parametrize("line, cell, expected", [
     ("load_model --as onlyone", None, "--as wants MODEL_VAR,TOKENIZER_VAR"),
     ("load_model --4bit --16bit", None, "choose one of --4bit and --16bit"),
