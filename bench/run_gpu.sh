@@ -8,6 +8,7 @@
 # STEP is one of
 #   info                          GPU, versions, matmul ceiling (peers/device_info.py)
 #   model:NAME                    build a random-initialised checkpoint (peers/make_models.py)
+#   bench-model:NAME              one of bench/make_bench_models.py (3b), for slothnb's own defaults
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
 #   kernels                       bench/kernels_ops.py (all ops) -> $OUT/kernels.json
 #   attention                     bench/kernels_attention.py --sweep (Gemma-2 soft-capped attention) -> $OUT/kernels_attention.json
@@ -26,7 +27,8 @@
 #                                 slothnb: step per case (not 400K: that one needs a call of its own)
 #   graphs:MODEL:QUANT:SEQ:BATCH  the slothnb step with forward-only graphs (SLOTHNB_CUDA_GRAPHS=forward), the
 #                                 graphs switched off every other step (--ab-switch ...layer_graphs.ACTIVE=0),
-#                                 read round by round and by halves; env GRAPHS_STEP_ARGS ("--warmup 8 --steps 40")
+#                                 read round by round and by halves; env GRAPHS_STEP_ARGS ("--warmup 8 --steps 40"),
+#                                 GRAPHS_MODE (forward; 1 = whole layers)
 #   forward-graphs                graphs: for each 7-9B target case (their checkpoints must exist: model:...)
 # RUN_GPU_DRY=1 prints the steps (with targets expanded) and exits.
 # Results: $OUT/results.jsonl (peers' format), summarised at the end.
@@ -84,8 +86,10 @@ for step in "$@"; do
     slothnb:*)
       lora_case "$step" ${LORA_STEP_ARGS:-} | cut -c1-400 ;;
     graphs:*)
-      SLOTHNB_CUDA_GRAPHS=forward lora_case "$step" ${GRAPHS_STEP_ARGS:---warmup 8 --steps 40} \
+      SLOTHNB_CUDA_GRAPHS=${GRAPHS_MODE:-forward} lora_case "$step" ${GRAPHS_STEP_ARGS:---warmup 8 --steps 40} \
         --ab-switch "slothnb.models.layer_graphs.ACTIVE=0" | grep -E "^AB|Error" | cut -c1-300 ;;
+    bench-model:*)
+      python3 bench/make_bench_models.py "${step#bench-model:}" 2>&1 | grep -v "^Loading\|Writing" | tail -2 ;;
     base:*)
       IFS=: read -r _ commit model quant seq batch <<<"$step"
       bash bench/ab_base.sh "$commit" "$model" "$quant" "$seq" "${batch:-2}" ;;

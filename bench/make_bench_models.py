@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Random-initialised checkpoints of shapes the peers' harness does not build, by its own code.
+
+The issue's cases are the harness's (`peers/make_models.py`); these serve slothnb's own defaults,
+e.g. whether a 3B model should graph whole layers or only the forward (`layer_graphs.default_for`):
+
+    3b   Llama-3.2-3B (config.json of meta-llama/Llama-3.2-3B: tied embeddings, rope llama3 x32)
+
+    python3 bench/make_bench_models.py 3b        # -> $ANCHOR_MODEL_ROOT/rand-llama-3b
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "peers"))
+import make_models  # noqa: E402  (the harness's builder: same init, tokenizer and file layout)
+
+EXTRA = {
+    "3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+               intermediate_size=8192, tie_word_embeddings=True, rope_factor=32.0),
+}
+DIR_NAME = {"3b": "rand-llama-3b"}
+
+
+def main(names):
+    for name in names:
+        if name not in EXTRA:
+            sys.exit(f"unknown model {name!r}: this script builds {sorted(EXTRA)}; the issue's shapes come from "
+                     "peers/make_models.py (run_gpu.sh model:NAME)")
+        make_models.SHAPES[name] = EXTRA[name]
+        make_models.FAMILY[name] = "llama"
+        make_models.DIR_NAME[name] = DIR_NAME[name]
+        make_models.build(name, os.environ.get("ANCHOR_MODEL_ROOT", "/tmp/anchor_models"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
