@@ -33,7 +33,7 @@ _ALLOC_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_DIRS = {"1b": "rand-llama-1b", "8b": "rand-llama-8b", "qwen7b": "rand-qwen2.5-7b",
               "gemma9b": "rand-gemma2-9b", "tiny": "rand-llama-tiny",
-              "3b": "rand-llama-3b"}  # 3b: bench/make_bench_models.py
+              "3b": "rand-llama-3b", "5b": "rand-llama-5b"}  # 3b, 5b: bench/make_bench_models.py
 
 
 def matmul_params(cfg):
