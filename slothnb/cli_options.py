@@ -106,7 +106,7 @@ def _add_finetune_parser(sub, run):
                     help="slothnb = offloaded checkpointing (least memory), true = plain, false = none (default: slothnb)")
     lo.add_argument("--cuda-graphs", nargs="?", const=True, default=None, type=_cuda_graphs_mode, metavar="MODE", help=(
         "replay each checkpointed layer as CUDA graphs (with --gradient-checkpointing slothnb): much faster "
-        "for small, host-bound models, at the cost of a graph memory pool (default on a GPU: on for 0.2-3B-parameter "
+        "for small, host-bound models, at the cost of a graph memory pool (default on a GPU: on for 0.2-4B-parameter "
         "models, 'forward' above). MODE 'forward': every second layer replays its forward alone, where a slow "
         "host costs a 7-9B step; 'adaptive': as many layers as the host needs (experimental)"))
     lo.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,

@@ -28,7 +28,7 @@ parameters are updated in place by the optimizer, so the graph reads their curre
 
 Cost: the shared pool holds about one layer's recompute + backward temporaries for the whole run,
 memory that the code outside the graphs (loss, optimizer) cannot reuse; ``graph_capture.pool_bytes()`` says how
-much. By default (``default_for``) CUDA models of 0.2-3B parameters graph whole layers, larger ones
+much. By default (``default_for``) CUDA models of 0.2-4B parameters graph whole layers, larger ones
 every second layer's forward alone ("forward"), smaller ones and other devices none;
 ``SLOTHNB_CUDA_GRAPHS=0|1|adaptive|forward`` or ``get_peft_model(..., cuda_graphs=...)`` decide instead
 ("adaptive": as many layers as the host needs, ``graph_pacing``).
@@ -90,8 +90,11 @@ def in_share(index: int, share: float) -> bool:
 # Models this size run graphs unless told otherwise: their step is bound by the host, not the GPU (H100,
 # Llama-3.2-1B LoRA at 2 x 2,048 tokens: 58,000 tok/s with graphs against 26,000-47,000 eager, by host),
 # and their layers' graph pool fits beside the weights once the output head leaves the GPU for the
-# backward (``head_offload``). Tiny models gain nothing, and from ~3B parameters the GPU sets the pace.
-AUTO_MIN_PARAMS, AUTO_MAX_PARAMS = 200_000_000, 3_000_000_000
+# backward (``head_offload``). Tiny models gain nothing. The line above is between two measured shapes
+# (session 32, H100, QLoRA and bf16 LoRA at 2 x 2,048 tokens, one process per setting): Llama-3.2-3B (3.2B)
+# ran 7% (QLoRA) and 27% (bf16) faster with whole layers than with the forward alone; a 4.8B model of
+# 8B-wide layers ran 3% and 6% slower with them. Where exactly between 3.2B and 4.8B it turns is unmeasured.
+AUTO_MIN_PARAMS, AUTO_MAX_PARAMS = 200_000_000, 4_000_000_000
 # Above AUTO_MAX_PARAMS the GPU mostly sets the pace, but not on every host. "adaptive" (opt-in) graphs as
 # many layers as the host needs, from none, measured step by step (``graph_pacing``). It is not a default:
 # on H100s (session 21, Llama-3.1-8B QLoRA, 2 x 2,048 tokens) it ran 11,887-11,956 tok/s against

@@ -201,7 +201,7 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, l
     training, on the GPU only from each forward's start to its loss (see ``slothnb.models.head_offload``;
     "auto": with CUDA graphs; default from SLOTHNB_OFFLOAD_HEAD: 0 off, 1 on, else "auto");
     ``cuda_graphs`` (True | False | "adaptive" | "forward"; default ``SLOTHNB_CUDA_GRAPHS`` if set, else True
-    for CUDA models of 0.2-3B parameters and "forward" above): with "slothnb" checkpointing, replay each
+    for CUDA models of 0.2-4B parameters and "forward" above): with "slothnb" checkpointing, replay each
     checkpointed layer as CUDA graphs (for host-bound small models; see ``slothnb.models.layer_graphs``), or as
     many of them as the host needs, found while training ("adaptive", ``slothnb.models.graph_pacing``), or
     every second layer's forward alone ("forward": larger models, whose forward is where a slow host costs).

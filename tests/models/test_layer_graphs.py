@@ -268,7 +268,7 @@ def test_the_switch_comes_from_the_argument_the_model_or_the_environment(monkeyp
     assert not any(hasattr(layer, "_slothnb_graphs") for layer in layers)
 
 
-def test_graphs_by_default_for_cuda_models_of_0_2_to_3b_parameters(monkeypatch):
+def test_graphs_by_default_for_cuda_models_of_0_2_to_4b_parameters(monkeypatch):
     model = _model(graphs=False).get_base_model()
     monkeypatch.delenv(layer_graphs.ENV, raising=False)
     monkeypatch.setattr(layer_graphs, "AUTO_MIN_PARAMS", 0)  # the tiny model counts as small, not tiny
@@ -296,6 +296,8 @@ def test_the_default_by_size_graphs_whole_layers_of_small_models_and_the_forward
     assert layer_graphs.by_size(small) is True and layer_graphs.by_size(1_236_000_000) is True  # Llama-3.2-1B
     assert layer_graphs.by_size(large) is True
     assert layer_graphs.by_size(large + 1) == layer_graphs.FORWARD_ONLY
+    assert layer_graphs.by_size(3_212_749_824) is True  # Llama-3.2-3B: whole layers won there (session 32)
+    assert layer_graphs.by_size(4_778_561_536) == layer_graphs.FORWARD_ONLY  # bench's 4.8B: the forward won
     assert layer_graphs.by_size(8_030_000_000) == layer_graphs.FORWARD_ONLY  # Llama-3.1-8B
 
 
