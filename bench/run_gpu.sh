@@ -8,7 +8,7 @@
 # STEP is one of
 #   info                          GPU, versions, matmul ceiling (peers/device_info.py)
 #   model:NAME                    build a random-initialised checkpoint (peers/make_models.py)
-#   bench-model:NAME              one of bench/make_bench_models.py (3b), for slothnb's own defaults
+#   bench-model:NAME              one of bench/make_bench_models.py (3b, 5b), for slothnb's own defaults
 #   tests[:PYTEST_ARGS]           the GPU test-suite (pytest -m gpu), log in $OUT/gpu-tests.log
 #   kernels                       bench/kernels_ops.py (all ops) -> $OUT/kernels.json
 #   attention                     bench/kernels_attention.py --sweep (Gemma-2 soft-capped attention) -> $OUT/kernels_attention.json

@@ -44,8 +44,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slothnb.errors import ConfigError, HardwareError
 from slothnb.models import carrying
-from slothnb.models.loader import parameter_count
 from slothnb.models.graph_capture import Graph, ModelGraphs, StaticInputs, capture_context, shapes
+from slothnb.models.loader import parameter_count
 
 ENV = "SLOTHNB_CUDA_GRAPHS"
 MAX_SIGNATURES = int(os.environ.get("SLOTHNB_GRAPH_MAX_SIGNATURES", "4"))  # input signatures per layer and pass
@@ -90,7 +90,7 @@ def in_share(index: int, share: float) -> bool:
 # Models this size run graphs unless told otherwise: their step is bound by the host, not the GPU (H100,
 # Llama-3.2-1B LoRA at 2 x 2,048 tokens: 58,000 tok/s with graphs against 26,000-47,000 eager, by host),
 # and their layers' graph pool fits beside the weights once the output head leaves the GPU for the
-# backward (``head_offload``). Tiny models gain nothing. The line above is between two measured shapes
+# backward (``head_offload``). Tiny models gain nothing. AUTO_MAX_PARAMS lies between two measured shapes
 # (session 32, H100, QLoRA and bf16 LoRA at 2 x 2,048 tokens, one process per setting): Llama-3.2-3B (3.2B)
 # ran 7% (QLoRA) and 27% (bf16) faster with whole layers than with the forward alone; a 4.8B model of
 # 8B-wide layers ran 3% and 6% slower with them. Where exactly between 3.2B and 4.8B it turns is unmeasured.
