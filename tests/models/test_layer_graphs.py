@@ -9,7 +9,6 @@ numbers as the eager path. The GPU tests capture real graphs.
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from torch import nn
 
 from slothnb.errors import ConfigError, HardwareError
 from slothnb.models import carrying, graph_capture, layer_graphs

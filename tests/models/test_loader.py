@@ -171,4 +171,3 @@ def test_parameter_count_takes_a_4bit_weight_by_its_real_shape():
     model[1].weight = packed
     assert sum(p.numel() for p in model.parameters()) == 64 * 32 + 32 * 8 // 2
     assert loader.parameter_count(model) == 64 * 32 + 32 * 8
-
